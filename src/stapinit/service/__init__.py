@@ -1,0 +1,1 @@
+"""``systemtap-service``: SystemTap scripts run as boot-time services."""
