@@ -1,0 +1,1 @@
+"""``stap-client`` and the ``stap-authorize-*-cert`` commands (spec §6)."""

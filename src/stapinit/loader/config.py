@@ -1,0 +1,112 @@
+"""``stap-loader``'s settings: an optional INI file, then command-line overrides.
+
+The file is ``/etc/systemtap/stap-loader.conf`` (see ``data/loader``), section
+``[loader]``::
+
+    socket = /run/stap-loader.sock
+    stapbpf = stapbpf
+    staprun = staprun
+    signer_store = /etc/systemtap/staprun
+    stop_timeout = 5
+    max_sessions = 16
+
+Tool names without a slash are looked up in a fixed system ``PATH``, never the
+caller's.
+"""
+
+from __future__ import annotations
+
+import configparser
+import shutil
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Final
+
+from stapinit.trust.stores import StorePaths
+
+DEFAULT_SOCKET: Final = Path("/run/stap-loader.sock")
+CONFIG_NAME: Final = "stap-loader.conf"
+#: Where root services look for tools; the environment of whoever started us is not used.
+SYSTEM_PATH: Final = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+_KEYS: Final = frozenset(
+    {"socket", "stapbpf", "staprun", "signer_store", "stop_timeout", "max_sessions"}
+)
+
+
+class ConfigError(Exception):
+    """The configuration is unusable; ``str()`` is one line."""
+
+
+@dataclass(frozen=True)
+class LoaderConfig:
+    """Everything ``stap-loader`` needs to know."""
+
+    socket_path: Path
+    stapbpf: str
+    staprun: str
+    signer_store: Path
+    stop_timeout: float = 5.0
+    max_sessions: int = 16
+    #: How long a client may take to send its request, or to take our output.
+    io_timeout: float = 30.0
+
+
+def default_config_file(paths: StorePaths) -> Path:
+    """The standard location of the loader's configuration file."""
+    return paths.sysconf / CONFIG_NAME
+
+
+def parse_config(text: str, origin: str, paths: StorePaths) -> LoaderConfig:
+    """Build a configuration from the text of a config file (pure)."""
+    parser = configparser.ConfigParser(interpolation=None)
+    try:
+        parser.read_string(text, source=origin)
+    except configparser.Error as exc:
+        raise ConfigError(f"{origin}: {' '.join(str(exc).split())}") from None
+    section: Mapping[str, str] = parser["loader"] if parser.has_section("loader") else {}
+    unknown = set(section) - _KEYS
+    if unknown:
+        raise ConfigError(f"{origin}: unknown setting(s) {', '.join(sorted(unknown))}")
+    try:
+        stop_timeout = float(section.get("stop_timeout", "5"))
+        max_sessions = int(section.get("max_sessions", "16"))
+    except ValueError as exc:
+        raise ConfigError(f"{origin}: {exc}") from None
+    if stop_timeout <= 0 or max_sessions <= 0:
+        raise ConfigError(f"{origin}: stop_timeout and max_sessions must be positive")
+    return LoaderConfig(
+        socket_path=Path(section.get("socket", str(DEFAULT_SOCKET))),
+        stapbpf=section.get("stapbpf", "stapbpf"),
+        staprun=section.get("staprun", "staprun"),
+        signer_store=Path(section.get("signer_store", str(paths.signers))),
+        stop_timeout=stop_timeout,
+        max_sessions=max_sessions,
+    )
+
+
+def read_config(path: Path | None, paths: StorePaths) -> LoaderConfig:
+    """Read ``path`` (or the default file if it exists; else use defaults)."""
+    explicit = path is not None
+    file = path if path is not None else default_config_file(paths)
+    try:
+        text = file.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        if explicit:
+            raise ConfigError(f"{file}: no such configuration file") from None
+        text = ""
+    except OSError as exc:
+        raise ConfigError(f"{file}: {exc.strerror}") from None
+    return parse_config(text, str(file), paths)
+
+
+def resolve_tool(name: str) -> str:
+    """An absolute path for ``name``: as given if it has a slash, else from SYSTEM_PATH."""
+    if "/" in name:
+        if not Path(name).is_absolute():
+            raise ConfigError(f"tool path {name!r} must be absolute")
+        return name
+    found = shutil.which(name, path=SYSTEM_PATH)
+    if found is None:
+        raise ConfigError(f"{name} not found in {SYSTEM_PATH}")
+    return found

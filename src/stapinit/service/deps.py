@@ -1,0 +1,110 @@
+"""Ordering scripts by their requirements (``NAME_REQ``, spec §2.3.3, §4.2.2).
+
+Pure functions over a mapping ``name -> names it requires``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+
+
+class DependencyError(Exception):
+    """The requirements cannot be satisfied; str() says why in one line."""
+
+
+class CycleError(DependencyError):
+    """Scripts that require each other in a loop."""
+
+    def __init__(self, cycle: Sequence[str]) -> None:
+        super().__init__("dependency cycle: " + " -> ".join(cycle))
+        self.cycle = tuple(cycle)
+
+
+class MissingRequirementError(DependencyError):
+    """A script requires a name that is not a script."""
+
+    def __init__(self, script: str, requirement: str) -> None:
+        super().__init__(f"{script} requires {requirement}, which is not a script")
+        self.script = script
+        self.requirement = requirement
+
+
+def with_requirements(names: Iterable[str], requires: Mapping[str, Sequence[str]]) -> set[str]:
+    """``names`` and everything they require, directly or not."""
+    found: set[str] = set()
+    pending = list(names)
+    while pending:
+        name = pending.pop()
+        if name in found:
+            continue
+        found.add(name)
+        pending.extend(requires.get(name, ()))
+    return found
+
+
+def with_dependents(names: Iterable[str], requires: Mapping[str, Sequence[str]]) -> set[str]:
+    """``names`` and every script that requires one of them, directly or not."""
+    dependents: dict[str, list[str]] = {}
+    for script, reqs in requires.items():
+        for req in reqs:
+            dependents.setdefault(req, []).append(script)
+    return with_requirements(names, dependents)
+
+
+def start_order(names: Iterable[str], requires: Mapping[str, Sequence[str]]) -> list[str]:
+    """``names`` ordered so that every script comes after what it requires.
+
+    Only requirements inside ``names`` constrain the order (add the others
+    with :func:`with_requirements` first). Ties keep name order, so the
+    result is stable. Raises :class:`CycleError` or
+    :class:`MissingRequirementError` (for a requirement that is not a key of
+    ``requires``).
+    """
+    selected = sorted(set(names))
+    for name in selected:
+        for req in requires.get(name, ()):
+            if req not in requires:
+                raise MissingRequirementError(name, req)
+    chosen = set(selected)
+    order: list[str] = []
+    state: dict[str, int] = {}  # 1: on the current path, 2: placed
+    for root in selected:
+        if state.get(root) == 2:
+            continue
+        # Iterative depth-first walk, so long chains cannot hit the recursion limit.
+        path = [root]
+        iterators = [iter(sorted(r for r in requires.get(root, ()) if r in chosen))]
+        state[root] = 1
+        while path:
+            child = next(iterators[-1], None)
+            if child is None:
+                done = path.pop()
+                iterators.pop()
+                state[done] = 2
+                order.append(done)
+            elif state.get(child) == 1:
+                start = path.index(child)
+                raise CycleError([*path[start:], child])
+            elif state.get(child) is None:
+                state[child] = 1
+                path.append(child)
+                iterators.append(iter(sorted(r for r in requires.get(child, ()) if r in chosen)))
+    return order
+
+
+def stop_order(names: Iterable[str], requires: Mapping[str, Sequence[str]]) -> list[str]:
+    """The reverse of :func:`start_order`: dependents stop before what they require."""
+    return list(reversed(start_order(names, requires)))
+
+
+def blocked_by(
+    script: str, failed: Iterable[str], requires: Mapping[str, Sequence[str]]
+) -> str | None:
+    """The failed script that ``script`` requires, directly or not, if any.
+
+    A script whose requirement failed must not be started (spec §5.2.3).
+    """
+    failed_set = set(failed)
+    direct = list(requires.get(script, ()))
+    indirect = sorted(with_requirements(direct, requires) - set(direct))
+    return next((req for req in [*direct, *indirect] if req in failed_set), None)

@@ -1,0 +1,57 @@
+"""One state-changing command at a time: an exclusive lock under ``STAT_PATH``."""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import time
+from pathlib import Path
+from types import TracebackType
+
+LOCK_NAME = ".lock"
+
+
+class LockError(Exception):
+    """The lock could not be taken in time; str() names who holds it."""
+
+
+class ServiceLock:
+    """An exclusive ``flock`` on ``STAT_PATH/.lock``, waited for a bounded time."""
+
+    def __init__(self, stat_path: Path, timeout: float, command: str) -> None:
+        self.path = stat_path / LOCK_NAME
+        self.timeout = timeout
+        self.command = command
+        self._fd: int | None = None
+
+    def __enter__(self) -> ServiceLock:
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        deadline = time.monotonic() + self.timeout
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() >= deadline:
+                    holder = os.pread(fd, 200, 0).decode(errors="replace").strip() or "unknown"
+                    os.close(fd)
+                    raise LockError(
+                        f"another systemtap-service holds {self.path} ({holder}); "
+                        f"gave up after {self.timeout:g}s"
+                    ) from None
+                time.sleep(0.05)
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"pid {os.getpid()}: {self.command}\n".encode(), 0)
+        self._fd = fd
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        if self._fd is not None:
+            os.ftruncate(self._fd, 0)
+            os.close(self._fd)
+            self._fd = None

@@ -1,0 +1,124 @@
+"""The script model: names, options, requirements and runtime (spec §3.3, §4.2)."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from stapinit.service.options import (
+    Option,
+    OptionError,
+    StartOptions,
+    compile_options,
+    parse_options,
+    runtime_of,
+    split_options,
+    start_options,
+)
+from stapinit.service.settings import Settings
+
+# A script's name becomes a shell variable prefix and a kernel module name.
+NAME_PATTERN = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+MODULE_SUFFIXES = {"kmod": ".ko", "bpf": ".bo"}
+
+
+class ScriptError(Exception):
+    """A script or its configuration cannot be used; str() is one line."""
+
+
+@dataclass(frozen=True)
+class Script:
+    """One service: a ``.stp`` file (or only a cached module) and its settings."""
+
+    name: str
+    source: Path | None  # None for a cache-only script (ALLOW_CACHEONLY)
+    options: tuple[Option, ...]
+    requires: tuple[str, ...]
+    runtime: str  # "kmod" or "bpf"
+
+    @property
+    def module_suffix(self) -> str:
+        """``.ko`` or ``.bo``, by runtime."""
+        return MODULE_SUFFIXES[self.runtime]
+
+    @property
+    def compile_options(self) -> list[str]:
+        """Options for ``stap -p4``, after the §4.2.1 filter."""
+        return compile_options(self.options)
+
+    def start_options(self) -> StartOptions:
+        """Options the loader takes, after the §4.2.1 filter."""
+        try:
+            return start_options(self.options)
+        except OptionError as error:
+            raise ScriptError(f"{self.name}_OPT: {error}") from None
+
+
+def is_valid_name(name: str) -> bool:
+    """True when ``name`` can be a script name."""
+    return NAME_PATTERN.fullmatch(name) is not None
+
+
+def make_script(
+    name: str, source: Path | None, settings: Settings, cached_runtime: str | None = None
+) -> Script:
+    """Build a script from its file and its ``NAME_OPT`` / ``NAME_REQ`` settings."""
+    opt = settings.script_var(name, "OPT")
+    req = settings.script_var(name, "REQ")
+    try:
+        options = tuple(parse_options(split_options(opt.value))) if opt else ()
+    except OptionError as error:
+        assert opt is not None
+        raise ScriptError(f"{opt.filename}:{opt.line}: {name}_OPT: {error}") from None
+    requires = tuple(req.value.split()) if req else ()
+    for requirement in requires:
+        if not is_valid_name(requirement):
+            assert req is not None
+            raise ScriptError(
+                f"{req.filename}:{req.line}: {name}_REQ: {requirement!r} is not a script name"
+            )
+    chose_runtime = any(option.flag in ("--runtime", "--bpf") for option in options)
+    runtime = cached_runtime if cached_runtime and not chose_runtime else runtime_of(options)
+    return Script(name, source, options, requires, runtime)
+
+
+def cache_dir(settings: Settings, release: str) -> Path:
+    """Where the compiled scripts for ``release`` live (spec §3.4)."""
+    return settings.cache_path / release
+
+
+def find_scripts(
+    settings: Settings, release: str, warn: Callable[[str], None]
+) -> dict[str, Script]:
+    """Every script of the script directory, plus cache-only ones if allowed.
+
+    Files whose names cannot be script names are skipped with a warning.
+    """
+    found: dict[str, Script] = {}
+    try:
+        entries = sorted(settings.script_path.iterdir())
+    except FileNotFoundError:
+        entries = []
+    except OSError as error:
+        raise ScriptError(f"{settings.script_path}: {error.strerror}") from None
+    for entry in entries:
+        if entry.suffix != ".stp" or not entry.is_file():
+            continue
+        if not is_valid_name(entry.stem):
+            warn(f"{entry.name} is not a valid script name")
+            continue
+        found[entry.stem] = make_script(entry.stem, entry, settings)
+    if settings.allow_cacheonly:
+        for runtime, suffix in MODULE_SUFFIXES.items():
+            for module in sorted(cache_dir(settings, release).glob(f"*{suffix}")):
+                name = module.name[: -len(suffix)]
+                if name not in found and is_valid_name(name):
+                    found[name] = make_script(name, None, settings, cached_runtime=runtime)
+    return found
+
+
+def requirements_map(scripts: Mapping[str, Script]) -> dict[str, Sequence[str]]:
+    """``name -> requires`` for the dependency functions."""
+    return {name: script.requires for name, script in scripts.items()}

@@ -1,0 +1,77 @@
+"""Status files: ``STAT_PATH/NAME`` exists while a script runs (spec §3.7)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from stapinit.fsutil import atomic_write
+
+
+@dataclass(frozen=True)
+class StatusRecord:
+    """What a status file says about a started script."""
+
+    name: str
+    runtime: str
+    pid: int  # 0 for a detached kernel module (staprun -L)
+    start_time: int  # the process's start time in clock ticks since boot; 0 if no process
+    module: str
+
+    def to_text(self) -> str:
+        """Serialise as ``key=value`` lines."""
+        return (
+            f"name={self.name}\nruntime={self.runtime}\npid={self.pid}\n"
+            f"start_time={self.start_time}\nmodule={self.module}\n"
+        )
+
+    @classmethod
+    def from_text(cls, name: str, text: str) -> StatusRecord:
+        """Parse a status file; damaged fields read as zero/empty."""
+        fields = dict(line.partition("=")[::2] for line in text.splitlines() if "=" in line)
+
+        def number(key: str) -> int:
+            value = fields.get(key, "0")
+            return int(value) if value.isdigit() else 0
+
+        return cls(
+            name,
+            fields.get("runtime", "kmod"),
+            number("pid"),
+            number("start_time"),
+            fields.get("module", ""),
+        )
+
+
+def status_file(stat_path: Path, name: str) -> Path:
+    """The status file of script ``name``."""
+    return stat_path / name
+
+
+def read(stat_path: Path, name: str) -> StatusRecord | None:
+    """The status record of ``name``, or ``None`` when it has none."""
+    try:
+        text = status_file(stat_path, name).read_text(encoding="utf-8")
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+    return StatusRecord.from_text(name, text)
+
+
+def write(stat_path: Path, record: StatusRecord) -> None:
+    """Create or replace the status file atomically."""
+    atomic_write(status_file(stat_path, record.name), record.to_text().encode())
+
+
+def remove(stat_path: Path, name: str) -> None:
+    """Delete the status file, if any."""
+    status_file(stat_path, name).unlink(missing_ok=True)
+
+
+def recorded_names(stat_path: Path) -> list[str]:
+    """Names of every script that has a status file."""
+    try:
+        return sorted(
+            p.name for p in stat_path.iterdir() if p.is_file() and not p.name.startswith(".")
+        )
+    except FileNotFoundError:
+        return []

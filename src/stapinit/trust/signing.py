@@ -1,0 +1,157 @@
+"""Detached module signatures (``NAME.ko.sgn`` / ``NAME.bo.sgn``).
+
+A signature file is JSON::
+
+    {"format": "stap-module-signature/1",
+     "manifest": {"module_sha256", "module_name", "release", "arch", "privilege",
+                  "signer_fingerprint", "signed_at"},
+     "signature": base64 ECDSA-SHA256 over the canonical JSON of the manifest}
+
+The manifest carries the module's SHA-256, so the signature covers the module's
+bytes as well as what it was compiled for.  Pure: no file I/O here.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import datetime as dt
+import hashlib
+import json
+from collections.abc import Iterable
+from dataclasses import asdict, dataclass
+from typing import Any, Final, Literal
+
+from cryptography import x509
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric import ec
+
+from stapinit.trust.certs import fingerprint
+
+FORMAT: Final = "stap-module-signature/1"
+SIGNATURE_SUFFIX: Final = ".sgn"
+
+Reason = Literal["malformed", "untrusted-signer", "bad-signature", "module-altered"]
+
+
+class SignatureError(Exception):
+    """A signature does not verify; ``reason`` says why, ``str()`` is one line."""
+
+    def __init__(self, reason: Reason, message: str) -> None:
+        super().__init__(message)
+        self.reason: Reason = reason
+
+
+@dataclass(frozen=True)
+class Manifest:
+    """What a signature vouches for."""
+
+    module_sha256: str
+    module_name: str
+    release: str
+    arch: str
+    privilege: str
+    signer_fingerprint: str
+    signed_at: str
+
+    def canonical(self) -> bytes:
+        """The exact bytes that are signed."""
+        return json.dumps(asdict(self), sort_keys=True, separators=(",", ":")).encode("utf-8")
+
+
+def sign_module(
+    private_key: ec.EllipticCurvePrivateKey,
+    certificate: x509.Certificate,
+    module_bytes: bytes,
+    module_name: str,
+    release: str,
+    arch: str,
+    privilege: str,
+    signed_at: dt.datetime | None = None,
+) -> bytes:
+    """Return the bytes of the ``.sgn`` file for a module, signed with ``private_key``.
+
+    ``certificate`` is the signer's (its fingerprint goes into the manifest);
+    ``signed_at`` defaults to now.
+    """
+    when = (signed_at or dt.datetime.now(dt.UTC)).astimezone(dt.UTC)
+    manifest = Manifest(
+        module_sha256=hashlib.sha256(module_bytes).hexdigest(),
+        module_name=module_name,
+        release=release,
+        arch=arch,
+        privilege=privilege,
+        signer_fingerprint=fingerprint(certificate),
+        signed_at=when.strftime("%Y-%m-%dT%H:%M:%SZ"),
+    )
+    signature = private_key.sign(manifest.canonical(), ec.ECDSA(hashes.SHA256()))
+    doc = {
+        "format": FORMAT,
+        "manifest": asdict(manifest),
+        "signature": base64.b64encode(signature).decode("ascii"),
+    }
+    return (json.dumps(doc, sort_keys=True, indent=2) + "\n").encode("utf-8")
+
+
+def _parse(sgn_bytes: bytes) -> tuple[Manifest, bytes]:
+    def bad(why: str) -> SignatureError:
+        return SignatureError("malformed", f"malformed signature file: {why}")
+
+    try:
+        doc: Any = json.loads(sgn_bytes.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        raise bad("not JSON") from None
+    if not isinstance(doc, dict) or doc.get("format") != FORMAT:
+        raise bad(f"not {FORMAT}")
+    fields = doc.get("manifest")
+    names = set(Manifest.__dataclass_fields__)
+    if (
+        not isinstance(fields, dict)
+        or set(fields) != names
+        or not all(isinstance(v, str) for v in fields.values())
+    ):
+        raise bad("manifest fields missing or of the wrong type")
+    sig_text = doc.get("signature")
+    if not isinstance(sig_text, str):
+        raise bad("no signature")
+    try:
+        signature = base64.b64decode(sig_text.encode("ascii"), validate=True)
+    except (binascii.Error, UnicodeEncodeError):
+        raise bad("signature is not base64") from None
+    return Manifest(**fields), signature
+
+
+def verify_module(
+    sgn_bytes: bytes,
+    module_bytes: bytes,
+    trusted_certs: Iterable[x509.Certificate],
+) -> Manifest:
+    """Check a ``.sgn`` file against a module and the trusted signers.
+
+    Returns the manifest when the signature was made by one of ``trusted_certs``
+    over this manifest, and the manifest matches ``module_bytes``; otherwise raises
+    SignatureError with reason ``malformed``, ``untrusted-signer``,
+    ``bad-signature`` or ``module-altered``.
+    """
+    manifest, signature = _parse(sgn_bytes)
+    signer = next((c for c in trusted_certs if fingerprint(c) == manifest.signer_fingerprint), None)
+    if signer is None:
+        raise SignatureError(
+            "untrusted-signer",
+            f"signer {manifest.signer_fingerprint} is not a trusted signer",
+        )
+    public_key = signer.public_key()
+    if not isinstance(public_key, ec.EllipticCurvePublicKey):
+        raise SignatureError("bad-signature", "signer's certificate has no elliptic-curve key")
+    try:
+        public_key.verify(signature, manifest.canonical(), ec.ECDSA(hashes.SHA256()))
+    except InvalidSignature:
+        raise SignatureError(
+            "bad-signature", "signature does not match its manifest (altered?)"
+        ) from None
+    if hashlib.sha256(module_bytes).hexdigest() != manifest.module_sha256:
+        raise SignatureError(
+            "module-altered", f"module {manifest.module_name} does not match its signature"
+        )
+    return manifest
