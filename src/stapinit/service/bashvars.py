@@ -214,6 +214,8 @@ def parse_assignments(text: str, filename: str, environment: Mapping[str, str]) 
         if char in ("\n", ";"):
             reader.advance()
             continue
+        if char in "&|<>()":
+            raise reader.error(f"unexpected '{char}' (only assignments are allowed)")
         line = reader.line
         start = reader.pos
         name = reader.read_name()

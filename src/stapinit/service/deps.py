@@ -5,7 +5,7 @@ Pure functions over a mapping ``name -> names it requires``.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 
 
 class DependencyError(Exception):
@@ -54,26 +54,28 @@ def with_dependents(names: Iterable[str], requires: Mapping[str, Sequence[str]])
 def start_order(names: Iterable[str], requires: Mapping[str, Sequence[str]]) -> list[str]:
     """``names`` ordered so that every script comes after what it requires.
 
-    Only requirements inside ``names`` constrain the order (add the others
-    with :func:`with_requirements` first). Ties keep name order, so the
-    result is stable. Raises :class:`CycleError` or
-    :class:`MissingRequirementError` (for a requirement that is not a key of
-    ``requires``).
+    Requirements outside ``names`` are not added (use :func:`with_requirements`
+    for that) but they are walked, so indirect constraints and cycles count.
+    Ties keep name order, so the result is stable. Raises :class:`CycleError`
+    or :class:`MissingRequirementError` (for a requirement that is not a key
+    of ``requires``).
     """
-    selected = sorted(set(names))
-    for name in selected:
+    chosen = set(names)
+    order: list[str] = []
+    state: dict[str, int] = {}  # 1: on the current path, 2: placed
+
+    def requirements_of(name: str) -> Iterator[str]:
         for req in requires.get(name, ()):
             if req not in requires:
                 raise MissingRequirementError(name, req)
-    chosen = set(selected)
-    order: list[str] = []
-    state: dict[str, int] = {}  # 1: on the current path, 2: placed
-    for root in selected:
+        return iter(sorted(requires.get(name, ())))
+
+    for root in sorted(chosen):
         if state.get(root) == 2:
             continue
         # Iterative depth-first walk, so long chains cannot hit the recursion limit.
         path = [root]
-        iterators = [iter(sorted(r for r in requires.get(root, ()) if r in chosen))]
+        iterators = [requirements_of(root)]
         state[root] = 1
         while path:
             child = next(iterators[-1], None)
@@ -88,8 +90,8 @@ def start_order(names: Iterable[str], requires: Mapping[str, Sequence[str]]) -> 
             elif state.get(child) is None:
                 state[child] = 1
                 path.append(child)
-                iterators.append(iter(sorted(r for r in requires.get(child, ()) if r in chosen)))
-    return order
+                iterators.append(requirements_of(child))
+    return [name for name in order if name in chosen]
 
 
 def stop_order(names: Iterable[str], requires: Mapping[str, Sequence[str]]) -> list[str]:

@@ -12,6 +12,21 @@ from dataclasses import dataclass
 # stap's short options that take an argument (from `stap --help`, 4.8), so that
 # filtering drops an option together with its argument.
 _TAKES_ARGUMENT = frozenset("psIDBGRramoEcxSdTeLl")
+# Long options that take an argument, which may come as the next word.
+_LONG_TAKES_ARGUMENT = frozenset(
+    {
+        "--vp",
+        "--modinfo",
+        "--compatible",
+        "--tmpdir",
+        "--sysroot",
+        "--sysenv",
+        "--remote",
+        "--target-namespace",
+        "--runtime",
+        "--privilege",
+    }
+)
 # Dropped when compiling: the service decides these itself (spec §4.2.1).
 _DROP_WHEN_COMPILING = frozenset("pmrcxesohVk")
 
@@ -45,8 +60,16 @@ def parse_options(words: Sequence[str]) -> list[Option]:
         word = words[index]
         index += 1
         if word.startswith("--") and len(word) > 2:
-            name, _, value = word.partition("=")
-            options.append(Option(name, value if "=" in word else None, (word,)))
+            name, equals, value = word.partition("=")
+            if equals:
+                options.append(Option(name, value, (word,)))
+            elif name in _LONG_TAKES_ARGUMENT:
+                if index >= len(words):
+                    raise OptionError(f"option {name} needs an argument")
+                options.append(Option(name, words[index], (word, words[index])))
+                index += 1
+            else:
+                options.append(Option(name, None, (word,)))
             continue
         if not word.startswith("-") or word == "-":
             raise OptionError(f"unexpected argument {word!r} (only options are allowed)")
