@@ -111,9 +111,7 @@ def may_load(
             f"{suffix}; authorize it with: stap-authorize-signing-cert <certfile>",
         )
     if status in ("bad-signature", "module-altered"):
-        return Decision(
-            False, f"module {module_file} has been altered since it was signed{suffix}"
-        )
+        return Decision(False, f"module {module_file} has been altered since it was signed{suffix}")
     if status != "valid" or manifest is None:
         return Decision(False, f"module {module_file} has an unusable signature{suffix}")
     if not _names_module(manifest.module_name, module_file):

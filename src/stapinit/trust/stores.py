@@ -169,7 +169,9 @@ class TrustStore:
                 pst = parent.stat()
             except OSError as exc:
                 return f"cannot inspect {parent}: {exc.strerror}"
-            reason = unsafe_reason(parent, pst.st_uid, pst.st_mode, ancestor_owners, is_ancestor=True)
+            reason = unsafe_reason(
+                parent, pst.st_uid, pst.st_mode, ancestor_owners, is_ancestor=True
+            )
             if reason:
                 return reason
         return None

@@ -1,0 +1,195 @@
+"""``stap-client``: compile a script on a trusted stap-server, then save or run it.
+
+With ``-p4`` the module (and its ``.sgn``) is saved in the current directory and
+its name printed (spec §6.1.3); anyone may do that.  Otherwise it is run: by root
+directly, by anyone else through ``stap-loader``, which decides who may load what
+(spec §6.1.2).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import sys
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Final
+
+from stapinit.client.config import ClientConfig, ClientConfigError, read_client_config
+from stapinit.client.connection import ServerError, compile_remote, connect_pinned
+from stapinit.client.load import LoadError, run_directly, run_via_loader
+from stapinit.client.options import USAGE, ClientOptions, UsageError, parse_args
+from stapinit.protocol import CompileRequest, CompileResponse, Tapset
+from stapinit.trust.signing import SIGNATURE_SUFFIX
+from stapinit.trust.stores import StorePaths, trusted_server_fingerprints
+
+PROG: Final = "stap-client"
+#: stap-server's default port (its PORT setting); better shared from the protocol module.
+DEFAULT_PORT: Final = 9740
+
+
+class ClientError(Exception):
+    """An expected failure; ``str()`` is the one line shown to the user."""
+
+
+def _warn(message: str) -> None:
+    print(f"{PROG}: {message}", file=sys.stderr)
+
+
+# --- building the request ----------------------------------------------------------
+
+
+def read_tapsets(dirs: Sequence[Path]) -> tuple[Tapset, ...]:
+    """Every ``*.stp`` file under the ``-I`` directories, by path relative to its directory."""
+    found: dict[str, Tapset] = {}
+    for directory in dirs:
+        if not directory.is_dir():
+            raise ClientError(f"-I {directory}: not a directory")
+        for file in sorted(directory.rglob("*.stp")):
+            rel = file.relative_to(directory).as_posix()
+            try:
+                text = file.read_text(encoding="utf-8")
+            except (OSError, UnicodeDecodeError) as exc:
+                raise ClientError(f"cannot read tapset {file}: {exc}") from None
+            if rel in found and found[rel].text != text:
+                raise ClientError(f"tapset {rel} is in more than one -I directory")
+            found[rel] = Tapset(rel, text)
+    return tuple(found.values())
+
+
+def build_request(opts: ClientOptions, config: ClientConfig) -> CompileRequest:
+    """The compile request for what the user asked."""
+    uname = os.uname()
+    if opts.script_text is not None:
+        text, name, is_eval = opts.script_text, None, True
+    else:
+        assert opts.script_file is not None  # parse_args guarantees one or the other
+        path = Path(opts.script_file)
+        try:
+            text = path.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ClientError(f"cannot read script {path}: {exc}") from None
+        name, is_eval = path.name, False
+    return CompileRequest(
+        script_text=text,
+        script_name=name,
+        eval=is_eval,
+        release=opts.release or uname.release,
+        arch=uname.machine,
+        tapsets=read_tapsets([Path(d) for d in opts.include_dirs]),
+        options=("-v",) * opts.verbose + opts.script_args,
+        module_name=opts.module_name,
+        privilege=opts.privilege,
+        runtime=opts.runtime or config.runtime or "kmod",
+    )
+
+
+# --- talking to servers ------------------------------------------------------------
+
+
+def compile_on_servers(
+    opts: ClientOptions, config: ClientConfig, req: CompileRequest
+) -> CompileResponse:
+    """Send ``req`` to the first trusted, reachable server; raise ClientError if none."""
+    servers = opts.servers or config.servers
+    if not servers:
+        raise ClientError("no server: give --server=HOST[:PORT] or list servers in client.conf")
+    trusted = trusted_server_fingerprints(StorePaths.default(), os.getuid(), _warn)
+    last: ServerError | None = None
+    for address in servers:
+        try:
+            conn = connect_pinned(address, trusted)
+            return compile_remote(conn, address, req)
+        except ServerError as exc:  # untrusted ones included: nothing was sent to them
+            last = exc
+        if len(servers) > 1:
+            _warn(str(last))
+    assert last is not None
+    raise ClientError(str(last) if len(servers) == 1 else "no usable server")
+
+
+def _print_messages(resp: CompileResponse) -> None:
+    """Show stap's messages; the module name on stdout is printed by the caller, if at all."""
+    sys.stderr.write(resp.stderr)
+    lines = resp.stdout.splitlines(keepends=True)
+    if resp.module is not None and lines and lines[-1].strip() == resp.module.name:
+        lines.pop()
+    sys.stdout.write("".join(lines))
+    sys.stdout.flush()
+    sys.stderr.flush()
+
+
+# --- results -----------------------------------------------------------------------
+
+
+def save_module(name: str, data: bytes, directory: Path) -> None:
+    """Write ``directory/name`` (mode 0644) through a temporary file and a rename."""
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{name}.")
+    try:
+        with os.fdopen(fd, "wb") as out:
+            out.write(data)
+            os.fchmod(out.fileno(), 0o644)
+        os.replace(tmp, directory / name)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+def _run(argv: Sequence[str]) -> int:
+    try:
+        opts = parse_args(argv, DEFAULT_PORT)
+    except UsageError as exc:
+        raise ClientError(f"{exc} (see {PROG} --help)") from None
+    if opts.help:
+        print(USAGE, end="")
+        return 0
+    try:
+        config = read_client_config(StorePaths.default(), DEFAULT_PORT)
+    except ClientConfigError as exc:
+        raise ClientError(str(exc)) from None
+    req = build_request(opts, config)
+    compile_only = opts.compile_only
+    if not compile_only and req.release != os.uname().release:
+        _warn(f"kernel release {req.release} is not this host's: compiling only (-p4)")
+        compile_only = True
+
+    resp = compile_on_servers(opts, config, req)
+    _print_messages(resp)
+    if resp.status != 0:
+        return resp.status
+    module = resp.module
+    if module is None:
+        raise ClientError("the server reported success but sent no module")
+
+    if compile_only:
+        try:
+            save_module(module.name, module.data, Path.cwd())
+            if resp.signature is not None:
+                save_module(module.name + SIGNATURE_SUFFIX, resp.signature, Path.cwd())
+        except OSError as exc:
+            raise ClientError(f"cannot save {module.name}: {exc.strerror}") from None
+        print(module.name)
+        return 0
+    try:
+        if os.geteuid() == 0:
+            return run_directly(
+                module.name, module.data, opts.output_file, config.stapbpf, config.staprun
+            )
+        return run_via_loader(
+            config.loader_socket, module.name, module.data, resp.signature, opts.output_file
+        )
+    except LoadError as exc:
+        raise ClientError(str(exc)) from None
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of ``stap-client``; returns the exit status."""
+    try:
+        return _run(sys.argv[1:] if argv is None else argv)
+    except ClientError as exc:
+        _warn(str(exc))
+        return 1
+    except KeyboardInterrupt:
+        return 130

@@ -1,0 +1,153 @@
+"""Loading a compiled module: directly for root, through ``stap-loader`` for others.
+
+Either way the module's output is printed until it ends; Ctrl-C stops it
+cleanly (its ``end`` probes run) and a second Ctrl-C gives up waiting.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from types import FrameType
+from typing import BinaryIO, Final
+
+from stapinit.loader import wire
+from stapinit.loader.config import ConfigError, resolve_tool
+
+#: How long a stopped module may take to finish before it is killed / given up on.
+STOP_TIMEOUT: Final = 10.0
+
+
+class LoadError(Exception):
+    """The module could not be loaded; ``str()`` is one line."""
+
+
+def _runner(module_name: str, stapbpf: str, staprun: str) -> str:
+    tool = stapbpf if wire.RUNTIME_BY_SUFFIX.get(Path(module_name).suffix) == "bpf" else staprun
+    try:
+        return resolve_tool(tool)
+    except ConfigError as exc:
+        raise LoadError(str(exc)) from None
+
+
+def run_directly(
+    module_name: str, module: bytes, output_file: str | None, stapbpf: str, staprun: str
+) -> int:
+    """Run the module with ``stapbpf``/``staprun`` as this (root) process; its status."""
+    tool = _runner(module_name, stapbpf, staprun)
+    with tempfile.TemporaryDirectory(prefix="stap-client-") as tmp:
+        path = Path(tmp) / module_name
+        path.write_bytes(module)
+        argv = [tool]
+        if output_file is not None:
+            argv += ["-o", os.path.abspath(output_file)]
+        argv.append(str(path))
+        try:
+            proc = subprocess.Popen(argv)
+        except OSError as exc:
+            raise LoadError(f"cannot run {tool}: {exc.strerror}") from None
+        try:
+            return _exit_status(proc.wait())
+        except KeyboardInterrupt:
+            # A terminal's Ctrl-C reached the child too; a signal sent to us alone did not.
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+            try:
+                return _exit_status(proc.wait(STOP_TIMEOUT))
+            except (subprocess.TimeoutExpired, KeyboardInterrupt):
+                proc.kill()
+                return _exit_status(proc.wait())
+
+
+def _exit_status(returncode: int) -> int:
+    return 128 - returncode if returncode < 0 else returncode
+
+
+@contextlib.contextmanager
+def _output_sink(output_file: str | None) -> Iterator[BinaryIO]:
+    if output_file is None:
+        yield sys.stdout.buffer
+        return
+    try:
+        with open(output_file, "wb") as out:
+            yield out
+    except OSError as exc:
+        raise LoadError(f"cannot write {output_file}: {exc.strerror}") from None
+
+
+def run_via_loader(
+    socket_path: Path,
+    module_name: str,
+    module: bytes,
+    signature: bytes | None,
+    output_file: str | None,
+) -> int:
+    """Ask ``stap-loader`` to run the module; print what it prints; its exit status."""
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    with sock:
+        try:
+            sock.connect(str(socket_path))
+            sock.sendall(wire.encode_load_request(wire.LoadRequest(module_name, module, signature)))
+            first = wire.read_frame(sock, wire.MAX_OUTPUT_CHUNK)
+        except OSError as exc:
+            raise LoadError(
+                f"cannot reach stap-loader at {socket_path}: {exc.strerror or exc}; "
+                f"non-root users load modules through the stap-loader service"
+            ) from None
+        except wire.WireError as exc:
+            raise LoadError(f"stap-loader: {exc}") from None
+        if first is None:
+            raise LoadError("stap-loader closed the connection without an answer")
+        if first.type == "refused":
+            raise LoadError(str(first.header.get("reason", "refused")))
+        if first.type != "started":
+            raise LoadError(f"stap-loader sent an unexpected {first.type!r} message")
+        with _output_sink(output_file) as out:
+            return _stream(sock, out)
+
+
+def _stream(sock: socket.socket, out: BinaryIO) -> int:
+    """Copy the module's output until its exit status arrives.
+
+    The first Ctrl-C half-closes the connection, which tells the loader to stop
+    the module; its remaining output and status still arrive.  A handler rather
+    than KeyboardInterrupt, so that a frame is never abandoned half-read.
+    """
+    interrupts = 0
+
+    def on_sigint(_signum: int, _frame: FrameType | None) -> None:
+        nonlocal interrupts
+        interrupts += 1
+        if interrupts > 1:
+            raise KeyboardInterrupt
+        sock.settimeout(STOP_TIMEOUT + 5)
+        with contextlib.suppress(OSError):
+            sock.shutdown(socket.SHUT_WR)
+
+    previous = signal.signal(signal.SIGINT, on_sigint)
+    try:
+        while True:
+            try:
+                frame = wire.read_frame(sock, wire.MAX_OUTPUT_CHUNK)
+            except TimeoutError:
+                raise LoadError("stap-loader did not stop the module in time") from None
+            except (OSError, wire.WireError) as exc:
+                raise LoadError(f"lost the connection to stap-loader: {exc}") from None
+            if frame is None:
+                raise LoadError("stap-loader closed the connection before the module ended")
+            if frame.type == "output":
+                target = sys.stderr.buffer if frame.header.get("stream") == "stderr" else out
+                target.write(frame.payload)
+                target.flush()
+            elif frame.type == "exit":
+                status = frame.header.get("status")
+                return status if isinstance(status, int) else 1
+    finally:
+        signal.signal(signal.SIGINT, previous)

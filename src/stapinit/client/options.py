@@ -1,0 +1,172 @@
+"""``stap-client``'s command line: stap's options plus ``--server``.  Pure.
+
+Like stap, options and operands may be mixed (``stap-client -e '...' -p4`` and
+``stap-client script.stp -v`` both work) and ``--`` ends the options.  Without
+``-e`` the first operand is the script file; remaining operands are the script's
+arguments.
+"""
+
+from __future__ import annotations
+
+import getopt
+import ipaddress
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
+from typing import Final
+
+from stapinit.protocol import Privilege, ProtocolError, Runtime, check_module_name
+
+_SHORT: Final = "e:p:m:o:vI:r:h"
+_LONG: Final = ("runtime=", "unprivileged", "privilege=", "server=", "help")
+
+USAGE: Final = """\
+usage: stap-client [OPTIONS] (-e SCRIPT | SCRIPT_FILE) [ARGS...]
+
+Compile a SystemTap script on a trusted stap-server and, unless -p4 is given,
+load and run the resulting module here.
+
+  -e SCRIPT            run the script given on the command line
+  -p4                  stop after compiling: save the module in the current
+                       directory and print its name
+  -m NAME              name the module NAME
+  -o FILE              write the module's output to FILE
+  -v                   more verbose (repeat for more)
+  -I DIR               send the tapsets in DIR along with the script
+  -r RELEASE           compile for kernel RELEASE (implies -p4 if not this kernel's)
+  --runtime=bpf|kmod   the runtime to compile for
+  --unprivileged       same as --privilege=stapusr
+  --privilege=LEVEL    stapusr (the server checks and signs the module) or stapdev
+  --server=HOST[:PORT] the server to use (default: those in client.conf)
+"""
+
+
+class UsageError(Exception):
+    """The command line is wrong; ``str()`` is one line."""
+
+
+@dataclass(frozen=True)
+class ServerAddress:
+    """A server named by the user or the client configuration."""
+
+    host: str
+    port: int
+
+    def __str__(self) -> str:
+        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+
+
+@dataclass(frozen=True)
+class ClientOptions:
+    """What the user asked ``stap-client`` to do."""
+
+    script_text: str | None = None
+    script_file: str | None = None
+    script_args: tuple[str, ...] = ()
+    compile_only: bool = False
+    module_name: str | None = None
+    output_file: str | None = None
+    verbose: int = 0
+    include_dirs: tuple[str, ...] = ()
+    runtime: Runtime | None = None
+    privilege: Privilege = "stapdev"
+    release: str | None = None
+    servers: tuple[ServerAddress, ...] = ()
+    help: bool = False
+
+
+def parse_server(text: str, default_port: int) -> ServerAddress:
+    """Parse ``HOST``, ``HOST:PORT``, ``[V6]`` or ``[V6]:PORT``."""
+    host, port_text = text, ""
+    if text.startswith("["):
+        close = text.find("]")
+        if close < 0 or (close + 1 < len(text) and text[close + 1] != ":"):
+            raise UsageError(f"invalid server address {text!r}")
+        host, port_text = text[1:close], text[close + 2 :]
+        try:
+            ipaddress.IPv6Address(host)
+        except ValueError:
+            raise UsageError(f"invalid IPv6 address in {text!r}") from None
+    elif text.count(":") == 1:
+        host, port_text = text.split(":")
+    elif ":" in text:
+        raise UsageError(f"invalid server address {text!r} (write IPv6 addresses as [ADDR]:PORT)")
+    if not host:
+        raise UsageError(f"invalid server address {text!r}: no host")
+    if not port_text:
+        return ServerAddress(host, default_port)
+    if not port_text.isdigit() or not 0 < int(port_text) < 65536:
+        raise UsageError(f"invalid port in server address {text!r}")
+    return ServerAddress(host, int(port_text))
+
+
+def _privilege(value: str) -> Privilege:
+    if value == "stapusr":
+        return "stapusr"
+    if value == "stapdev":
+        return "stapdev"
+    if value == "stapsys":
+        raise UsageError("--privilege=stapsys is not supported by stap-server; use stapusr")
+    raise UsageError(f"invalid privilege level {value!r} (stapusr or stapdev)")
+
+
+def _runtime(value: str) -> Runtime:
+    if value == "bpf":
+        return "bpf"
+    if value == "kmod":
+        return "kmod"
+    raise UsageError(f"unsupported runtime {value!r} (bpf or kmod)")
+
+
+def parse_args(argv: Sequence[str], default_port: int) -> ClientOptions:
+    """Parse ``stap-client``'s arguments (without the program name)."""
+    try:
+        pairs, operands = getopt.gnu_getopt(list(argv), _SHORT, list(_LONG))
+    except getopt.GetoptError as exc:
+        raise UsageError(str(exc)) from None
+    opts = ClientOptions()
+    includes: list[str] = []
+    servers: list[ServerAddress] = []
+    verbose = 0
+    for opt, value in pairs:
+        if opt == "-e":
+            if opts.script_text is not None:
+                raise UsageError("-e given more than once")
+            opts = replace(opts, script_text=value)
+        elif opt == "-p":
+            if value not in ("4", "5"):
+                raise UsageError(f"-p{value} is not supported (use -p4 to compile only)")
+            opts = replace(opts, compile_only=value == "4")
+        elif opt == "-m":
+            try:
+                opts = replace(opts, module_name=check_module_name(value))
+            except ProtocolError as exc:
+                raise UsageError(str(exc)) from None
+        elif opt == "-o":
+            opts = replace(opts, output_file=value)
+        elif opt == "-v":
+            verbose += 1
+        elif opt == "-I":
+            includes.append(value)
+        elif opt == "-r":
+            opts = replace(opts, release=value)
+        elif opt == "--runtime":
+            opts = replace(opts, runtime=_runtime(value))
+        elif opt == "--unprivileged":
+            opts = replace(opts, privilege="stapusr")
+        elif opt == "--privilege":
+            opts = replace(opts, privilege=_privilege(value))
+        elif opt == "--server":
+            servers.append(parse_server(value, default_port))
+        else:  # -h, --help
+            return ClientOptions(help=True)
+    if opts.script_text is None:
+        if not operands:
+            raise UsageError("no script given (use -e SCRIPT or name a script file)")
+        opts = replace(opts, script_file=operands.pop(0))
+    return replace(
+        opts,
+        script_args=tuple(operands),
+        verbose=verbose,
+        include_dirs=tuple(includes),
+        servers=tuple(servers),
+    )

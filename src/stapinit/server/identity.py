@@ -1,0 +1,110 @@
+"""The server's identity: its private key and the certificate clients authorize.
+
+Both live in ``STATE_DIR/.systemtap/ssl/server/`` (``stap.key``, ``stap.cert``;
+§6.1.3).  They are generated on first start.  To renew, stop the server, remove
+both files, start it again and have every client authorize the new ``stap.cert``.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import os
+import socket
+import stat
+from dataclasses import dataclass
+from pathlib import Path
+
+from cryptography import x509
+from cryptography.hazmat.primitives.asymmetric import ec
+
+from stapinit.trust import certs
+
+KEY_NAME = "stap.key"
+CERT_NAME = "stap.cert"
+#: Warn in the log when the certificate has less than this left.
+EXPIRY_WARNING = dt.timedelta(days=30)
+
+
+class IdentityError(Exception):
+    """The key or certificate cannot be used; ``str()`` is one line."""
+
+
+@dataclass(frozen=True)
+class Identity:
+    """A loaded key and certificate, with the paths they came from."""
+
+    key: ec.EllipticCurvePrivateKey
+    cert: x509.Certificate
+    key_path: Path
+    cert_path: Path
+
+    @property
+    def fingerprint(self) -> str:
+        """``SHA256:...`` of the certificate."""
+        return certs.fingerprint(self.cert)
+
+
+def check_key_file(path: Path) -> None:
+    """Refuse a key file that others could read or that belongs to another user."""
+    info = path.lstat()
+    if not stat.S_ISREG(info.st_mode):
+        raise IdentityError(f"private key {path} is not a regular file")
+    mode = stat.S_IMODE(info.st_mode)
+    if mode & 0o077:
+        raise IdentityError(
+            f"private key {path} is group- or world-accessible (mode {mode:04o}); "
+            f"refusing to start: run 'chmod 600 {path}' (and consider the key compromised)"
+        )
+    if info.st_uid != os.geteuid():
+        raise IdentityError(
+            f"private key {path} belongs to uid {info.st_uid}, not to the server's "
+            f"user (uid {os.geteuid()})"
+        )
+
+
+def load_or_create(cert_dir: Path, days: int, now: dt.datetime | None = None) -> Identity:
+    """Load the identity from ``cert_dir``, generating it when neither file exists.
+
+    Raises IdentityError when only one of the files exists, the key is exposed,
+    the two do not belong together, or the certificate has expired.
+    """
+    key_path, cert_path = cert_dir / KEY_NAME, cert_dir / CERT_NAME
+    have_key, have_cert = key_path.exists(), cert_path.exists()
+    if not have_key and not have_cert:
+        try:
+            cert_dir.mkdir(parents=True, exist_ok=True)
+            key, cert = certs.generate_identity(key_path, cert_path, socket.getfqdn(), days)
+        except OSError as exc:
+            raise IdentityError(f"cannot create server identity in {cert_dir}: {exc}") from None
+        return Identity(key, cert, key_path, cert_path)
+    if not have_key:
+        raise IdentityError(
+            f"{cert_path} exists but its key {key_path} is missing; "
+            "remove the certificate to generate a new identity"
+        )
+    if not have_cert:
+        raise IdentityError(
+            f"{key_path} exists but its certificate {cert_path} is missing; "
+            "remove the key to generate a new identity"
+        )
+    check_key_file(key_path)
+    try:
+        key = certs.load_private_key(key_path)
+        cert = certs.load_certificate(cert_path)
+    except certs.CertificateError as exc:
+        raise IdentityError(str(exc)) from None
+    if not certs.key_matches(key, cert):
+        raise IdentityError(f"{cert_path} is not the certificate of {key_path}")
+    expiry = cert.not_valid_after_utc
+    if expiry <= (now or dt.datetime.now(dt.UTC)):
+        raise IdentityError(
+            f"certificate {cert_path} expired on {expiry:%Y-%m-%d}; to renew, remove "
+            f"{key_path} and {cert_path}, start the server and re-authorize it on clients"
+        )
+    return Identity(key, cert, key_path, cert_path)
+
+
+def expires_soon(identity: Identity, now: dt.datetime | None = None) -> bool:
+    """Whether the certificate expires within :data:`EXPIRY_WARNING`."""
+    left = identity.cert.not_valid_after_utc - (now or dt.datetime.now(dt.UTC))
+    return left < EXPIRY_WARNING

@@ -1,0 +1,241 @@
+"""What stap-server accepts from a client, and the stap command line it runs.
+
+Pure logic, no I/O.  Client options are parsed the way stap's own ``getopt_long``
+would (bundled short flags, attached or separate values) against an allow-list,
+and re-emitted in one canonical spelling, so stap sees exactly what was checked.
+Anything that names a path on the server, runs a command on it, or would lift the
+``stapusr`` safety check is refused with a one-line message.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+from enum import Enum
+from pathlib import PurePosixPath
+from typing import Final
+
+from stapinit.protocol import MODULE_SUFFIX, CompileRequest, Runtime
+
+
+class PolicyError(ValueError):
+    """A request the server refuses; ``str()`` is the one-line reason for the client."""
+
+
+class _Arg(Enum):
+    NONE = "none"
+    REQUIRED = "required"
+    OPTIONAL = "optional"  # long options only, value attached with '='
+
+
+class _Allowed(Enum):
+    ALL = "all"
+    STAPDEV = "stapdev"  # refused under --privilege=stapusr
+    FIELD = "field"  # the request has a field of its own for it
+
+
+@dataclass(frozen=True)
+class _Spec:
+    arg: _Arg
+    allowed: _Allowed
+    value_re: str | None = None  # full-match pattern for the value, if restricted
+
+
+_NUM = r"[0-9]{1,9}"
+_SHORT: Final[dict[str, _Spec]] = {
+    **{c: _Spec(_Arg.NONE, _Allowed.ALL) for c in "vwWutPbq"},
+    "s": _Spec(_Arg.REQUIRED, _Allowed.ALL, _NUM),
+    "T": _Spec(_Arg.REQUIRED, _Allowed.ALL, _NUM),
+    "G": _Spec(_Arg.REQUIRED, _Allowed.ALL, r"[A-Za-z_][A-Za-z0-9_]*=.*"),
+    "E": _Spec(_Arg.REQUIRED, _Allowed.ALL),
+    "g": _Spec(_Arg.NONE, _Allowed.STAPDEV),
+    "D": _Spec(_Arg.REQUIRED, _Allowed.STAPDEV, r"[A-Za-z_][A-Za-z0-9_]*(=.*)?"),
+    **{c: _Spec(_Arg.REQUIRED, _Allowed.FIELD) for c in "eIrpma"},
+}
+_LONG: Final[dict[str, _Spec]] = {
+    "vp": _Spec(_Arg.REQUIRED, _Allowed.ALL, r"[0-9]{1,5}"),
+    "runtime": _Spec(_Arg.REQUIRED, _Allowed.ALL, r"kmod|bpf"),
+    "bpf": _Spec(_Arg.NONE, _Allowed.ALL),
+    "prologue-searching": _Spec(_Arg.OPTIONAL, _Allowed.ALL, r"[a-z]{1,16}"),
+    "compatible": _Spec(_Arg.REQUIRED, _Allowed.ALL, r"[0-9]{1,4}(\.[0-9]{1,4}){0,3}"),
+    "check-version": _Spec(_Arg.NONE, _Allowed.ALL),
+    "skip-badvars": _Spec(_Arg.NONE, _Allowed.ALL),
+    "suppress-handler-errors": _Spec(_Arg.NONE, _Allowed.ALL),
+    "suppress-time-limits": _Spec(_Arg.NONE, _Allowed.STAPDEV),
+    "modinfo": _Spec(_Arg.REQUIRED, _Allowed.STAPDEV, r"[A-Za-z_][A-Za-z0-9_]*=.*"),
+    "privilege": _Spec(_Arg.REQUIRED, _Allowed.FIELD),
+    "unprivileged": _Spec(_Arg.NONE, _Allowed.FIELD),
+}
+#: Options that stap itself refuses from a client under --privilege=stapusr; named
+#: here so the client gets stap's wording even for options this server never takes.
+STAPUSR_FORBIDDEN: Final = frozenset(
+    {"-g", "-B", "-D", "-R", "-m", "-I", "--tmpdir", "--modinfo", "--suppress-time-limits"}
+)
+
+
+@dataclass(frozen=True)
+class ParsedOptions:
+    """Client options after checking: canonical stap options, script arguments, runtime."""
+
+    options: tuple[str, ...]
+    script_args: tuple[str, ...]
+    runtime: Runtime
+
+
+def stapusr_refusal(option: str) -> str:
+    """stap's own wording for an option refused under --privilege=stapusr."""
+    return f"You can't specify {option} when --privilege=stapusr is specified."
+
+
+def _accept(option: str, spec: _Spec | None, stapusr: bool) -> _Spec:
+    """Return the spec of an option the client may give, else raise PolicyError."""
+    if stapusr and (option in STAPUSR_FORBIDDEN or (spec and spec.allowed is _Allowed.STAPDEV)):
+        raise PolicyError(stapusr_refusal(option))
+    if spec is None:
+        raise PolicyError(f"option {option} is not accepted by this server")
+    if spec.allowed is _Allowed.FIELD:
+        raise PolicyError(
+            f"option {option} must not be among the options: the request has a field for it"
+        )
+    return spec
+
+
+def _check_value(option: str, spec: _Spec, value: str) -> str:
+    if value == "" or (spec.value_re is not None and not re.fullmatch(spec.value_re, value)):
+        raise PolicyError(f"invalid value {value!r} for option {option}")
+    return value
+
+
+def parse_options(options: Sequence[str], stapusr: bool, runtime: Runtime) -> ParsedOptions:
+    """Check client options as stap's getopt would read them; raise PolicyError.
+
+    ``runtime`` is the request's field; ``--runtime=bpf`` or ``--bpf`` among the
+    options also selects BPF (and is then emitted by :func:`stap_command` instead).
+    """
+    out: list[str] = []
+    args: list[str] = []
+    i = 0
+    while i < len(options):
+        word = options[i]
+        i += 1
+        if not word.startswith("-") or word == "-":
+            if word == "-":
+                raise PolicyError("a script on standard input ('-') is not accepted")
+            args.append(word)
+            continue
+        if word.startswith("--"):
+            name, eq, attached = word[2:].partition("=")
+            option = f"--{name}"
+            spec = _accept(option, _LONG.get(name), stapusr)
+            if spec.arg is _Arg.NONE:
+                if eq:
+                    raise PolicyError(f"option {option} takes no value")
+                value = None
+            elif eq:
+                value = _check_value(option, spec, attached)
+            elif spec.arg is _Arg.REQUIRED:
+                if i >= len(options):
+                    raise PolicyError(f"option {option} needs a value")
+                value = _check_value(option, spec, options[i])
+                i += 1
+            else:
+                value = None
+            if name == "bpf" or (name == "runtime" and value == "bpf"):
+                runtime = "bpf"
+            elif name != "runtime":
+                out.append(option if value is None else f"{option}={value}")
+            continue
+        # A cluster of short options: "-vv", "-vs4", "-Dname=1".
+        pos = 1
+        while pos < len(word):
+            letter = word[pos]
+            pos += 1
+            option = f"-{letter}"
+            spec = _accept(option, _SHORT.get(letter), stapusr)
+            if spec.arg is _Arg.NONE:
+                out.append(option)
+                continue
+            if pos < len(word):
+                value = word[pos:]
+            elif i < len(options):
+                value = options[i]
+                i += 1
+            else:
+                raise PolicyError(f"option {option} needs a value")
+            # Attached form: stap cannot mistake the value for another option.
+            out.append(option + _check_value(option, spec, value))
+            break
+    return ParsedOptions(tuple(out), tuple(args), runtime)
+
+
+def check_request(req: CompileRequest, releases: Sequence[str], arch: str) -> ParsedOptions:
+    """Apply the server's policy to a (protocol-valid) request; raise PolicyError."""
+    if req.release not in releases:
+        raise PolicyError(
+            f"kernel release {req.release} is not supported by this server; "
+            f"it compiles for: {', '.join(releases) or '(none)'}"
+        )
+    if req.arch != arch:
+        raise PolicyError(
+            f"architecture {req.arch} is not supported by this server; it compiles for: {arch}"
+        )
+    stapusr = req.privilege == "stapusr"
+    if stapusr and req.module_name is not None:
+        raise PolicyError(stapusr_refusal("-m"))
+    if stapusr and req.tapsets:
+        # stap trusts "/* unprivileged */" embedded C in tapset files, so a client's
+        # own tapsets would lift the safety check (stap refuses -I likewise).
+        raise PolicyError(stapusr_refusal("-I"))
+    return parse_options(req.options, stapusr, req.runtime)
+
+
+def stap_command(
+    stap: str,
+    req: CompileRequest,
+    parsed: ParsedOptions,
+    tapset_dir: str | None,
+) -> list[str]:
+    """The stap argument list for a checked request (run in the compile directory).
+
+    The script file, if any, is expected under its own name in the working
+    directory; script arguments follow ``--`` so stap never reads them as options.
+    """
+    argv = [stap, *parsed.options]
+    if parsed.runtime == "bpf":
+        argv.append("--runtime=bpf")
+    argv += ["-p4", "-r", req.release]
+    if req.privilege == "stapusr":
+        argv.append("--privilege=stapusr")
+    if req.module_name is not None:
+        argv += ["-m", req.module_name]
+    if tapset_dir is not None:
+        argv += ["-I", tapset_dir]
+    if req.eval:
+        argv += ["-e", req.script_text, "--"]
+    else:
+        assert req.script_name is not None  # the protocol guarantees it
+        argv += ["--", req.script_name]
+    return [*argv, *parsed.script_args]
+
+
+def module_file_name(stdout: str, module_name: str | None, runtime: Runtime) -> str | None:
+    """Name of the module stap -p4 wrote, from the request or from stap's stdout.
+
+    stap prints the module's file name as the last line of its output at pass 4.
+    Returns None when nothing trustworthy names one.
+    """
+    suffix = MODULE_SUFFIX[runtime]
+    if module_name is not None:
+        return module_name + suffix
+    lines = stdout.strip().splitlines()
+    if not lines:
+        return None
+    name = lines[-1].strip()
+    if (
+        PurePosixPath(name).name != name
+        or not name.endswith(suffix)
+        or not re.fullmatch(r"[a-z0-9_]{1,64}", name[: -len(suffix)])
+    ):
+        return None
+    return name

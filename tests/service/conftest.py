@@ -1,0 +1,73 @@
+from __future__ import annotations
+
+import json
+import os
+import signal
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.support.prefix import SUPPORT, Prefix, process_alive
+
+
+def _stop_leftovers(prefix: Prefix) -> None:
+    """Kill whatever a failed test left running, so nothing outlives the suite."""
+    for status_file in prefix.stat.glob("*"):
+        if status_file.name.startswith("."):
+            continue
+        for line in status_file.read_text().splitlines():
+            key, _, value = line.partition("=")
+            if key == "pid" and value.isdigit() and int(value) > 0 and process_alive(int(value)):
+                os.kill(int(value), signal.SIGKILL)
+
+
+@pytest.fixture
+def bpf_prefix(tmp_path: Path, stapbpf_wrapper: Path) -> Iterator[Prefix]:
+    """A prefix using the real stap and the real stapbpf."""
+    prefix = Prefix(tmp_path / "prefix", {"STAPBPF": str(stapbpf_wrapper)})
+    yield prefix
+    _stop_leftovers(prefix)
+
+
+class FakeTools:
+    """Where the stand-in stap/staprun record their calls and loaded modules."""
+
+    def __init__(self, root: Path) -> None:
+        self.calls = root / "calls.jsonl"
+        self.modules = root / "modules"
+        self.modules.write_text("")
+        self.env = {"FAKE_CALLS": str(self.calls), "FAKE_MODULES": str(self.modules)}
+
+    def calls_of(self, tool: str) -> list[list[str]]:
+        if not self.calls.exists():
+            return []
+        entries: list[dict[str, Any]] = [
+            json.loads(line) for line in self.calls.read_text().splitlines()
+        ]
+        return [entry["argv"] for entry in entries if entry["tool"] == tool]
+
+    def loaded(self) -> list[str]:
+        return [line.split()[0] for line in self.modules.read_text().splitlines() if line.strip()]
+
+
+@pytest.fixture
+def fake_tools(tmp_path: Path) -> FakeTools:
+    return FakeTools(tmp_path)
+
+
+@pytest.fixture
+def kmod_prefix(tmp_path: Path, fake_tools: FakeTools) -> Iterator[Prefix]:
+    """A prefix whose stap/staprun are stand-ins and MODULES_LIST a file."""
+    prefix = Prefix(
+        tmp_path / "prefix",
+        {
+            "STAP": str(SUPPORT / "fake_stap.py"),
+            "STAPRUN": str(SUPPORT / "fake_staprun.py"),
+            "MODULES_LIST": str(fake_tools.modules),
+        },
+        env=fake_tools.env,
+    )
+    yield prefix
+    _stop_leftovers(prefix)
