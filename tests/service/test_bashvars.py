@@ -98,6 +98,6 @@ def test_arbitrary_unicode_never_crashes(text: str) -> None:
 
 
 @settings(max_examples=200, deadline=None)
-@given(st.text(alphabet=st.characters(blacklist_characters="'", blacklist_categories=("Cs",))))
+@given(st.text(alphabet=st.characters(exclude_characters="'", exclude_categories=["Cs"])))
 def test_single_quoted_values_round_trip(value: str) -> None:
     assert values(f"V='{value}'") == {"V": value}
