@@ -9,17 +9,14 @@ choosing.
 from __future__ import annotations
 
 import fcntl
-import functools
 import grp
 import os
 import pwd
 import subprocess
 import sys
-import sysconfig
 import tempfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from importlib import metadata
 from pathlib import Path
 
 VENV_BIN = Path(sys.executable).parent
@@ -55,6 +52,8 @@ def _group_names(user: User) -> set[str]:
 
 def ensure_users() -> dict[str, User]:
     """Create (or repair) the test users; returns them by name."""
+    if not reachable_by_all(Path(sys.executable)):
+        raise RuntimeError(f"{sys.executable} must be executable by every user for these tests")
     LOCK.parent.mkdir(parents=True, exist_ok=True)
     with open(LOCK, "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
@@ -89,41 +88,10 @@ def home_for(user: User, base: Path) -> Path:
     return home
 
 
-def _reachable_by_all(path: Path) -> bool:
+def reachable_by_all(path: Path) -> bool:
     """Whether any user may execute ``path`` (every directory above it searchable)."""
     real = path.resolve()
     return all(p.stat().st_mode & 0o001 for p in (real, *real.parents))
-
-
-def user_bin_dir() -> Path:
-    """A directory of the project's commands that any user can run.
-
-    The virtualenv's interpreter may live where only root can reach it (here it is
-    under /root), so other users get small launchers for the system's python3 that
-    import the same installed code.
-    """
-    if _reachable_by_all(Path(sys.executable)):
-        return VENV_BIN
-    python = Path("/usr/bin/python3")
-    if not _reachable_by_all(python):
-        raise RuntimeError("no python3 that every user may run")
-    bin_dir = shared_tmpdir("sttest-bin-")
-    site_dir = Path(sysconfig.get_paths()["purelib"])
-    for ep in metadata.distribution("systemtap-initscript").entry_points:
-        if ep.group != "console_scripts":
-            continue
-        launcher = bin_dir / ep.name
-        launcher.write_text(
-            f"#!{python}\nimport site, sys\nsite.addsitedir({str(site_dir)!r})\n"
-            f"from {ep.module} import {ep.attr}\nsys.exit({ep.attr}())\n"
-        )
-        launcher.chmod(0o755)
-    return bin_dir
-
-
-@functools.cache
-def _user_bin() -> Path:
-    return user_bin_dir()
 
 
 def run_as(
@@ -134,10 +102,9 @@ def run_as(
     timeout: float = 60,
 ) -> subprocess.CompletedProcess[str]:
     """Run ``argv`` as ``user`` (None: root) with exactly ``env``; capture its output."""
-    bin_dir = VENV_BIN if user is None else _user_bin()
     return subprocess.run(
         list(argv),
-        env={"PATH": f"{bin_dir}:{SYSTEM_PATH}", "LANG": "C.UTF-8", **env},
+        env={"PATH": f"{VENV_BIN}:{SYSTEM_PATH}", "LANG": "C.UTF-8", **env},
         cwd=cwd,
         capture_output=True,
         text=True,
