@@ -14,16 +14,15 @@ from __future__ import annotations
 
 import os
 import shlex
-from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 from stapinit.fsutil import atomic_copy, atomic_write
 
 RECORD_HEADER = "# systemtap-service cache record; do not edit"
 
 
-@dataclass(frozen=True)
-class KernelIdentity:
+class KernelIdentity(NamedTuple):
     """What a module is tied to: ``uname -r``, ``uname -v`` and ``uname -m``.
 
     ``version`` is empty when compiling for a kernel that is not running
@@ -35,8 +34,7 @@ class KernelIdentity:
     machine: str
 
 
-@dataclass(frozen=True)
-class CacheRecord:
+class CacheRecord(NamedTuple):
     """The contents of a ``NAME.opts`` file."""
 
     kernel: KernelIdentity
@@ -89,8 +87,7 @@ def target_kernel(release: str | None) -> KernelIdentity:
     return KernelIdentity(release, "", running.machine)
 
 
-@dataclass(frozen=True)
-class CacheState:
+class CacheState(NamedTuple):
     """What is on disk for one script, gathered by :func:`inspect`."""
 
     module_mtime: float | None

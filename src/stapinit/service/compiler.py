@@ -12,17 +12,15 @@ import shutil
 import subprocess
 import tempfile
 from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 from stapinit.service import cache
 from stapinit.service.cache import CacheRecord, KernelIdentity
 from stapinit.service.scripts import Script
 
 
-@dataclass(frozen=True)
-class CompileResult:
+class CompileResult(NamedTuple):
     """The outcome of one compile; the caller logs it."""
 
     name: str
@@ -103,6 +101,9 @@ def compile_many(
     """Compile ``scripts`` in parallel (at most one per CPU); results in input order."""
     if not scripts:
         return []
+    # Imported here: it pulls in logging, and most commands never compile.
+    from concurrent.futures import ThreadPoolExecutor
+
     workers = min(len(scripts), os.cpu_count() or 1)
     with ThreadPoolExecutor(max_workers=workers) as pool:
         return list(pool.map(lambda s: compile_one(stap, s, kernel, cache_dir, temp_path), scripts))

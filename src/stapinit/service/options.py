@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import shlex
 from collections.abc import Sequence
-from dataclasses import dataclass
+from typing import NamedTuple
 
 # stap's short options that take an argument (from `stap --help`, 4.8), so that
 # filtering drops an option together with its argument.
@@ -35,8 +35,7 @@ class OptionError(ValueError):
     """An option string that cannot be split or used."""
 
 
-@dataclass(frozen=True)
-class Option:
+class Option(NamedTuple):
     """One option as stap's getopt sees it: ``-o FILE`` is flag ``o``, value ``FILE``."""
 
     flag: str  # one letter for short options, "--name" for long ones
@@ -123,8 +122,7 @@ def compile_options(options: Sequence[Option]) -> list[str]:
     return _flatten(kept)
 
 
-@dataclass(frozen=True)
-class StartOptions:
+class StartOptions(NamedTuple):
     """What the loader takes of ``NAME_OPT`` (spec §4.2.1's start-time filter)."""
 
     output_file: str | None = None

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 from stapinit.service.options import (
     Option,
@@ -28,8 +28,7 @@ class ScriptError(Exception):
     """A script or its configuration cannot be used; str() is one line."""
 
 
-@dataclass(frozen=True)
-class Script:
+class Script(NamedTuple):
     """One service: a ``.stp`` file (or only a cached module) and its settings."""
 
     name: str

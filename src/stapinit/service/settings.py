@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
+from types import MappingProxyType
+from typing import NamedTuple
 
 from stapinit.service.bashvars import Assignment, ConfigError, parse_assignments
 
@@ -43,8 +44,7 @@ DEFAULTS: Mapping[str, str] = {
 _PATH_KEYS = ("SCRIPT_PATH", "CONFIG_PATH", "CACHE_PATH", "TEMP_PATH", "STAT_PATH", "LOG_FILE")
 
 
-@dataclass(frozen=True)
-class Settings:
+class Settings(NamedTuple):
     """Everything the configuration files decide, already validated."""
 
     script_path: Path
@@ -66,7 +66,7 @@ class Settings:
     stop_timeout: float
     # Per-script parameters, by variable name (``NAME_OPT``, ``NAME_REQ``), with
     # where they were set so that errors can point there.
-    script_vars: Mapping[str, Assignment] = field(default_factory=dict)
+    script_vars: Mapping[str, Assignment] = MappingProxyType({})
     files_read: tuple[Path, ...] = ()
 
     def script_var(self, script: str, suffix: str) -> Assignment | None:

@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 from stapinit.fsutil import atomic_write
 
 
-@dataclass(frozen=True)
-class StatusRecord:
+class StatusRecord(NamedTuple):
     """What a status file says about a started script."""
 
     name: str
@@ -58,8 +57,8 @@ def read(stat_path: Path, name: str) -> StatusRecord | None:
 
 
 def write(stat_path: Path, record: StatusRecord) -> None:
-    """Create or replace the status file atomically."""
-    atomic_write(status_file(stat_path, record.name), record.to_text().encode())
+    """Create or replace the status file atomically (it lives in /run: no fsync)."""
+    atomic_write(status_file(stat_path, record.name), record.to_text().encode(), durable=False)
 
 
 def remove(stat_path: Path, name: str) -> None:

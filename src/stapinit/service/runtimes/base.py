@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import NamedTuple, Protocol
 
 from stapinit.service.log import Log
 from stapinit.service.options import StartOptions
@@ -15,8 +14,7 @@ class RuntimeFailure(Exception):
     """Starting or stopping failed; str() is one line for the console."""
 
 
-@dataclass(frozen=True)
-class Tools:
+class Tools(NamedTuple):
     """Where the loaders are and how long to wait for them (from the settings)."""
 
     staprun: str
