@@ -36,12 +36,20 @@ COMMANDS = (
     "try-restart",
     "reload",
     "force-reload",
+    "pack",
+    "unpack",
 )
-_NEEDS_ROOT = frozenset(COMMANDS) - {"status", "compile", "cleanup"}
+# pack and unpack only read and write the cache and conf directories: their
+# permissions decide, as for compile and cleanup.
+_NEEDS_ROOT = frozenset(COMMANDS) - {"status", "compile", "cleanup", "pack", "unpack"}
+_TAKE_RELEASE = ("compile", "cleanup", "pack")
 USAGE = (
     "usage: systemtap-service {start|stop|restart|status|compile|cleanup|condrestart|"
     "try-restart|reload|force-reload} [-r kernelrelease] [-c config] [-R] [-y] [--json] "
-    "[script ...]"
+    "[script ...]\n"
+    "       systemtap-service compile --all-kernels [-c config] [-y] [script ...]\n"
+    "       systemtap-service pack [-r kernelrelease] [-c config] -o FILE [script ...]\n"
+    "       systemtap-service unpack [-c config] [-y] FILE"
 )
 HELP = f"""{USAGE}
 
@@ -58,9 +66,15 @@ commands:
   status        show each script's state and requirements
   compile       compile scripts into the cache for a kernel release
   cleanup       remove scripts' caches for a kernel release
+  pack          write the caches of a release and the scripts' conf.d files to an
+                archive, for hosts without a compiler
+  unpack        verify such an archive and install it into CACHE_PATH and CONFIG_PATH
 
 options:
-  -r RELEASE    kernel release for compile and cleanup (default: the running one)
+  -r RELEASE    kernel release for compile, cleanup and pack (default: the running one)
+  --all-kernels compile: every release with a build tree in /lib/modules, skipping
+                valid caches
+  -o FILE       pack: the archive to write
   -c CONFIG     global configuration file (default: /etc/systemtap/config)
   -R            also act on the scripts' requirements (NAME_REQ)
   -y            answer yes to every question
@@ -77,12 +91,15 @@ class UsageError(Exception):
 def parse_command_line(argv: Sequence[str]) -> tuple[str, Path | None, Request]:
     """Split the arguments into command, config file and request (options anywhere)."""
     try:
-        options, words = getopt.gnu_getopt(list(argv), "r:c:Ryh", ["help", "version", "json"])
+        options, words = getopt.gnu_getopt(
+            list(argv), "r:c:Ryho:", ["help", "version", "json", "all-kernels"]
+        )
     except getopt.GetoptError as error:
         raise UsageError(str(error)) from None
     config: Path | None = None
     release: str | None = None
-    recursive = assume_yes = as_json = False
+    archive: Path | None = None
+    recursive = assume_yes = as_json = all_kernels = False
     for flag, value in options:
         if flag == "-r":
             release = value
@@ -94,14 +111,27 @@ def parse_command_line(argv: Sequence[str]) -> tuple[str, Path | None, Request]:
             assume_yes = True
         elif flag == "--json":
             as_json = True
+        elif flag == "-o":
+            archive = Path(value)
+        elif flag == "--all-kernels":
+            all_kernels = True
     if not words:
         raise UsageError("no command given")
     command, scripts = words[0], tuple(words[1:])
     if command not in COMMANDS:
         raise UsageError(f"unknown command: {command}")
-    if release is not None and command not in ("compile", "cleanup"):
-        raise UsageError(f"-r is valid only with compile and cleanup, not {command}")
-    return command, config, Request(scripts, release, recursive, assume_yes, as_json)
+    if release is not None and command not in _TAKE_RELEASE:
+        raise UsageError(f"-r is valid only with compile, cleanup and pack, not {command}")
+    if all_kernels and (command != "compile" or release is not None):
+        raise UsageError("--all-kernels is valid only with compile, and not with -r")
+    if (archive is not None) != (command == "pack"):
+        raise UsageError("pack needs -o FILE, and -o is valid only with pack")
+    if command == "unpack":
+        if len(scripts) != 1:
+            raise UsageError("unpack takes exactly one archive file")
+        archive, scripts = Path(scripts[0]), ()
+    request = Request(scripts, release, recursive, assume_yes, as_json, archive, all_kernels)
+    return command, config, request
 
 
 def ask(question: str) -> bool:
@@ -128,8 +158,21 @@ def run(command: str, service: Service, request: Request) -> int:
         return service.restart(request, only_if_running=True)
     if command == "status":
         return service.status(request)
+    if command == "compile" and request.all_kernels:
+        from stapinit.service import kernels
+
+        return kernels.compile_all_kernels(service, request)
     if command == "compile":
         return service.compile(request)
+    if command in ("pack", "unpack"):
+        # Imported here: tarfile and hashlib have no place on the boot path.
+        from stapinit.service import packing
+
+        return (
+            packing.pack(service, request)
+            if command == "pack"
+            else packing.unpack(service, request)
+        )
     return service.cleanup(request)
 
 

@@ -6,9 +6,8 @@ import json
 import os
 import sys
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from pathlib import Path
-from typing import TextIO
+from typing import NamedTuple, TextIO
 
 from stapinit.service import cache, deps, status
 from stapinit.service.cache import KernelIdentity, running_kernel, target_kernel
@@ -39,8 +38,7 @@ class CommandError(Exception):
         self.code = code
 
 
-@dataclass(frozen=True)
-class Request:
+class Request(NamedTuple):
     """What the command line asked for, beyond the command itself."""
 
     scripts: tuple[str, ...] = ()
@@ -48,6 +46,8 @@ class Request:
     recursive: bool = False
     assume_yes: bool = False
     json: bool = False
+    archive: Path | None = None  # pack: the file to write (-o); unpack: the file to read
+    all_kernels: bool = False  # compile: every release with a build tree (--all-kernels)
 
 
 Confirm = Callable[[str], bool]
@@ -113,10 +113,10 @@ class Service:
 
     # -- compile and cleanup -----------------------------------------------
 
-    def _stale(
+    def stale_scripts(
         self, scripts: Sequence[Script], kernel: KernelIdentity, directory: Path
     ) -> dict[str, str]:
-        """``name -> why`` for the scripts whose cache cannot be used."""
+        """``name -> why`` for the scripts whose cache in ``directory`` cannot be used."""
         stale: dict[str, str] = {}
         for script in scripts:
             state = cache.inspect(directory, script.name, script.module_suffix)
@@ -232,7 +232,7 @@ class Service:
             if scripts[name] not in to_start:
                 print(f"{name} is already running", file=self.out)
         failed: dict[str, str] = {}
-        stale = self._stale(to_start, kernel, directory)
+        stale = self.stale_scripts(to_start, kernel, directory)
         if stale and self.settings.autocompile:
             for result in self._compile([scripts[n] for n in stale], kernel, directory):
                 if not result.ok:
@@ -383,7 +383,7 @@ class Service:
             state = "dead"
         else:
             state = "stopped"
-        stale = self._stale([script], kernel, directory).get(script.name)
+        stale = self.stale_scripts([script], kernel, directory).get(script.name)
         not_running = [
             req for req in script.requires if req in scripts and not self._is_running(scripts[req])
         ]

@@ -1,0 +1,209 @@
+"""unpack treats an archive as hostile: anything off is refused and nothing is written."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import tarfile
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from tests.deploy.conftest import TICK, Hosts
+from tests.support.prefix import RELEASE
+
+Entry = tuple[tarfile.TarInfo, bytes]
+
+
+def regular(name: str, data: bytes) -> Entry:
+    info = tarfile.TarInfo(name)
+    info.size, info.mode = len(data), 0o644
+    return info, data
+
+
+def special(name: str, kind: bytes, linkname: str = "") -> Entry:
+    info = tarfile.TarInfo(name)
+    info.type, info.linkname = kind, linkname
+    return info, b""
+
+
+def manifest(files: dict[str, bytes], release: str = RELEASE) -> Entry:
+    """The MANIFEST format, written independently of the product's code."""
+    text = f"systemtap-service pack 1\nrelease {release}\n"
+    text += "".join(
+        f"sha256 {hashlib.sha256(data).hexdigest()} {path}\n" for path, data in files.items()
+    )
+    return regular("MANIFEST", text.encode())
+
+
+def write_tar(path: Path, entries: list[Entry]) -> None:
+    with tarfile.open(path, "w:gz") as archive:
+        for info, data in entries:
+            archive.addfile(info, io.BytesIO(data) if info.isfile() else None)
+    with tarfile.open(path) as check:  # the hostile names survive as written
+        assert check.getnames() == [info.name for info, _ in entries]
+
+
+@pytest.fixture
+def packed(hosts: Hosts) -> dict[str, bytes]:
+    """The files (MANIFEST aside) of a real pack of one script."""
+    hosts.build.add_script("tick", TICK, options="--runtime=bpf")
+    assert hosts.build.run("compile", "-y").returncode == 0
+    archive = hosts.root / "good.tar.gz"
+    done = hosts.build.run("pack", "-o", str(archive))
+    assert done.returncode == 0, done.stderr
+    with tarfile.open(archive) as members:
+        files = {}
+        for info in members.getmembers():
+            handle = members.extractfile(info)
+            assert handle is not None
+            files[info.name] = handle.read()
+    assert files.pop("MANIFEST").startswith(b"systemtap-service pack 1\n")
+    return files
+
+
+def listed(files: dict[str, bytes]) -> list[Entry]:
+    """A manifest listing ``files``, then the files, all regular."""
+    return [manifest(files)] + [regular(path, data) for path, data in files.items()]
+
+
+BO = f"cache/{RELEASE}/tick.bo"
+OPTS = f"cache/{RELEASE}/tick.opts"
+
+
+def with_extra(name: str) -> Callable[[dict[str, bytes], Path], list[Entry]]:
+    def build(files: dict[str, bytes], root: Path) -> list[Entry]:
+        return listed({**files, name.format(root=root): b"tick_OPT=--runtime=bpf\n"})
+
+    return build
+
+
+def symlinked_module(files: dict[str, bytes], root: Path) -> list[Entry]:
+    others = [regular(path, data) for path, data in files.items() if path != BO]
+    return [manifest(files), *others, special(BO, tarfile.SYMTYPE, "/etc/passwd")]
+
+
+def extra_special(kind: bytes, linkname: str) -> Callable[[dict[str, bytes], Path], list[Entry]]:
+    def build(files: dict[str, bytes], root: Path) -> list[Entry]:
+        return [*listed(files), special("conf.d/link.conf", kind, linkname)]
+
+    return build
+
+
+def bad_checksum(files: dict[str, bytes], root: Path) -> list[Entry]:
+    changed = {**files, BO: files[BO][:-1] + bytes([files[BO][-1] ^ 1])}
+    return [manifest(files)] + [regular(path, data) for path, data in changed.items()]
+
+
+def unlisted(files: dict[str, bytes], root: Path) -> list[Entry]:
+    return [*listed(files), regular("conf.d/extra.conf", b"x_OPT=-v\n")]
+
+
+def missing(files: dict[str, bytes], root: Path) -> list[Entry]:
+    entries = listed({**files, "conf.d/gone.conf": b"x_OPT=-v\n"})
+    return [entry for entry in entries if entry[0].name != "conf.d/gone.conf"]
+
+
+def no_manifest(files: dict[str, bytes], root: Path) -> list[Entry]:
+    return listed(files)[1:]
+
+
+def duplicate(files: dict[str, bytes], root: Path) -> list[Entry]:
+    return [*listed(files), regular(BO, b"\x7fELF other")]
+
+
+def record_without_module(files: dict[str, bytes], root: Path) -> list[Entry]:
+    return listed({path: data for path, data in files.items() if path != BO})
+
+
+def module_without_record(files: dict[str, bytes], root: Path) -> list[Entry]:
+    return listed({path: data for path, data in files.items() if path != OPTS})
+
+
+def record_for_other_release(files: dict[str, bytes], root: Path) -> list[Entry]:
+    record = files[OPTS].replace(f"release={RELEASE}\n".encode(), b"release=1.2.3-other\n")
+    return listed({**files, OPTS: record})
+
+
+def directory(files: dict[str, bytes], root: Path) -> list[Entry]:
+    return [special(f"cache/{RELEASE}", tarfile.DIRTYPE), *listed(files)]
+
+
+HOSTILE = {
+    "parent directory": with_extra("../evil.conf"),
+    "parent inside a path": with_extra("conf.d/../../evil.conf"),
+    "absolute path": with_extra("{root}/evil.conf"),
+    "another directory": with_extra("etc/evil.conf"),
+    "another release": with_extra("cache/1.2.3-other/tick.bo"),
+    "dot component": with_extra("conf.d/./dot.conf"),
+    "symlink as module": symlinked_module,
+    "symlink pointing out": extra_special(tarfile.SYMTYPE, "../../../../etc/shadow"),
+    "hard link": extra_special(tarfile.LNKTYPE, "/etc/passwd"),
+    "fifo": extra_special(tarfile.FIFOTYPE, ""),
+    "directory member": directory,
+    "checksum mismatch": bad_checksum,
+    "file not in manifest": unlisted,
+    "manifest lists a missing file": missing,
+    "no manifest": no_manifest,
+    "member given twice": duplicate,
+    "record without module": record_without_module,
+    "module without record": module_without_record,
+    "record for another release": record_for_other_release,
+}
+
+
+def snapshot(root: Path, log_file: Path) -> dict[str, bytes]:
+    """Every path under ``root`` with its contents (the log aside: errors go there)."""
+    found: dict[str, bytes] = {}
+    for path in sorted(root.rglob("*")):
+        if path == log_file or path.suffix == ".gz":
+            continue
+        key = str(path.relative_to(root))
+        found[key] = path.read_bytes() if path.is_file() and not path.is_symlink() else b"<dir>"
+    return found
+
+
+def test_a_well_formed_archive_written_the_same_way_is_accepted(
+    hosts: Hosts, packed: dict[str, bytes]
+) -> None:
+    archive = hosts.root / "control.tar.gz"
+    write_tar(archive, listed(packed))
+    done = hosts.target.run("unpack", str(archive))
+    assert done.returncode == 0, done.stderr
+    assert (hosts.target.cache_dir() / "tick.bo").read_bytes() == packed[BO]
+
+
+@pytest.mark.parametrize("case", sorted(HOSTILE))
+def test_hostile_archive_is_refused_with_nothing_written(
+    hosts: Hosts, packed: dict[str, bytes], case: str
+) -> None:
+    archive = hosts.root / "hostile.tar.gz"
+    write_tar(archive, HOSTILE[case](packed, hosts.root))
+    before = snapshot(hosts.root, hosts.target.log_file)
+    done = hosts.target.run("unpack", "-y", str(archive))
+    assert done.returncode == 1
+    assert "Traceback" not in done.stderr
+    assert len(done.stderr.splitlines()) == 1, done.stderr
+    assert done.stderr.startswith(f"systemtap-service: {archive}: ")
+    assert done.stderr.endswith("; nothing installed\n")
+    assert snapshot(hosts.root, hosts.target.log_file) == before
+    assert not (hosts.target.root / "conf.d" / "evil.conf").exists()
+
+
+@pytest.mark.parametrize(
+    ("content", "why"),
+    [
+        (b"this is not a tar archive\n" * 10, "not a readable tar.gz archive"),
+        (None, "no such file"),
+    ],
+)
+def test_unreadable_archive_is_refused(hosts: Hosts, content: bytes | None, why: str) -> None:
+    archive = hosts.root / "broken.tar.gz"
+    if content is not None:
+        archive.write_bytes(content)
+    done = hosts.target.run("unpack", str(archive))
+    assert done.returncode == 1
+    assert done.stderr.startswith(f"systemtap-service: {archive}: {why}")
+    assert len(done.stderr.splitlines()) == 1
+    assert not list((hosts.target.root / "cache").iterdir())
