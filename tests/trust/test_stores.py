@@ -218,3 +218,28 @@ def test_system_and_signer_stores_must_be_roots(tmp_path: Path, identity: Identi
         warnings: list[str] = []
         assert store.fingerprints(warnings.append) == set()
         assert "not root" in warnings[0]
+
+
+def test_add_repairs_a_damaged_or_loose_entry(tmp_path: Path, identity: Identity) -> None:
+    store = root_store(tmp_path / "store")
+    path, _ = store.add(identity.cert)
+    path.write_text("damaged\n")
+    assert store.add(identity.cert) == (path, True)
+    path.chmod(0o666)
+    assert store.add(identity.cert) == (path, True)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o644
+    assert store.fingerprints(pytest.fail) == {fingerprint(identity.cert)}
+
+
+def test_a_symlink_on_the_way_is_judged_by_where_it_leads(
+    tmp_path: Path, identity: Identity
+) -> None:
+    real = root_store(tmp_path / "real" / "store")
+    real.add(identity.cert)
+    (tmp_path / "link").symlink_to(tmp_path / "real")
+    via_link = root_store(tmp_path / "link" / "store")
+    assert via_link.fingerprints(pytest.fail) == {fingerprint(identity.cert)}
+    (tmp_path / "real").chmod(0o777)
+    warnings: list[str] = []
+    assert via_link.fingerprints(warnings.append) == set()
+    assert "real is writable by group or others" in warnings[0]

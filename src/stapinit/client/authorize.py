@@ -88,6 +88,9 @@ def _run(
     except (CertificateError, StoreError) as exc:
         warn(str(exc))
         return 1
+    except Exception as exc:  # the one-line promise holds even for the unforeseen
+        warn(f"internal error: {type(exc).__name__}: {exc}")
+        return 1
     return 0
 
 

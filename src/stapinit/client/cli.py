@@ -61,6 +61,10 @@ def read_tapsets(dirs: Sequence[Path]) -> tuple[Tapset, ...]:
 def build_request(opts: ClientOptions, config: ClientConfig) -> CompileRequest:
     """The compile request for what the user asked."""
     uname = os.uname()
+    dashed = [arg for arg in opts.script_args if arg.startswith("-")]
+    if dashed:
+        # The server reads its options list as stap would: these would be options.
+        raise ClientError(f"script argument {dashed[0]!r} starts with '-'; stap-server refuses it")
     if opts.script_text is not None:
         text, name, is_eval = opts.script_text, None, True
     else:
@@ -193,3 +197,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     except KeyboardInterrupt:
         return 130
+    except Exception as exc:  # the one-line promise holds even for the unforeseen
+        _warn(f"internal error: {type(exc).__name__}: {exc}")
+        return 1

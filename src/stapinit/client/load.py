@@ -13,13 +13,13 @@ import socket
 import subprocess
 import sys
 import tempfile
-from collections.abc import Iterator
 from pathlib import Path
 from types import FrameType
 from typing import BinaryIO, Final
 
 from stapinit.loader import wire
 from stapinit.loader.config import ConfigError, resolve_tool
+from stapinit.loader.service import exit_status
 
 #: How long a stopped module may take to finish before it is killed / given up on.
 STOP_TIMEOUT: Final = 10.0
@@ -54,32 +54,16 @@ def run_directly(
         except OSError as exc:
             raise LoadError(f"cannot run {tool}: {exc.strerror}") from None
         try:
-            return _exit_status(proc.wait())
+            return exit_status(proc.wait())
         except KeyboardInterrupt:
             # A terminal's Ctrl-C reached the child too; a signal sent to us alone did not.
             if proc.poll() is None:
                 proc.send_signal(signal.SIGTERM)
             try:
-                return _exit_status(proc.wait(STOP_TIMEOUT))
+                return exit_status(proc.wait(STOP_TIMEOUT))
             except (subprocess.TimeoutExpired, KeyboardInterrupt):
                 proc.kill()
-                return _exit_status(proc.wait())
-
-
-def _exit_status(returncode: int) -> int:
-    return 128 - returncode if returncode < 0 else returncode
-
-
-@contextlib.contextmanager
-def _output_sink(output_file: str | None) -> Iterator[BinaryIO]:
-    if output_file is None:
-        yield sys.stdout.buffer
-        return
-    try:
-        with open(output_file, "wb") as out:
-            yield out
-    except OSError as exc:
-        raise LoadError(f"cannot write {output_file}: {exc.strerror}") from None
+                return exit_status(proc.wait())
 
 
 def run_via_loader(
@@ -90,11 +74,23 @@ def run_via_loader(
     output_file: str | None,
 ) -> int:
     """Ask ``stap-loader`` to run the module; print what it prints; its exit status."""
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    with sock:
+    request = wire.LoadRequest(module_name, module, signature)
+    if output_file is None:
+        return _load(socket_path, request, sys.stdout.buffer)
+    try:
+        # Opened first, and as the user: the loader never writes files for its callers.
+        out = open(output_file, "wb")  # noqa: SIM115
+    except OSError as exc:
+        raise LoadError(f"cannot write {output_file}: {exc.strerror}") from None
+    with out:
+        return _load(socket_path, request, out)
+
+
+def _load(socket_path: Path, request: wire.LoadRequest, out: BinaryIO) -> int:
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
         try:
             sock.connect(str(socket_path))
-            sock.sendall(wire.encode_load_request(wire.LoadRequest(module_name, module, signature)))
+            sock.sendall(wire.encode_load_request(request))
             first = wire.read_frame(sock, wire.MAX_OUTPUT_CHUNK)
         except OSError as exc:
             raise LoadError(
@@ -109,8 +105,7 @@ def run_via_loader(
             raise LoadError(str(first.header.get("reason", "refused")))
         if first.type != "started":
             raise LoadError(f"stap-loader sent an unexpected {first.type!r} message")
-        with _output_sink(output_file) as out:
-            return _stream(sock, out)
+        return _stream(sock, out)
 
 
 def _stream(sock: socket.socket, out: BinaryIO) -> int:

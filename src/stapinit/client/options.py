@@ -76,12 +76,13 @@ class ClientOptions:
 
 def parse_server(text: str, default_port: int) -> ServerAddress:
     """Parse ``HOST``, ``HOST:PORT``, ``[V6]`` or ``[V6]:PORT``."""
-    host, port_text = text, ""
+    host, port_text = text, None
     if text.startswith("["):
         close = text.find("]")
-        if close < 0 or (close + 1 < len(text) and text[close + 1] != ":"):
+        rest = text[close + 1 :] if close >= 0 else ""
+        if close < 0 or (rest and not rest.startswith(":")):
             raise UsageError(f"invalid server address {text!r}")
-        host, port_text = text[1:close], text[close + 2 :]
+        host, port_text = text[1:close], (rest[1:] if rest else None)
         try:
             ipaddress.IPv6Address(host)
         except ValueError:
@@ -92,7 +93,7 @@ def parse_server(text: str, default_port: int) -> ServerAddress:
         raise UsageError(f"invalid server address {text!r} (write IPv6 addresses as [ADDR]:PORT)")
     if not host:
         raise UsageError(f"invalid server address {text!r}: no host")
-    if not port_text:
+    if port_text is None:
         return ServerAddress(host, default_port)
     if not port_text.isdigit() or not 0 < int(port_text) < 65536:
         raise UsageError(f"invalid port in server address {text!r}")

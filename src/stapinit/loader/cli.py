@@ -7,7 +7,6 @@ import dataclasses
 import os
 import signal
 import sys
-import threading
 from collections.abc import Sequence
 from pathlib import Path
 from types import FrameType
@@ -64,17 +63,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"stap-loader: {exc}", file=sys.stderr)
         return 1
 
-    stopping = threading.Event()
+    service = Service(config)
 
     def on_signal(_signum: int, _frame: FrameType | None) -> None:
-        stopping.set()
+        service.stop()
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
-    service = Service(config)
     log_stderr(f"listening on {config.socket_path if bound else 'the socket from systemd'}")
     try:
-        service.serve(listener, stopping)
+        service.serve(listener)
+    except Exception as exc:  # the one-line promise holds even for the unforeseen
+        log_stderr(f"internal error: {type(exc).__name__}: {exc}")
+        return 1
     finally:
         service.children.stop_all(config.stop_timeout)
         listener.close()

@@ -30,7 +30,15 @@ CONFIG_NAME: Final = "stap-loader.conf"
 #: Where root services look for tools; the environment of whoever started us is not used.
 SYSTEM_PATH: Final = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 _KEYS: Final = frozenset(
-    {"socket", "stapbpf", "staprun", "signer_store", "stop_timeout", "max_sessions"}
+    {
+        "socket",
+        "stapbpf",
+        "staprun",
+        "signer_store",
+        "stop_timeout",
+        "max_sessions",
+        "max_sessions_per_user",
+    }
 )
 
 
@@ -48,6 +56,8 @@ class LoaderConfig:
     signer_store: Path
     stop_timeout: float = 5.0
     max_sessions: int = 16
+    #: So that one user cannot take every session from the others.
+    max_sessions_per_user: int = 4
     #: How long a client may take to send its request, or to take our output.
     io_timeout: float = 30.0
 
@@ -71,10 +81,11 @@ def parse_config(text: str, origin: str, paths: StorePaths) -> LoaderConfig:
     try:
         stop_timeout = float(section.get("stop_timeout", "5"))
         max_sessions = int(section.get("max_sessions", "16"))
+        per_user = int(section.get("max_sessions_per_user", "4"))
     except ValueError as exc:
         raise ConfigError(f"{origin}: {exc}") from None
-    if stop_timeout <= 0 or max_sessions <= 0:
-        raise ConfigError(f"{origin}: stop_timeout and max_sessions must be positive")
+    if min(stop_timeout, max_sessions, per_user) <= 0:
+        raise ConfigError(f"{origin}: stop_timeout and the session limits must be positive")
     return LoaderConfig(
         socket_path=Path(section.get("socket", str(DEFAULT_SOCKET))),
         stapbpf=section.get("stapbpf", "stapbpf"),
@@ -82,6 +93,7 @@ def parse_config(text: str, origin: str, paths: StorePaths) -> LoaderConfig:
         signer_store=Path(section.get("signer_store", str(paths.signers))),
         stop_timeout=stop_timeout,
         max_sessions=max_sessions,
+        max_sessions_per_user=per_user,
     )
 
 

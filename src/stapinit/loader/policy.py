@@ -68,11 +68,6 @@ def caller_level(uid: int, groups: Collection[str]) -> Level | None:
     return None
 
 
-def _names_module(signed_name: str, module_file: str) -> bool:
-    """Whether the manifest's module name is this file (with or without its suffix)."""
-    return signed_name == module_file or signed_name == module_file.rsplit(".", 1)[0]
-
-
 def may_load(
     caller: Caller,
     module_file: str,
@@ -114,7 +109,7 @@ def may_load(
         return Decision(False, f"module {module_file} has been altered since it was signed{suffix}")
     if status != "valid" or manifest is None:
         return Decision(False, f"module {module_file} has an unusable signature{suffix}")
-    if not _names_module(manifest.module_name, module_file):
+    if manifest.module_name != module_file:
         return Decision(
             False, f"module {module_file} was signed as {manifest.module_name!r}, not this name"
         )

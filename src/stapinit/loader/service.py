@@ -30,7 +30,7 @@ from stapinit.loader import wire
 from stapinit.loader.config import ConfigError, LoaderConfig, resolve_tool
 from stapinit.loader.policy import Caller, Decision, Host, SignatureStatus, may_load
 from stapinit.trust.signing import Manifest, SignatureError, verify_module
-from stapinit.trust.stores import TrustStore
+from stapinit.trust.stores import TrustStore, signer_store_at
 
 #: Environment of the tools we run: nothing inherited from whoever started us.
 CHILD_ENV = {"PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"}
@@ -118,11 +118,15 @@ class Children:
 
     procs: set[subprocess.Popen[bytes]] = field(default_factory=set)
     lock: threading.Lock = field(default_factory=threading.Lock)
+    closed: bool = False
 
     def add(self, proc: subprocess.Popen[bytes]) -> None:
-        """Track ``proc``."""
+        """Track ``proc``; once the service is stopping, stop it at once instead."""
         with self.lock:
-            self.procs.add(proc)
+            if not self.closed:
+                self.procs.add(proc)
+                return
+        _signal_group(proc, signal.SIGTERM)
 
     def discard(self, proc: subprocess.Popen[bytes]) -> None:
         """Stop tracking ``proc``."""
@@ -132,6 +136,7 @@ class Children:
     def stop_all(self, timeout: float) -> None:
         """SIGTERM every child, then SIGKILL those still running after ``timeout``."""
         with self.lock:
+            self.closed = True
             procs = list(self.procs)
         for proc in procs:
             _signal_group(proc, signal.SIGTERM)
@@ -155,16 +160,9 @@ def exit_status(returncode: int) -> int:
     return 128 - returncode if returncode < 0 else returncode
 
 
-def run_streaming(
-    argv: list[str], cwd: Path, conn: socket.socket, stop_timeout: float, children: Children
-) -> int:
-    """Run ``argv``, forwarding its output to ``conn``; stop it when the client stops.
-
-    The client stops the module by shutting down its side (EOF) or by vanishing
-    (a failed send): the child then gets SIGTERM, so its ``end`` probes run, and
-    SIGKILL if it is still there ``stop_timeout`` seconds later.
-    """
-    proc = subprocess.Popen(
+def spawn(argv: list[str], cwd: Path) -> subprocess.Popen[bytes]:
+    """Start a module's runner in its own session, with a clean environment."""
+    return subprocess.Popen(
         argv,
         cwd=cwd,
         env=CHILD_ENV,
@@ -173,16 +171,28 @@ def run_streaming(
         stderr=subprocess.PIPE,
         start_new_session=True,
     )
+
+
+def stream(
+    proc: subprocess.Popen[bytes], conn: socket.socket, stop_timeout: float, children: Children
+) -> int:
+    """Forward ``proc``'s output to ``conn`` until it ends; stop it when the client stops.
+
+    The client stops the module by shutting down its side (EOF) or by vanishing
+    (a failed send): the child then gets SIGTERM, so its ``end`` probes run, and
+    SIGKILL if it is still there ``stop_timeout`` seconds later.
+    """
     children.add(proc)
     assert proc.stdout is not None and proc.stderr is not None
     client_alive = True
-    kill_at: float | None = None
+    deadline: float | None = None  # when to escalate, once stopping
+    killed = False
 
     def stop() -> None:
-        nonlocal kill_at
-        if kill_at is None:
+        nonlocal deadline
+        if deadline is None:
             _signal_group(proc, signal.SIGTERM)
-            kill_at = time.monotonic() + stop_timeout
+            deadline = time.monotonic() + stop_timeout
 
     try:
         with selectors.DefaultSelector() as sel:
@@ -191,7 +201,7 @@ def run_streaming(
             sel.register(conn, selectors.EVENT_READ, "client")
             pipes = 2
             while pipes:
-                timeout = None if kill_at is None else max(0.0, kill_at - time.monotonic())
+                timeout = None if deadline is None else max(0.0, deadline - time.monotonic())
                 for key, _ in sel.select(timeout):
                     if key.data == "client":
                         try:
@@ -212,10 +222,14 @@ def run_streaming(
                         except OSError:
                             client_alive = False
                             stop()
-                if kill_at is not None and time.monotonic() >= kill_at:
+                if deadline is not None and time.monotonic() >= deadline:
+                    if killed:
+                        break  # something outside its group holds the pipes: stop waiting
                     _signal_group(proc, signal.SIGKILL)
+                    killed = True
+                    deadline = time.monotonic() + 1.0
             try:
-                returncode = proc.wait(stop_timeout if kill_at is None else 1.0)
+                returncode = proc.wait(stop_timeout)
             except subprocess.TimeoutExpired:
                 _signal_group(proc, signal.SIGKILL)
                 returncode = proc.wait()
@@ -229,6 +243,21 @@ def run_streaming(
     return exit_status(returncode)
 
 
+def _refuse_unread(conn: socket.socket, reason: str) -> None:
+    """Refuse a request not (fully) read, then discard the rest of it, briefly.
+
+    Closing a Unix socket with unread data resets the connection, and the client
+    would see the reset instead of the refusal.
+    """
+    with contextlib.suppress(OSError):
+        conn.sendall(wire.refused(reason))
+        conn.shutdown(socket.SHUT_WR)
+        conn.settimeout(1.0)
+        for _ in range(64):
+            if not conn.recv(1 << 16):
+                break
+
+
 # --- one session -------------------------------------------------------------------
 
 
@@ -239,36 +268,61 @@ class Service:
     config: LoaderConfig
     log: Log = log_stderr
     children: Children = field(default_factory=Children)
-    slots: threading.BoundedSemaphore = field(init=False)
+    _sessions: dict[int, int] = field(init=False, default_factory=dict)
+    _lock: threading.Lock = field(init=False, default_factory=threading.Lock)
+    _wake_r: int = field(init=False)
+    _wake_w: int = field(init=False)
 
     def __post_init__(self) -> None:
-        self.slots = threading.BoundedSemaphore(self.config.max_sessions)
+        # A pipe, so that a signal handler can wake the accept loop at once.
+        self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
 
     def signer_store(self) -> TrustStore:
         """The signer store, re-read for every request so authorizations apply at once."""
-        return TrustStore(self.config.signer_store, frozenset({0}), "signer trust store")
+        return signer_store_at(self.config.signer_store)
+
+    def _admit(self, uid: int) -> str | None:
+        """Count a session for ``uid``; the reason it is refused, if it is."""
+        with self._lock:
+            if sum(self._sessions.values()) >= self.config.max_sessions:
+                return "stap-loader is busy; try again later"
+            if self._sessions.get(uid, 0) >= self.config.max_sessions_per_user:
+                return f"you already run {self.config.max_sessions_per_user} modules"
+            self._sessions[uid] = self._sessions.get(uid, 0) + 1
+            return None
+
+    def _leave(self, uid: int) -> None:
+        with self._lock:
+            self._sessions[uid] -= 1
+            if not self._sessions[uid]:
+                del self._sessions[uid]
 
     def handle(self, conn: socket.socket) -> None:
         """Serve one client connection to its end; never raises."""
         with conn:
-            if not self.slots.acquire(blocking=False):
-                with contextlib.suppress(OSError):
-                    conn.sendall(wire.refused("stap-loader is busy; try again later"))
+            try:
+                uid = peer_uid(conn)
+            except OSError as exc:
+                self.log(f"cannot identify a caller: {exc}")
+                return
+            refusal = self._admit(uid)
+            if refusal is not None:
+                self.log(f"uid {uid}: refused: {refusal}")
+                _refuse_unread(conn, refusal)
                 return
             try:
-                self._session(conn)
+                self._session(conn, uid)
             except Exception as exc:  # a broken session must not take the service down
-                self.log(f"session failed: {exc!r}")
+                self.log(f"uid {uid}: session failed: {exc!r}")
             finally:
-                self.slots.release()
+                self._leave(uid)
 
-    def _session(self, conn: socket.socket) -> None:
-        uid = peer_uid(conn)
+    def _session(self, conn: socket.socket, uid: int) -> None:
         try:
             caller = caller_from_uid(uid)
         except KeyError:
             self.log(f"uid {uid}: refused: unknown user")
-            conn.sendall(wire.refused(f"uid {uid} is not a known user"))
+            _refuse_unread(conn, f"uid {uid} is not a known user")
             return
         conn.settimeout(self.config.io_timeout)
         try:
@@ -278,8 +332,7 @@ class Service:
             req = wire.parse_load_request(frame)
         except (wire.WireError, TimeoutError) as exc:
             self.log(f"{caller.name} (uid {uid}): bad request: {exc}")
-            with contextlib.suppress(OSError):
-                conn.sendall(wire.refused(f"bad request: {exc}"))
+            _refuse_unread(conn, f"bad request: {exc}")
             return
         decision = judge(caller, req, self.signer_store())
         verdict = "loading" if decision.allowed else "refused"
@@ -298,28 +351,40 @@ class Service:
             workdir = Path(tmp)  # mode 0700, root's: nobody else can swap the module
             module_path = workdir / req.module_name
             module_path.write_bytes(req.module)
-            conn.sendall(wire.started(decision.reason))
-            status = run_streaming(
-                [tool, str(module_path)],
-                workdir,
-                conn,
-                self.config.stop_timeout,
-                self.children,
-            )
+            try:
+                proc = spawn([tool, str(module_path)], workdir)
+            except OSError as exc:
+                self.log(f"cannot run {tool}: {exc}")
+                conn.sendall(wire.refused(f"stap-loader cannot run {tool}: {exc.strerror}"))
+                return
+            # A client already gone is noticed by stream(), which then stops the module.
+            with contextlib.suppress(OSError):
+                conn.sendall(wire.started(decision.reason))
+            status = stream(proc, conn, self.config.stop_timeout, self.children)
         self.log(f"{caller.name} (uid {uid}): {req.module_name}: exited with status {status}")
         with contextlib.suppress(OSError):
             conn.sendall(wire.exited(status))
 
-    def serve(self, listener: socket.socket, stopping: threading.Event) -> None:
-        """Accept connections until ``stopping`` is set, one thread per connection."""
-        listener.settimeout(0.5)  # so that ``stopping`` is noticed
-        while not stopping.is_set():
-            try:
-                conn, _ = listener.accept()
-            except TimeoutError:
-                continue
-            conn.settimeout(None)
-            threading.Thread(target=self.handle, args=(conn,), daemon=True).start()
+    def serve(self, listener: socket.socket) -> None:
+        """Accept connections until :meth:`stop` is called, one thread per connection."""
+        listener.setblocking(False)
+        with selectors.DefaultSelector() as sel:
+            sel.register(listener, selectors.EVENT_READ, "listener")
+            sel.register(self._wake_r, selectors.EVENT_READ, "wake")
+            while True:
+                for key, _ in sel.select():
+                    if key.data == "wake":
+                        return
+                    try:
+                        conn, _ = listener.accept()
+                    except (BlockingIOError, InterruptedError):
+                        continue
+                    conn.setblocking(True)
+                    threading.Thread(target=self.handle, args=(conn,), daemon=True).start()
+
+    def stop(self) -> None:
+        """Make :meth:`serve` return; safe to call from a signal handler."""
+        os.write(self._wake_w, b"x")
 
 
 # --- the listening socket ----------------------------------------------------------
@@ -339,8 +404,8 @@ def bind_listener(path: Path) -> socket.socket:
     """Listen on a Unix socket at ``path`` that every user may connect to (mode 0666).
 
     Anyone may connect because the policy, not the file mode, decides what a
-    caller may do.  A stale socket left by a previous run is replaced; any other
-    file in the way is an error.
+    caller may do.  A stale socket left by a previous run is replaced; a live
+    one, or any other file in the way, is an error.
     """
     try:
         st = path.lstat()
@@ -349,6 +414,9 @@ def bind_listener(path: Path) -> socket.socket:
     else:
         if not stat.S_ISSOCK(st.st_mode):
             raise ServiceError(f"{path} exists and is not a socket")
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+            if probe.connect_ex(str(path)) == 0:
+                raise ServiceError(f"another stap-loader is listening on {path}")
         path.unlink()
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:

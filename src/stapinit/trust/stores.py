@@ -152,23 +152,28 @@ class TrustStore:
     def problem(self) -> str | None:
         """Why this store may not be trusted, or None.  A missing store is fine (empty)."""
         try:
-            st = self.path.lstat()
+            real = self.path.resolve()
+            st = real.lstat()
         except FileNotFoundError:
             return None
-        except OSError as exc:
-            return f"cannot inspect {self.path}: {exc.strerror}"
+        except (OSError, RuntimeError) as exc:
+            return f"cannot inspect {self.path}: {exc}"
         if not stat.S_ISDIR(st.st_mode):
             return f"{self.path} is not a directory"
-        reason = unsafe_reason(self.path, st.st_uid, st.st_mode, self.owners, is_ancestor=False)
+        reason = unsafe_reason(real, st.st_uid, st.st_mode, self.owners, is_ancestor=False)
         if reason:
             return reason
-        # Anyone able to rename a directory above the store could swap in their own.
+        # Anyone able to rename a directory above the store (or re-point a symlink on
+        # the way to it) could swap in their own: check both the path as written and
+        # the real directories it leads to.
         ancestor_owners = self.owners | {0}
-        for parent in self.path.absolute().parents:
+        for parent in dict.fromkeys([*real.parents, *self.path.absolute().parents]):
             try:
-                pst = parent.stat()
+                pst = parent.lstat()
             except OSError as exc:
                 return f"cannot inspect {parent}: {exc.strerror}"
+            if stat.S_ISLNK(pst.st_mode):
+                continue  # its directory and its target are checked in their own right
             reason = unsafe_reason(
                 parent, pst.st_uid, pst.st_mode, ancestor_owners, is_ancestor=True
             )
@@ -224,15 +229,19 @@ class TrustStore:
 
     def add(self, cert: x509.Certificate) -> tuple[Path, bool]:
         """Store ``cert``; returns its path and False if it was already there."""
+        fp = fingerprint(cert)
+        target = self.path / file_name_for(fp)
+        try:
+            _make_dirs(self.path)
+        except OSError as exc:
+            raise StoreError(f"cannot create {self.path}: {exc.strerror}") from None
         reason = self.problem()
         if reason:
             raise StoreError(f"the {self.label} at {self.path} is unsafe: {reason}")
-        fp = fingerprint(cert)
-        target = self.path / file_name_for(fp)
-        if target.is_file():
+        present = self._read_entry(target, lambda _message: None)
+        if present is not None and present.fingerprint == fp:
             return target, False
         try:
-            _make_dirs(self.path)
             _write_atomically(target, cert.public_bytes(Encoding.PEM))
         except OSError as exc:
             raise StoreError(f"cannot write {target}: {exc.strerror}") from None
@@ -267,7 +276,12 @@ def user_server_store(paths: StorePaths, uid: int) -> TrustStore | None:
 
 def signer_store(paths: StorePaths) -> TrustStore:
     """The store of trusted module signers (root's alone)."""
-    return TrustStore(paths.signers, frozenset({0}), "signer trust store")
+    return signer_store_at(paths.signers)
+
+
+def signer_store_at(path: Path) -> TrustStore:
+    """A signer store at a configured ``path`` (root's alone)."""
+    return TrustStore(path, frozenset({0}), "signer trust store")
 
 
 def trusted_server_fingerprints(paths: StorePaths, uid: int, warn: Warn) -> set[str]:

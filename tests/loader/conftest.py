@@ -1,0 +1,124 @@
+from __future__ import annotations
+
+import json
+import shutil
+import signal
+import subprocess
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from stapinit.loader import wire
+from tests.trust.people import VENV_BIN, User, ensure_users, run_as, shared_tmpdir
+
+PROBE = Path(__file__).with_name("probe_client.py")
+
+#: A stand-in for stapbpf/staprun: what it does depends on the module's text.
+STAND_IN = """#!/bin/sh
+case "$(cat "$1")" in
+  tick*) trap 'echo stopping cleanly; touch {marker}; exit 0' TERM ;;
+  stubborn*) trap '' TERM ;;
+esac
+# Printed once the traps are set, so a client reacting to it cannot race them.
+echo "argv: $0 $*"
+case "$(cat "$1")" in
+  tick*|stubborn*) while :; do echo tick; sleep 0.05; done ;;
+  *) echo "ran $(basename "$1"): $(cat "$1")"; echo "on stderr" >&2; exit 3 ;;
+esac
+"""
+
+
+@dataclass(frozen=True)
+class Loader:
+    """A running stap-loader and the files around it."""
+
+    base: Path
+    socket: Path
+    signer_store: Path
+    marker: Path
+    log: Path
+    proc: subprocess.Popen[bytes]
+
+    def request(self, user: User | None, data: bytes, mode: str = "all") -> list[wire.Frame]:
+        """Send ``data`` as ``user``; the frames the loader answered."""
+        request_file = self.base / f"request-{time.monotonic_ns()}"
+        request_file.write_bytes(data)
+        request_file.chmod(0o644)
+        result = run_as(
+            user,
+            [str(VENV_BIN / "python"), str(PROBE), str(self.socket), str(request_file), mode],
+            {},
+            self.base,
+            timeout=30,
+        )
+        assert result.returncode == 0, result.stderr
+        return [
+            wire.Frame(f["header"], f["payload"].encode("latin-1"))
+            for f in json.loads(result.stdout)
+        ]
+
+
+@pytest.fixture(scope="session")
+def users() -> dict[str, User]:
+    """The real test users, by name."""
+    return ensure_users()
+
+
+def start_loader(
+    base: Path,
+    stop_timeout: float = 2.0,
+    stapbpf: Path | None = None,
+    signer_store: Path | None = None,
+) -> Loader:
+    """Start a real stap-loader (as root) on ``base/loader.sock``.
+
+    Modules run with ``stapbpf`` if given, else with a stand-in (also used for
+    staprun); trusted signers come from ``signer_store`` (default: under ``base``).
+    """
+    marker = base / "stopped-cleanly"
+    tool = base / "stand-in"
+    tool.write_text(STAND_IN.format(marker=marker))
+    tool.chmod(0o755)
+    signers = signer_store or base / "etc/systemtap/staprun"
+    config = base / "stap-loader.conf"
+    config.write_text(
+        f"[loader]\nsocket = {base / 'loader.sock'}\nstapbpf = {stapbpf or tool}\n"
+        f"staprun = {tool}\nsigner_store = {signers}\nstop_timeout = {stop_timeout}\n"
+    )
+    log = base / "loader.log"
+    with open(log, "wb") as log_file:
+        proc = subprocess.Popen(
+            [str(VENV_BIN / "stap-loader"), "--config", str(config)],
+            stdout=log_file,
+            stderr=log_file,
+        )
+    loader = Loader(base, base / "loader.sock", signers, marker, log, proc)
+    deadline = time.monotonic() + 15
+    while b"listening on" not in log.read_bytes():
+        if proc.poll() is not None or time.monotonic() > deadline:
+            raise RuntimeError(f"stap-loader did not start: {log.read_text()}")
+        time.sleep(0.02)
+    return loader
+
+
+def stop_loader(loader: Loader) -> None:
+    """SIGTERM the loader and wait for it."""
+    loader.proc.send_signal(signal.SIGTERM)
+    try:
+        loader.proc.wait(10)
+    except subprocess.TimeoutExpired:
+        loader.proc.kill()
+        loader.proc.wait()
+
+
+@pytest.fixture
+def loader() -> Iterator[Loader]:
+    """A real stap-loader on a socket in a fresh directory."""
+    base = shared_tmpdir("sttest-loader-")
+    running = start_loader(base)
+    yield running
+    stop_loader(running)
+    shutil.rmtree(base)

@@ -1,0 +1,39 @@
+"""A bare stap-loader client, run as a test user: send raw bytes, report the frames.
+
+usage: python probe_client.py SOCKET REQUEST_FILE (all|close|halfclose)
+
+``close`` closes the connection after the first output frame, ``halfclose``
+shuts down the sending side there and keeps reading.  Prints the frames as JSON.
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+import sys
+
+from stapinit.loader import wire
+
+
+def main() -> None:
+    path, request_file, mode = sys.argv[1:4]
+    frames: list[dict[str, object]] = []
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.connect(path)
+        with open(request_file, "rb") as req:
+            sock.sendall(req.read())
+        while True:
+            frame = wire.read_frame(sock, 1 << 30)
+            if frame is None:
+                break
+            frames.append({"header": frame.header, "payload": frame.payload.decode("latin-1")})
+            if frame.type == "output" and mode == "close":
+                break
+            if frame.type == "output" and mode == "halfclose":
+                sock.shutdown(socket.SHUT_WR)
+                mode = "all"
+    print(json.dumps(frames))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,324 @@
+"""A real stap-loader, real users, and stand-ins for stapbpf/staprun."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from stapinit.loader import wire
+from stapinit.trust.certs import generate_identity
+from stapinit.trust.signing import sign_module
+from stapinit.trust.stores import signer_store_at
+from tests.loader.conftest import Loader, start_loader, stop_loader
+from tests.trust.people import VENV_BIN, User, run_as, shared_tmpdir
+
+
+def load(name: str, module: bytes, signature: bytes | None = None) -> bytes:
+    return wire.encode_load_request(wire.LoadRequest(name, module, signature))
+
+
+def signed(
+    loader: Loader,
+    module: bytes,
+    name: str = "hello.bo",
+    privilege: str = "stapusr",
+    trust: bool = True,
+) -> bytes:
+    """A signature for ``module`` by a fresh signer, trusted by the loader if ``trust``."""
+    key, cert = generate_identity(loader.base / "k", loader.base / "c", "signer.example")
+    if trust:
+        signer_store_at(loader.signer_store).add(cert)
+    uname = os.uname()
+    return sign_module(key, cert, module, name, uname.release, uname.machine, privilege)
+
+
+def outputs(frames: list[wire.Frame], stream: str = "stdout") -> str:
+    return "".join(
+        f.payload.decode() for f in frames if f.type == "output" and f.header["stream"] == stream
+    )
+
+
+def only_refusal(frames: list[wire.Frame]) -> str:
+    assert [f.type for f in frames] == ["refused"]
+    reason = frames[0].header["reason"]
+    assert isinstance(reason, str)
+    return reason
+
+
+def test_stapdev_runs_an_unsigned_module_from_a_private_copy(
+    loader: Loader, users: dict[str, User]
+) -> None:
+    frames = loader.request(users["sttest_dev"], load("hello.bo", b"hello module"))
+    assert frames[0].type == "started"
+    assert frames[-1].header == {"type": "exit", "status": 3}
+    out = outputs(frames)
+    assert "ran hello.bo: hello module" in out
+    assert outputs(frames, "stderr") == "on stderr\n"
+    argv = out.splitlines()[0].split()
+    module_path = Path(argv[2])
+    assert module_path.name == "hello.bo"
+    assert module_path.parent.name.startswith("stap-loader-")
+    assert not module_path.exists()  # the private copy is cleaned up
+    assert "sttest_dev (uid" in loader.log.read_text()
+
+
+def test_ordinary_user_is_refused(loader: Loader, users: dict[str, User]) -> None:
+    module = b"hello module"
+    reason = only_refusal(loader.request(users["sttest_plain"], load("hello.bo", module)))
+    assert "user 'sttest_plain' is not root nor a member of stapdev" in reason
+    # Even a module signed by a trusted signer (spec §6.1.3).
+    sig = signed(loader, module)
+    reason = only_refusal(loader.request(users["sttest_plain"], load("hello.bo", module, sig)))
+    assert "may not load modules" in reason
+
+
+def test_stapusr_needs_a_trusted_signature(loader: Loader, users: dict[str, User]) -> None:
+    usr = users["sttest_usr"]
+    module = b"hello module"
+    reason = only_refusal(loader.request(usr, load("hello.bo", module)))
+    assert "does not have authority to load the unsigned module hello.bo" in reason
+
+    untrusted = signed(loader, module, trust=False)
+    reason = only_refusal(loader.request(usr, load("hello.bo", module, untrusted)))
+    assert "the server is not a trusted signer" in reason
+
+    good = signed(loader, module)
+    frames = loader.request(usr, load("hello.bo", module, good))
+    assert "ran hello.bo: hello module" in outputs(frames)
+
+    flipped = bytes([module[0] ^ 1]) + module[1:]
+    reason = only_refusal(loader.request(usr, load("hello.bo", flipped, good)))
+    assert "has been altered since it was signed" in reason
+
+    doc = json.loads(good)
+    doc["manifest"]["privilege"] = "stapdev"
+    raised = json.dumps(doc).encode()
+    reason = only_refusal(loader.request(usr, load("hello.bo", module, raised)))
+    assert "has been altered since it was signed" in reason
+
+    # Validly signed, but for stapdev: beyond a stapusr member.
+    for_dev = signed(loader, module, privilege="stapdev")
+    reason = only_refusal(loader.request(usr, load("hello.bo", module, for_dev)))
+    assert "signed for privilege 'stapdev'" in reason
+
+    # A signature for another module name cannot be reused under this one.
+    reason = only_refusal(loader.request(usr, load("other.bo", module, good)))
+    assert "was signed as 'hello.bo'" in reason
+
+
+def test_signer_store_writable_by_others_is_not_trusted(
+    loader: Loader, users: dict[str, User]
+) -> None:
+    module = b"hello module"
+    sig = signed(loader, module)
+    loader.signer_store.chmod(0o777)
+    reason = only_refusal(loader.request(users["sttest_usr"], load("hello.bo", module, sig)))
+    assert "the server is not a trusted signer" in reason
+    assert "writable by group or others" in reason
+
+
+@pytest.mark.parametrize(
+    "request_bytes",
+    [
+        load("hello.bo", b"x").replace(b'"hello.bo"', b'"/etc/shadow"'),
+        wire.encode_frame(
+            {
+                "type": "load",
+                "module_name": "../../../etc/shadow.bo",
+                "module_size": 1,
+                "signature_size": None,
+            },
+            b"x",
+        ),
+        wire.encode_frame(
+            {
+                "type": "load",
+                "module_name": "hello.bo",
+                "module_size": 1,
+                "signature_size": None,
+                "path": "/bin/sh",
+            },
+            b"x",
+        ),
+        wire.encode_frame(
+            {
+                "type": "load",
+                "module_name": "hello.bo",
+                "module_size": 1,
+                "signature_size": None,
+                "runner": "/bin/sh",
+            },
+            b"x",
+        ),
+        wire.encode_frame({"type": "run", "argv": ["/bin/sh", "-c", "id"]}),
+        b"\xff\xff\xff\xff",
+    ],
+)
+def test_crafted_requests_run_nothing(
+    loader: Loader, users: dict[str, User], request_bytes: bytes
+) -> None:
+    for name in ("sttest_usr", "sttest_dev"):
+        reason = only_refusal(loader.request(users[name], request_bytes))
+        assert reason.startswith("bad request: ")
+    assert "argv:" not in loader.log.read_text()
+
+
+def test_stapusr_cannot_name_an_arbitrary_file(loader: Loader, users: dict[str, User]) -> None:
+    # The module travels as bytes; whatever file the caller names, only those bytes run.
+    victim = loader.base / "victim.bo"
+    victim.write_bytes(b"tick")
+    module = str(victim).encode()
+    sig = signed(loader, module)
+    frames = loader.request(users["sttest_usr"], load("hello.bo", module, sig))
+    assert f"ran hello.bo: {victim}" in outputs(frames)
+    assert "tick" not in outputs(frames)
+
+
+def test_client_going_away_stops_the_module(loader: Loader, users: dict[str, User]) -> None:
+    frames = loader.request(users["sttest_dev"], load("ticker.bo", b"tick"), mode="close")
+    assert frames[-1].type == "output"
+    deadline = time.monotonic() + 5
+    while not loader.marker.exists():
+        assert time.monotonic() < deadline, "the module was not stopped"
+        time.sleep(0.05)
+
+
+def test_half_close_stops_cleanly_and_reports_the_end(
+    loader: Loader, users: dict[str, User]
+) -> None:
+    frames = loader.request(users["sttest_dev"], load("ticker.bo", b"tick"), mode="halfclose")
+    assert "stopping cleanly" in outputs(frames)
+    assert frames[-1].header == {"type": "exit", "status": 0}
+    assert loader.marker.exists()
+
+
+def test_a_module_ignoring_sigterm_is_killed() -> None:
+    base = shared_tmpdir("sttest-loader-")
+    running = start_loader(base, stop_timeout=0.3)
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+            sock.connect(str(running.socket))
+            sock.sendall(load("stubborn.bo", b"stubborn"))
+            assert wire.read_frame(sock, 1 << 20) is not None  # started
+            first = wire.read_frame(sock, 1 << 20)
+            assert first is not None and first.type == "output"
+            sock.shutdown(socket.SHUT_WR)
+            started = time.monotonic()
+            last = None
+            while (frame := wire.read_frame(sock, 1 << 20)) is not None:
+                last = frame
+            assert last is not None
+            assert last.header == {"type": "exit", "status": 128 + signal.SIGKILL}
+            assert time.monotonic() - started < 3
+    finally:
+        stop_loader(running)
+        shutil.rmtree(base)
+
+
+def test_root_is_identified_by_the_kernel(loader: Loader) -> None:
+    frames = loader.request(None, load("hello.bo", b"m"))
+    assert frames[0].type == "started"
+    assert "root (uid 0): hello.bo: loading" in loader.log.read_text()
+
+
+def test_loader_refuses_to_run_as_non_root(users: dict[str, User]) -> None:
+    result = run_as(
+        users["sttest_dev"],
+        [str(VENV_BIN / "stap-loader"), "--socket", "/tmp/x.sock"],
+        {},
+        Path("/"),
+    )
+    assert result.returncode == 1
+    assert result.stderr == "stap-loader: must run as root (loading modules needs it)\n"
+
+
+def test_one_user_cannot_take_every_session(loader: Loader) -> None:
+    held: list[socket.socket] = []
+    try:
+        for _ in range(4):  # the default per-user limit
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            held.append(sock)
+            sock.connect(str(loader.socket))
+            sock.sendall(load("ticker.bo", b"tick"))
+            frame = wire.read_frame(sock, 1 << 20)
+            assert frame is not None and frame.type == "started"
+        frames = loader.request(None, load("hello.bo", b"m"))
+        assert only_refusal(frames) == "you already run 4 modules"
+    finally:
+        for sock in held:
+            sock.close()
+
+
+def test_socket_activation(tmp_path: Path) -> None:
+    activate = shutil.which("systemd-socket-activate")
+    if activate is None:
+        pytest.skip("systemd-socket-activate is not installed")
+    base = shared_tmpdir("sttest-loader-")
+    started = start_loader(base)  # only for its stand-in tool and configuration
+    stop_loader(started)
+    sock_path = base / "activated.sock"
+    with open(base / "activated.log", "wb") as log:
+        proc = subprocess.Popen(
+            [
+                activate,
+                "-l",
+                str(sock_path),
+                str(VENV_BIN / "stap-loader"),
+                "--config",
+                str(base / "stap-loader.conf"),
+            ],
+            stdout=log,
+            stderr=log,
+        )
+    try:
+        deadline = time.monotonic() + 10
+        while not sock_path.exists():
+            assert time.monotonic() < deadline and proc.poll() is None
+            time.sleep(0.02)
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+            sock.connect(str(sock_path))
+            sock.sendall(load("hello.bo", b"activated"))
+            frames = []
+            while (frame := wire.read_frame(sock, 1 << 20)) is not None:
+                frames.append(frame)
+        assert "ran hello.bo: activated" in outputs(frames)
+        assert "listening on the socket from systemd" in (base / "activated.log").read_text()
+        assert not (base / "loader.sock").exists()
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(10)
+        shutil.rmtree(base)
+
+
+def test_stopping_the_loader_stops_its_modules(loader: Loader) -> None:
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.connect(str(loader.socket))
+        sock.sendall(load("ticker.bo", b"tick"))
+        for expected in ("started", "output"):  # the first output: its traps are set
+            frame = wire.read_frame(sock, 1 << 20)
+            assert frame is not None and frame.type == expected
+        stop_loader(loader)
+    assert loader.proc.returncode == 0
+    assert loader.marker.exists()
+    assert not loader.socket.exists()
+
+
+def test_a_second_loader_does_not_steal_the_socket(loader: Loader) -> None:
+    result = run_as(
+        None,
+        [str(VENV_BIN / "stap-loader"), "--config", str(loader.base / "stap-loader.conf")],
+        {},
+        loader.base,
+    )
+    assert result.returncode == 1
+    assert result.stderr == f"stap-loader: another stap-loader is listening on {loader.socket}\n"
+    frames = loader.request(None, load("hello.bo", b"still here"))
+    assert "ran hello.bo: still here" in outputs(frames)

@@ -1,0 +1,164 @@
+"""The client/loader framing and the strict checks on a load request."""
+
+from __future__ import annotations
+
+import json
+import socket
+import struct
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from stapinit.loader import wire
+
+
+def frame_of(data: bytes) -> wire.Frame:
+    """Read one frame back from its bytes through a real socket pair."""
+    left, right = socket.socketpair()
+    with left, right:
+        left.sendall(data)
+        left.shutdown(socket.SHUT_WR)
+        frame = wire.read_frame(right, wire.MAX_MODULE_BYTES)
+    assert frame is not None
+    return frame
+
+
+def raw_frame(header: dict[str, object], payload: bytes = b"") -> bytes:
+    data = json.dumps(header).encode()
+    return struct.pack(">I", len(data)) + data + payload
+
+
+@given(
+    name=st.from_regex(r"[a-z0-9_]{1,55}\.(bo|ko)", fullmatch=True),
+    module=st.binary(min_size=1, max_size=2000),
+    signature=st.none() | st.binary(min_size=1, max_size=200),
+)
+def test_load_request_round_trips(name: str, module: bytes, signature: bytes | None) -> None:
+    req = wire.LoadRequest(name, module, signature)
+    assert wire.parse_load_request(frame_of(wire.encode_load_request(req))) == req
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        "/etc/passwd",
+        "../../bin/sh.bo",
+        "dir/hello.bo",
+        "hello",
+        "hello.so",
+        "Hello.bo",
+        "-v.bo",
+        ".bo",
+        "a" * 56 + ".bo",
+        "hello.bo\0",
+    ],
+)
+def test_module_names_that_could_be_paths_or_options_are_refused(name: str) -> None:
+    frame = wire.Frame(
+        {"type": "load", "module_name": name, "module_size": 1, "signature_size": None}, b"x"
+    )
+    with pytest.raises(wire.WireError):
+        wire.parse_load_request(frame)
+
+
+@pytest.mark.parametrize(
+    ("header", "payload", "match"),
+    [
+        ({"type": "run"}, b"", "expected a load request"),
+        (
+            {
+                "type": "load",
+                "module_name": "a.bo",
+                "module_size": 1,
+                "signature_size": None,
+                "path": "/bin/sh",
+            },
+            b"x",
+            "unexpected fields in load request: path",
+        ),
+        (
+            {
+                "type": "load",
+                "module_name": "a.bo",
+                "module_size": 1,
+                "signature_size": None,
+                "options": ["-c", "id"],
+            },
+            b"x",
+            "unexpected fields",
+        ),
+        (
+            {"type": "load", "module_name": "a.bo", "module_size": 2, "signature_size": None},
+            b"x",
+            "do not add up",
+        ),
+        (
+            {"type": "load", "module_name": "a.bo", "module_size": 1, "signature_size": 5},
+            b"xy",
+            "do not add up",
+        ),
+        (
+            {"type": "load", "module_name": "a.bo", "module_size": 0, "signature_size": None},
+            b"",
+            "positive",
+        ),
+        (
+            {"type": "load", "module_name": "a.bo", "module_size": True, "signature_size": None},
+            b"x",
+            "positive",
+        ),
+        (
+            {"type": "load", "module_name": "a.bo", "module_size": 1, "signature_size": -1},
+            b"x",
+            "signature_size",
+        ),
+        (
+            {"type": "load", "module_name": 7, "module_size": 1, "signature_size": None},
+            b"x",
+            "module_name must be a string",
+        ),
+    ],
+)
+def test_crafted_requests_are_refused(
+    header: dict[str, object], payload: bytes, match: str
+) -> None:
+    with pytest.raises(wire.WireError, match=match):
+        wire.parse_load_request(wire.Frame(header, payload))
+
+
+def test_signature_is_split_from_module() -> None:
+    header = {"type": "load", "module_name": "a.bo", "module_size": 3, "signature_size": 2}
+    req = wire.parse_load_request(frame_of(raw_frame({**header, "size": 5}, b"modsg")))
+    assert (req.module, req.signature) == (b"mod", b"sg")
+
+
+@pytest.mark.parametrize(
+    ("data", "match"),
+    [
+        (struct.pack(">I", wire.MAX_HEADER + 1), "header too large"),
+        (raw_frame({"size": wire.MAX_MODULE_BYTES + 1}), "exceeds the limit"),
+        (raw_frame({"size": -1}), "non-negative"),
+        (struct.pack(">I", 4) + b"[1] ", "not a JSON object"),
+        (struct.pack(">I", 3) + b"{{{", "not JSON"),
+        (raw_frame({"size": 10}, b"short"), "closed in the middle"),
+        (struct.pack(">I", 50) + b"{}", "closed in the middle"),
+    ],
+)
+def test_malformed_frames_are_refused_before_their_payload(data: bytes, match: str) -> None:
+    with pytest.raises(wire.WireError, match=match):
+        frame_of(data)
+
+
+def test_eof_between_frames_is_none() -> None:
+    left, right = socket.socketpair()
+    with left, right:
+        left.close()
+        assert wire.read_frame(right, 10) is None
+
+
+def test_loader_messages() -> None:
+    assert frame_of(wire.refused("no\nway")).header == {"type": "refused", "reason": "no way"}
+    out = frame_of(wire.output("stderr", b"bytes\x00\xff"))
+    assert (out.type, out.header["stream"], out.payload) == ("output", "stderr", b"bytes\x00\xff")
+    assert frame_of(wire.exited(3)).header == {"type": "exit", "status": 3}
