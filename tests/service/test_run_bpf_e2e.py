@@ -240,3 +240,16 @@ def test_no_scripts_at_all(bpf_prefix: Prefix) -> None:
     assert start.returncode == 0 and "no scripts in" in start.stderr
     status = bpf_prefix.run("status")
     assert status.returncode == 3 and "No systemtap scripts are present" in status.stdout
+
+
+def test_status_file_of_a_deleted_script_is_reported_and_stopped(bpf_prefix: Prefix) -> None:
+    add_ticker(bpf_prefix, "gone")
+    assert bpf_prefix.run("start").returncode == 0
+    pid = pid_of(bpf_prefix, "gone")
+    (bpf_prefix.scripts / "gone.stp").unlink()
+    (bpf_prefix.root / "conf.d" / "gone.conf").unlink()
+    status = bpf_prefix.run("status")
+    assert status.returncode == 0 and f"gone({pid}) is running..." in status.stdout
+    stop = bpf_prefix.run("stop")
+    assert stop.returncode == 0 and "Stopped gone" in stop.stdout
+    assert not process_alive(pid) and not (bpf_prefix.stat / "gone").exists()

@@ -10,10 +10,11 @@ from __future__ import annotations
 import os
 import signal
 import stat
+import subprocess
 from pathlib import Path
 
 from tests.service.conftest import FakeTools
-from tests.support.prefix import RELEASE, Prefix, process_alive, wait_for
+from tests.support.prefix import COMMAND, RELEASE, Prefix, process_alive, wait_for
 
 SCRIPT = "probe begin { }\n"
 
@@ -130,3 +131,28 @@ def test_cache_only_script(kmod_prefix: Prefix, fake_tools: FakeTools) -> None:
     assert done.returncode == 0, done.stderr
     assert fake_tools.loaded() == ["shipped"]
     assert kmod_prefix.run("stop").returncode == 0
+
+
+def test_sigterm_during_start_leaves_no_unrecorded_module(
+    kmod_prefix: Prefix, fake_tools: FakeTools, tmp_path: Path
+) -> None:
+    slow = tmp_path / "slow-staprun"
+    real = Path(__file__).parents[1] / "support" / "fake_staprun.py"
+    slow.write_text(f'#!/bin/sh\nsleep 0.4\nexec {real} "$@"\n')
+    slow.chmod(0o755)
+    kmod_prefix.write_config(STAPRUN=str(slow))
+    for name in ("m1", "m2", "m3", "m4"):
+        kmod_prefix.add_script(name, SCRIPT)
+    assert kmod_prefix.run("compile").returncode == 0
+    command = [COMMAND, "start", "-c", str(kmod_prefix.config)]
+    env = {**os.environ, **fake_tools.env}
+    with subprocess.Popen(command, env=env, stderr=subprocess.PIPE, text=True) as run:
+        assert wait_for(lambda: len(fake_tools.loaded()) >= 1)
+        run.send_signal(signal.SIGTERM)
+        _, stderr = run.communicate(timeout=30)
+    assert run.returncode == 130
+    assert "interrupted" in stderr
+    loaded = fake_tools.loaded()
+    recorded = sorted(p.name for p in kmod_prefix.stat.iterdir() if not p.name.startswith("."))
+    assert 1 <= len(loaded) < 4
+    assert sorted(loaded) == recorded

@@ -7,9 +7,11 @@ from __future__ import annotations
 
 import getopt
 import os
+import signal
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from types import FrameType
 
 from stapinit import __version__
 from stapinit.service.bashvars import ConfigError
@@ -139,10 +141,14 @@ def ask(question: str) -> bool:
     if not sys.stdin.isatty():
         print(f"{question} [y/N] no (not a terminal; use -y)", flush=True)
         return False
+    # Nothing has changed yet while we ask, so Ctrl-C may end the command at once.
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         answer = input(f"{question} [y/N] ")
     except EOFError:
         return False
+    finally:
+        signal.signal(signal.SIGINT, previous)
     return answer.strip().lower() in ("y", "yes")
 
 
@@ -202,7 +208,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         log.open()
         log.info(f"systemtap-service {' '.join(args)}")
-        return run(command, Service(settings, log, ask), request)
+        service = Service(settings, log, ask)
+
+        def interrupt(signum: int, frame: FrameType | None) -> None:
+            service.interrupted = True
+
+        signal.signal(signal.SIGTERM, interrupt)
+        signal.signal(signal.SIGINT, interrupt)
+        return run(command, service, request)
     except (CommandError, LogError, LockError) as error:
         code = error.code if isinstance(error, CommandError) else 1
         log.error(str(error))

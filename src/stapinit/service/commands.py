@@ -67,6 +67,9 @@ class Service:
         self.log = log
         self.confirm = confirm
         self.out = out or sys.stdout
+        # Set by the CLI's SIGTERM/SIGINT handler; checked between scripts so that
+        # a signal never leaves a started loader without its status file.
+        self.interrupted = False
         self.tools = Tools(
             staprun=settings.staprun,
             stapbpf=settings.stapbpf,
@@ -74,6 +77,11 @@ class Service:
             log_file=settings.log_file,
             stop_timeout=settings.stop_timeout,
         )
+
+    def check_interrupted(self) -> None:
+        """Give up between two steps if a signal asked us to."""
+        if self.interrupted:
+            raise CommandError("interrupted; the remaining scripts were left as they were", 130)
 
     # -- selecting scripts -------------------------------------------------
 
@@ -140,6 +148,7 @@ class Service:
         results = compile_many(
             self.settings.stap, scripts, kernel, directory, self.settings.temp_path
         )
+        self.check_interrupted()
         for result in results:
             if result.argv:
                 self.log.exec(result.argv)
@@ -243,6 +252,7 @@ class Service:
                 self.log.error(failed[name])
         requires = requirements_map(scripts)
         for script in to_start:
+            self.check_interrupted()
             if script.name in failed:
                 continue
             blocker = deps.blocked_by(script.name, failed, requires)
@@ -275,14 +285,8 @@ class Service:
             return self._stop(request)
 
     def _stop(self, request: Request) -> int:
-        scripts = self.scripts(running_kernel().release)
+        scripts = self._with_orphans(self.scripts(running_kernel().release))
         stat_path = self.settings.stat_path
-        # A status file whose script was since deleted still names a process to stop.
-        for name in status.recorded_names(stat_path):
-            if name not in scripts:
-                orphan = status.read(stat_path, name)
-                kind = orphan.runtime if orphan else "kmod"
-                scripts[name] = Script(name, None, (), (), kind)
         requires = requirements_map(scripts)
         if request.scripts:
             for name in request.scripts:
@@ -299,6 +303,7 @@ class Service:
             raise CommandError(str(error), EXIT_NOT_CONFIGURED) from None
         failures: list[str] = []
         for name in order:
+            self.check_interrupted()
             script = scripts[name]
             record = status.read(stat_path, name)
             runtime = self._runtime(script)
@@ -322,6 +327,20 @@ class Service:
             print(f"Stopped {name}", file=self.out)
         return self._verdict("stop", failures)
 
+    def _with_orphans(self, scripts: dict[str, Script]) -> dict[str, Script]:
+        """``scripts`` plus those whose status file outlived their ``.stp`` file.
+
+        Such a status file still names something that may run: status reports
+        it and stop stops it.
+        """
+        stat_path = self.settings.stat_path
+        for name in status.recorded_names(stat_path):
+            if name not in scripts:
+                orphan = status.read(stat_path, name)
+                kind = orphan.runtime if orphan else "kmod"
+                scripts[name] = Script(name, None, (), (), kind)
+        return scripts
+
     def restart(self, request: Request, only_if_running: bool = False) -> int:
         """Stop then start; with ``only_if_running`` do nothing when nothing runs."""
         with self._lock("restart"):
@@ -343,7 +362,7 @@ class Service:
     def status(self, request: Request) -> int:
         """Report each script's state with LSB wording and exit codes (spec §2.2.4)."""
         kernel = running_kernel()
-        scripts = self.scripts(kernel.release)
+        scripts = self._with_orphans(self.scripts(kernel.release))
         if not scripts:
             print("No systemtap scripts are present", file=self.out)
             return STATUS_NOT_RUNNING
