@@ -1,11 +1,36 @@
-"""Small file-system helpers shared by every command."""
+"""Small file-system helpers shared by every command.
+
+Only ``os`` is imported: the boot-time command uses these, and ``tempfile``
+and ``shutil`` would pull in much of the standard library.
+"""
 
 from __future__ import annotations
 
+import itertools
 import os
-import shutil
-import tempfile
+from collections.abc import Callable
 from pathlib import Path
+from typing import BinaryIO
+
+_counter = itertools.count()
+
+
+def _replace_through_temp(
+    path: Path, fill: Callable[[BinaryIO], object], mode: int, durable: bool
+) -> None:
+    temp = path.with_name(f".{path.name}.{os.getpid()}.{next(_counter)}.tmp")
+    fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, mode)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            fill(handle)
+            handle.flush()
+            if durable:
+                os.fsync(handle.fileno())
+        os.chmod(temp, mode)  # the umask may have narrowed it
+        os.replace(temp, path)
+    except BaseException:
+        temp.unlink(missing_ok=True)
+        raise
 
 
 def atomic_write(path: Path, data: bytes, mode: int = 0o644, durable: bool = True) -> None:
@@ -15,30 +40,15 @@ def atomic_write(path: Path, data: bytes, mode: int = 0o644, durable: bool = Tru
     also flushes it to disk first; files that do not outlive a reboot (status
     files in /run) skip that cost.
     """
-    fd, temp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            if durable:
-                os.fsync(handle.fileno())
-        os.chmod(temp, mode)
-        os.replace(temp, path)
-    except BaseException:
-        Path(temp).unlink(missing_ok=True)
-        raise
+    _replace_through_temp(path, lambda handle: handle.write(data), mode, durable)
 
 
 def atomic_copy(source: Path, path: Path, mode: int = 0o644) -> None:
     """Copy ``source`` to ``path`` atomically, even across file systems."""
-    fd, temp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, "wb") as handle, source.open("rb") as original:
-            shutil.copyfileobj(original, handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.chmod(temp, mode)
-        os.replace(temp, path)
-    except BaseException:
-        Path(temp).unlink(missing_ok=True)
-        raise
+
+    def copy(handle: BinaryIO) -> None:
+        with source.open("rb") as original:
+            while chunk := original.read(1 << 20):
+                handle.write(chunk)
+
+    _replace_through_temp(path, copy, mode, durable=True)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 from collections.abc import Callable, Sequence
@@ -374,6 +373,8 @@ class Service:
         directory = cache_dir(self.settings, kernel.release)
         reports = [self._report(scripts[name], scripts, directory, kernel) for name in names]
         if request.json:
+            import json  # only monitoring asks for JSON
+
             print(json.dumps({"scripts": reports}, indent=2), file=self.out)
         else:
             for report in reports:

@@ -8,9 +8,7 @@ parallel: after a kernel update every script needs one.
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import NamedTuple
@@ -57,6 +55,11 @@ def compile_one(
     stap: str, script: Script, kernel: KernelIdentity, cache_dir: Path, temp_path: Path
 ) -> CompileResult:
     """Compile one script and install it into ``cache_dir``."""
+    # Imported here: they pull in much of the standard library, and most
+    # commands (status, stop, a warm start) never compile.
+    import shutil
+    import tempfile
+
     if script.source is None:
         return CompileResult(script.name, False, "cache-only script: there is no .stp to compile")
     argv = compile_command(stap, script, kernel.release)
