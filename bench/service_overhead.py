@@ -79,15 +79,35 @@ def timed(config: Path, command: str, root: Path, expect: int = 0) -> float:
     return elapsed
 
 
+def standin_cost(root: Path, count: int) -> tuple[float, float]:
+    """Seconds the stand-ins alone take for ``count`` loads and ``count`` unloads."""
+    env = {"MODULES": str(root / "modules"), "PATH": "/usr/bin:/bin"}
+    (root / "modules").write_text("")
+    module = root / "x.ko"
+    module.write_text("")
+    began = time.perf_counter()
+    for _ in range(count):
+        subprocess.run([str(root / "staprun"), "-L", str(module)], env=env, check=True)
+    loads = time.perf_counter() - began
+    began = time.perf_counter()
+    for _ in range(count):
+        subprocess.run([str(root / "staprun"), "-d", "x"], env=env, check=True)
+    return loads, time.perf_counter() - began
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--sizes", default="1,50,500")
     parser.add_argument("--repeat", type=int, default=3)
     args = parser.parse_args()
-    print(f"{'scripts':>7} {'shape':<11} {'start':>8} {'status':>8} {'stop':>8}  (median s)")
+    print("median seconds; 'own' subtracts what the sh stand-ins themselves cost")
+    header = ["start", "own", "status", "stop", "own"]
+    print(f"{'scripts':>7} {'shape':<11} " + " ".join(f"{h:>7}" for h in header))
     for size in (int(s) for s in args.sizes.split(",")):
         for chained in (False, True):
             runs: dict[str, list[float]] = {"start": [], "status": [], "stop": []}
+            loads: list[float] = []
+            unloads: list[float] = []
             for _ in range(args.repeat):
                 with tempfile.TemporaryDirectory() as tmp:
                     root = Path(tmp)
@@ -96,9 +116,15 @@ def main() -> None:
                     runs["start"].append(timed(config, "start", root))
                     runs["status"].append(timed(config, "status", root))
                     runs["stop"].append(timed(config, "stop", root))
+                    load, unload = standin_cost(root, size)
+                    loads.append(load)
+                    unloads.append(unload)
             shape = "chain" if chained else "independent"
-            medians = [statistics.median(runs[c]) for c in ("start", "status", "stop")]
-            print(f"{size:>7} {shape:<11} " + " ".join(f"{m:>8.3f}" for m in medians))
+            start, status, stop = (statistics.median(runs[c]) for c in ("start", "status", "stop"))
+            own_start = start - statistics.median(loads)
+            own_stop = stop - statistics.median(unloads)
+            figures = [start, own_start, status, stop, own_stop]
+            print(f"{size:>7} {shape:<11} " + " ".join(f"{f:>7.3f}" for f in figures))
 
 
 if __name__ == "__main__":
