@@ -18,6 +18,7 @@ import json
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
+from pathlib import PurePosixPath
 from typing import Any, Final, Literal, cast
 
 SERVER_NAME: Final = "stap-server"
@@ -85,10 +86,10 @@ class CompileRequest:
     runtime: Runtime = "kmod"
 
     def effective_runtime(self) -> Runtime:
-        """The runtime asked for, honouring ``--runtime=bpf`` given among the options."""
+        """The runtime asked for, honouring ``--runtime=bpf`` or ``--bpf`` among the options."""
         opts = self.options
         for i, opt in enumerate(opts):
-            if opt == "--runtime=bpf" or (
+            if opt in ("--runtime=bpf", "--bpf") or (
                 opt == "--runtime" and i + 1 < len(opts) and opts[i + 1] == "bpf"
             ):
                 return "bpf"
@@ -261,6 +262,9 @@ def validate_compile_request(req: CompileRequest) -> CompileRequest:
         if tapset.path in seen:
             raise ProtocolError(f"compile request: tapset {tapset.path!r} given twice")
         seen.add(tapset.path)
+    directories = {str(parent) for p in seen for parent in PurePosixPath(p).parents}
+    if clash := sorted(seen & directories):
+        raise ProtocolError(f"compile request: tapset path {clash[0]!r} is also a directory")
     if any("\0" in opt for opt in req.options):
         raise ProtocolError("compile request: an option contains a NUL character")
     if req.module_name is not None:

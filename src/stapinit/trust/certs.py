@@ -10,8 +10,6 @@ from __future__ import annotations
 import datetime as dt
 import hashlib
 import ipaddress
-import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,6 +17,8 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
+
+from stapinit.fsutil import atomic_write
 
 #: Default validity of a generated certificate: five years (renewal is documented).
 DEFAULT_DAYS = 5 * 365
@@ -64,27 +64,6 @@ def describe(cert: x509.Certificate) -> CertificateDescription:
 def certificate_pem(cert: x509.Certificate) -> bytes:
     """The PEM encoding of ``cert``."""
     return cert.public_bytes(serialization.Encoding.PEM)
-
-
-def _write_atomically(path: Path, data: bytes, mode: int) -> None:
-    """Write ``data`` to ``path`` through a temp file in the same directory and a rename.
-
-    ``mkstemp`` creates the temp file 0600, so a private key is never readable by
-    others, not even for a moment; ``mode`` is applied before the rename.
-    """
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    tmp = Path(tmp_name)
-    try:
-        with os.fdopen(fd, "wb") as out:
-            out.write(data)
-            out.flush()
-            os.fsync(out.fileno())
-        os.chmod(tmp, mode)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
 
 
 def generate_identity(
@@ -148,8 +127,11 @@ def generate_identity(
         serialization.PrivateFormat.PKCS8,
         serialization.NoEncryption(),
     )
-    _write_atomically(key_path, key_pem, 0o600)
-    _write_atomically(cert_path, certificate_pem(cert), 0o644)
+    # Created 0600 from the start: the key is never readable by others, not even briefly.
+    key_path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write(key_path, key_pem, 0o600)
+    cert_path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write(cert_path, certificate_pem(cert), 0o644)
     return key, cert
 
 

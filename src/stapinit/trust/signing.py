@@ -72,6 +72,7 @@ def sign_module(
 ) -> bytes:
     """Return the bytes of the ``.sgn`` file for a module, signed with ``private_key``.
 
+    ``module_name`` is the module's file name (``NAME.ko`` or ``NAME.bo``);
     ``certificate`` is the signer's (its fingerprint goes into the manifest);
     ``signed_at`` defaults to now.
     """

@@ -1,0 +1,102 @@
+"""``stap-server``: the compile server's command line.
+
+``stap-server [-c CONFIG] [--allow-root]
+{start|stop|restart|condrestart|try-restart|force-reload|status|run}``
+
+``start`` puts the server in the background and records its pid; ``run`` serves
+in the foreground (for systemd).  Started as root, the server becomes the service
+user (``USER``, default ``stap-server``) before touching its key or the network;
+``--allow-root`` keeps root, but stap itself always runs as the service user.
+Errors are one line on stderr; exit codes are LSB's (see
+:mod:`stapinit.server.service`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import NoReturn
+
+from stapinit.server import service
+from stapinit.server.config import DEFAULT_CONFIG, BadConfig, ServerConfig, load_config
+from stapinit.server.service import ServiceError
+
+COMMANDS = (
+    "start",
+    "stop",
+    "restart",
+    "condrestart",
+    "try-restart",
+    "force-reload",
+    "status",
+    "run",
+)
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        """Usage errors on one line, LSB exit status 2."""
+        usage = " ".join(self.format_usage().split()[1:])  # drop "usage:", join lines
+        self.exit(2, f"stap-server: {message}; usage: {usage}\n")
+
+
+def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = _Parser(prog="stap-server", description="SystemTap compile server over TLS.")
+    parser.add_argument(
+        "-c", "--config", type=Path, help=f"configuration file (default: {DEFAULT_CONFIG})"
+    )
+    parser.add_argument(
+        "--allow-root",
+        action="store_true",
+        help="keep running as root instead of becoming the service user",
+    )
+    parser.add_argument("command", choices=COMMANDS, metavar="{" + "|".join(COMMANDS) + "}")
+    return parser.parse_args(argv)
+
+
+def _start(config: ServerConfig, allow_root: bool, foreground: bool) -> int:
+    # Imported here so that status and stop need not load TLS and X.509 code.
+    from stapinit.server.daemon import start
+
+    return start(config, allow_root, foreground)
+
+
+def _dispatch(args: argparse.Namespace) -> int:
+    config = load_config(args.config)
+    command: str = args.command
+    if command == "status":
+        code, message = service.status(config)
+        print(message)
+        return code
+    if command == "stop":
+        print(service.stop(config))
+        return service.EXIT_OK
+    if command in ("start", "run"):
+        return _start(config, args.allow_root, foreground=command == "run")
+    if command != "restart" and service.status(config)[0] != service.EXIT_OK:
+        # condrestart, try-restart, force-reload: only a running server is restarted.
+        print("stap-server is not running; nothing to restart")
+        return service.EXIT_OK
+    print(service.stop(config))
+    return _start(config, args.allow_root, foreground=False)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of ``stap-server``; returns the exit status."""
+    args = _parse_args(argv)
+    try:
+        return _dispatch(args)
+    except BadConfig as exc:
+        print(f"stap-server: {exc}", file=sys.stderr)
+        return service.EXIT_NOT_CONFIGURED
+    except ServiceError as exc:
+        print(f"stap-server: {exc}", file=sys.stderr)
+        return exc.code
+    except KeyboardInterrupt:
+        return 130
+    except Exception as exc:
+        # Last resort: the one-line promise holds even for what we did not foresee.
+        print(f"stap-server: internal error: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return service.EXIT_FAILED

@@ -1,0 +1,323 @@
+"""The HTTPS front end: the standard library's threading HTTP server behind TLS.
+
+One request per connection.  Each connection gets its own thread (at most
+``MAX_CONNECTIONS``), a socket timeout for every read and write, a deadline for the
+TLS handshake plus the whole request and another for sending the answer: a silent,
+trickling or slow-reading client is cut off, so it never holds a thread for long.
+Compiles themselves are bounded separately (:class:`stapinit.server.app.CompileSlots`).
+Every request is logged on one line: client, request, status, script hash,
+options, result, duration.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import re
+import socket
+import socketserver
+import ssl
+import sys
+import threading
+import time
+from http import HTTPStatus
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any, Final
+from urllib.parse import urlsplit
+
+from stapinit import __version__
+from stapinit.protocol import COMPILE_PATH, CONTENT_TYPE, INFO_PATH, encode_error
+from stapinit.server.app import CompileService, Outcome
+from stapinit.server.identity import Identity, IdentityError
+
+LOG: Final = logging.getLogger("stap-server")
+_PLAIN_HTTP_BODY: Final = encode_error("this server speaks HTTPS only; use https://")
+
+
+def make_ssl_context(identity: Identity) -> ssl.SSLContext:
+    """A server-side TLS context: TLS 1.2 at least, forward-secret AEAD ciphers only."""
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    ctx.set_ciphers("ECDHE+AESGCM:ECDHE+CHACHA20")  # TLS 1.2 only; 1.3 suites are all fine
+    try:
+        ctx.load_cert_chain(str(identity.cert_path), str(identity.key_path))
+    except (OSError, ssl.SSLError) as exc:
+        raise IdentityError(f"cannot load {identity.cert_path} for TLS: {exc}") from None
+    return ctx
+
+
+def format_fields(fields: dict[str, str]) -> str:
+    """``key=value`` pairs on one line; values with spaces or quotes are JSON-quoted."""
+    parts = []
+    for key, value in fields.items():
+        plain = value and value.isprintable() and not any(c in value for c in ' "=\\')
+        parts.append(f"{key}={value if plain else json.dumps(value)}")
+    return " ".join(parts)
+
+
+class Deadline:
+    """Shuts a connection down unless cancelled within ``seconds``."""
+
+    def __init__(self, sock: socket.socket, seconds: float) -> None:
+        self.expired = False
+        self._sock = sock
+        self._timer = threading.Timer(seconds, self._expire)
+        self._timer.daemon = True
+        self._timer.start()
+
+    def _expire(self) -> None:
+        self.expired = True
+        # The plain socket's shutdown: it wakes a thread blocked reading the TLS socket.
+        with contextlib.suppress(OSError):
+            socket.socket.shutdown(self._sock, socket.SHUT_RDWR)
+
+    def cancel(self) -> None:
+        """The awaited transfer is done: stop the clock."""
+        self._timer.cancel()
+
+
+class Handler(BaseHTTPRequestHandler):
+    """Answers ``GET /`` and ``POST /compile``; one request per connection."""
+
+    server: StapHTTPServer
+    protocol_version = "HTTP/1.1"
+    server_version = f"stap-server/{__version__}"
+
+    def __init__(self, request: Any, client_address: Any, server: StapHTTPServer) -> None:
+        # The clock covers the TLS handshake and the whole request.
+        self.deadline = Deadline(request, server.io_timeout)
+        self.started = time.monotonic()
+        self.http_status: int | None = None
+        self.log_fields: dict[str, str] = {}
+        self.note = ""
+        self.timed_out = False
+        try:
+            super().__init__(request, client_address, server)
+        finally:
+            self.deadline.cancel()
+
+    def version_string(self) -> str:
+        """The ``Server`` header: no Python version advertised."""
+        return self.server_version
+
+    def handle(self) -> None:
+        """Complete the TLS handshake, serve exactly one request, then log it."""
+        # A backstop: the deadlines, slightly shorter, are what normally cut a client off.
+        self.connection.settimeout(self.server.io_timeout + 1)
+        try:
+            self.connection.do_handshake()
+        except (OSError, ValueError) as exc:
+            self._handshake_failed(exc)
+            return
+        try:
+            self.handle_one_request()
+        except OSError as exc:
+            # The client went away or was cut off; there is nobody left to answer.
+            self.timed_out = self.timed_out or isinstance(exc, TimeoutError)
+            if not self.note:
+                self.note = f"connection failed: {exc}"
+        finally:
+            self._log_request()
+
+    def _handshake_failed(self, exc: Exception) -> None:
+        reason = getattr(exc, "reason", None) or type(exc).__name__
+        if self.deadline.expired or isinstance(exc, TimeoutError):
+            self.timed_out = True
+            reason = "timeout"
+        if reason == "HTTP_REQUEST":
+            # A plain-HTTP client: tell it in its own language, on the bare socket.
+            head = (
+                "HTTP/1.1 400 Bad Request\r\nContent-Type: application/json\r\n"
+                f"Content-Length: {len(_PLAIN_HTTP_BODY)}\r\nConnection: close\r\n\r\n"
+            )
+            with contextlib.suppress(OSError):
+                socket.socket.sendall(self.connection, head.encode("ascii") + _PLAIN_HTTP_BODY)
+            self.http_status = 400
+        self.log_fields["result"] = f"tls-failed: {reason}"
+        self._log_request()
+
+    def do_GET(self) -> None:
+        """``GET /``: the server's description."""
+        self.deadline.cancel()
+        if urlsplit(self.path).path == INFO_PATH:
+            self._answer(self.server.service.server_info())
+        else:
+            self._answer(Outcome(404, encode_error(f"no such resource: {self.path}")))
+
+    def do_POST(self) -> None:
+        """``POST /compile``: read the (bounded) body and compile."""
+        if urlsplit(self.path).path != COMPILE_PATH:
+            self.deadline.cancel()
+            self._answer(Outcome(404, encode_error(f"no such resource: {self.path}")))
+            return
+        length = self._acceptable_length()
+        if length is None:
+            return
+        body = self.rfile.read(length)
+        self.deadline.cancel()
+        if self.deadline.expired or len(body) < length:
+            self.note = "client did not send the whole request in time"
+            self.close_connection = True
+            return
+        try:
+            outcome = self.server.service.compile(body)
+        except Exception:
+            # A bug must cost one request, not the connection without an answer.
+            LOG.exception("internal error while compiling")
+            outcome = Outcome(500, encode_error("internal server error; see the server's log"))
+        self._answer(outcome)
+
+    def handle_expect_100(self) -> bool:
+        """Refuse an oversized body before the client sends it."""
+        if self.command == "POST" and self._acceptable_length() is None:
+            return False
+        return super().handle_expect_100()
+
+    def _acceptable_length(self) -> int | None:
+        """The body's length, or None after answering 411/400/413 (body left unread)."""
+        if self.headers.get("Transfer-Encoding") is not None:
+            self._answer(Outcome(411, encode_error("send the body with a Content-Length")))
+            return None
+        raw = self.headers.get("Content-Length")
+        if raw is None:
+            self._answer(Outcome(411, encode_error("a Content-Length is required")))
+            return None
+        if not re.fullmatch(r"[0-9]{1,18}", raw.strip()):
+            self._answer(Outcome(400, encode_error(f"invalid Content-Length {raw!r}")))
+            return None
+        length = int(raw)
+        limit = self.server.max_request_size
+        if length > limit:
+            message = f"request of {length} bytes exceeds this server's limit of {limit} bytes"
+            self._answer(Outcome(413, encode_error(message), log={"result": "too-large"}))
+            return None
+        return length
+
+    def _answer(self, outcome: Outcome) -> None:
+        self.deadline.cancel()
+        if self.deadline.expired:
+            self.close_connection = True
+            return  # the connection is already shut: nothing can be sent
+        self.http_status = outcome.status
+        self.log_fields.update(outcome.log)
+        self.close_connection = True
+        self.send_response(outcome.status)
+        self.send_header("Content-Type", CONTENT_TYPE)
+        self.send_header("Content-Length", str(len(outcome.body)))
+        self.send_header("Connection", "close")
+        for name, value in outcome.headers.items():
+            self.send_header(name, value)
+        # A client that reads the answer too slowly is cut off like a slow sender.
+        deadline = Deadline(self.connection, self.server.io_timeout)
+        try:
+            self.end_headers()
+            if self.command != "HEAD":
+                self.wfile.write(outcome.body)
+        finally:
+            deadline.cancel()
+
+    def send_error(self, code: int, message: str | None = None, explain: str | None = None) -> None:
+        """Errors found by the HTTP layer get the same JSON body as the server's own."""
+        text = message or HTTPStatus(code).phrase
+        self.note = text
+        self._answer(Outcome(code, encode_error(f"{code} {text}")))
+
+    def log_request(self, code: int | str = "-", size: int | str = "-") -> None:
+        """Requests are logged once, complete, by :meth:`handle`."""
+
+    def log_message(self, format: str, *args: Any) -> None:
+        """Keep http.server's remarks for this request's log line, not stderr."""
+        self.note = format % args
+
+    def _log_request(self) -> None:
+        host, port = self.client_address[:2]
+        fields = {
+            "client": f"{host}:{port}",
+            "request": getattr(self, "requestline", "") or "-",
+            "status": str(self.http_status or "-"),
+            **self.log_fields,
+        }
+        if self.deadline.expired or self.timed_out:
+            fields["note"] = "dropped: no complete request within the I/O timeout"
+        elif self.note and self.http_status != 200:
+            fields["note"] = self.note
+        fields["duration"] = f"{time.monotonic() - self.started:.3f}s"
+        LOG.info(format_fields(fields))
+
+
+class StapHTTPServer(ThreadingHTTPServer):
+    """Accepts TLS connections and hands each to a thread, up to a limit."""
+
+    daemon_threads = True
+    request_queue_size = 128
+
+    def __init__(
+        self,
+        address: tuple[str, int],
+        service: CompileService,
+        ssl_context: ssl.SSLContext,
+        io_timeout: float,
+        max_connections: int,
+        max_request_size: int,
+    ) -> None:
+        if ":" in address[0]:
+            self.address_family = socket.AF_INET6
+        self.service = service
+        self.ssl_context = ssl_context
+        self.io_timeout = io_timeout
+        self.max_connections = max_connections
+        self.max_request_size = max_request_size
+        self._connections = 0
+        self._count_lock = threading.Lock()
+        super().__init__(address, Handler)
+
+    def server_bind(self) -> None:
+        """Bind without HTTPServer's reverse DNS lookup of the listen address."""
+        socketserver.TCPServer.server_bind(self)
+        host, port = self.server_address[:2]
+        self.server_name = str(host)
+        self.server_port = int(port)
+
+    def get_request(self) -> tuple[Any, Any]:
+        """Accept and wrap in TLS; the handshake itself happens in the worker thread."""
+        sock, address = self.socket.accept()
+        return self.ssl_context.wrap_socket(
+            sock, server_side=True, do_handshake_on_connect=False
+        ), address
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        """Start a thread for the connection, or drop it when too many are open."""
+        with self._count_lock:
+            full = self._connections >= self.max_connections
+            if not full:
+                self._connections += 1
+        if full:
+            LOG.warning(
+                format_fields(
+                    {
+                        "client": f"{client_address[0]}:{client_address[1]}",
+                        "note": f"dropped: {self.max_connections} connections already open",
+                    }
+                )
+            )
+            self.shutdown_request(request)
+            return
+        super().process_request(request, client_address)
+
+    def process_request_thread(self, request: Any, client_address: Any) -> None:
+        """Run the connection, then free its place."""
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            with self._count_lock:
+                self._connections -= 1
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        """A connection failed mid-way: one log line (a traceback only for a bug)."""
+        exc = sys.exc_info()[1]
+        fields = {"client": f"{client_address[0]}:{client_address[1]}"}
+        if isinstance(exc, OSError):
+            LOG.info(format_fields({**fields, "note": f"connection failed: {exc}"}))
+        else:
+            LOG.exception(format_fields({**fields, "note": "internal error"}))

@@ -1,0 +1,264 @@
+"""Service control: pid file, status, stop, daemonizing, and the serving loop.
+
+Exit codes follow LSB: ``status`` answers 0 running, 1 dead with a pid file,
+3 not running; other actions answer 0 on success, 1 on failure, 4 without the
+privilege needed, 5 when something required is not installed, 6 when the
+configuration (or the server identity) is unusable.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import logging
+import logging.handlers
+import os
+import pwd
+import signal
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Final
+
+from stapinit.fsutil import atomic_write
+from stapinit.server.config import ServerConfig
+
+LOG: Final = logging.getLogger("stap-server")
+
+EXIT_OK: Final = 0
+EXIT_FAILED: Final = 1
+EXIT_DEAD: Final = 1
+EXIT_STOPPED: Final = 3
+EXIT_PRIVILEGE: Final = 4
+EXIT_NOT_INSTALLED: Final = 5
+EXIT_NOT_CONFIGURED: Final = 6
+STOP_TIMEOUT: Final = 15.0
+
+
+class ServiceError(Exception):
+    """An action failed; ``str()`` is one line and ``code`` the exit status."""
+
+    def __init__(self, message: str, code: int = EXIT_FAILED) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+# --- pid file ------------------------------------------------------------------------
+
+
+def read_pid(pid_file: Path) -> int | None:
+    """The pid recorded in ``pid_file``; None when there is none; 0 when unreadable."""
+    try:
+        text = pid_file.read_text(encoding="ascii", errors="replace").strip()
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        raise ServiceError(f"cannot read {pid_file}: {exc.strerror}", EXIT_PRIVILEGE) from None
+    return int(text) if text.isascii() and text.isdigit() and int(text) > 0 else 0
+
+
+def write_pid_file(pid_file: Path, pid: int) -> None:
+    """Record ``pid`` through a temp file and a rename."""
+    try:
+        atomic_write(pid_file, f"{pid}\n".encode("ascii"), durable=False)
+    except OSError as exc:
+        raise ServiceError(
+            f"cannot write pid file {pid_file}: {exc.strerror or exc}", EXIT_PRIVILEGE
+        ) from None
+
+
+def remove_pid_file(pid_file: Path, pid: int) -> None:
+    """Remove ``pid_file`` if it still names ``pid`` (a newer server may own it)."""
+    with contextlib.suppress(OSError):
+        if read_pid(pid_file) == pid:
+            pid_file.unlink()
+
+
+def is_running(pid: int) -> bool:
+    """Whether ``pid`` is a live stap-server process."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass  # alive, owned by someone else
+    try:
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return True  # /proc hidden from us: trust the signal check
+    # Guards against a recycled pid after a crash; zombies have an empty cmdline.
+    return b"stap-server" in cmdline
+
+
+# --- status / stop -------------------------------------------------------------------
+
+
+def status(config: ServerConfig) -> tuple[int, str]:
+    """LSB status code and a one-line description."""
+    pid = read_pid(config.pid_file)
+    if pid is None:
+        return EXIT_STOPPED, "stap-server is stopped"
+    if pid and is_running(pid):
+        where = f"https://{config.listen_address}:{config.port}"
+        return EXIT_OK, f"stap-server (pid {pid}) is running on {where}"
+    return EXIT_DEAD, f"stap-server is dead but its pid file {config.pid_file} exists"
+
+
+def stop(config: ServerConfig) -> str:
+    """Stop the running server (SIGTERM, then SIGKILL after a while); idempotent."""
+    pid = read_pid(config.pid_file)
+    if pid is None:
+        return "stap-server is not running"
+    if not pid or not is_running(pid):
+        try:
+            config.pid_file.unlink(missing_ok=True)
+        except PermissionError:
+            raise ServiceError(
+                f"cannot remove stale pid file {config.pid_file}", EXIT_PRIVILEGE
+            ) from None
+        return "stap-server was not running (removed a stale pid file)"
+    try:
+        os.kill(pid, signal.SIGTERM)
+    except PermissionError:
+        raise ServiceError(
+            f"not allowed to stop stap-server (pid {pid}); try as root", EXIT_PRIVILEGE
+        ) from None
+    if not _wait_gone(pid, STOP_TIMEOUT):
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+        if not _wait_gone(pid, 5.0):
+            raise ServiceError(f"stap-server (pid {pid}) did not stop")
+    remove_pid_file(config.pid_file, pid)
+    return f"stap-server (pid {pid}) stopped"
+
+
+def _wait_gone(pid: int, seconds: float) -> bool:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if not is_running(pid):
+            return True
+        time.sleep(0.05)
+    return not is_running(pid)
+
+
+# --- becoming the service user -------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ServiceUser:
+    """The account the server (or at least stap) runs as."""
+
+    name: str
+    uid: int
+    gid: int
+
+
+def lookup_user(name: str) -> ServiceUser:
+    """Resolve the service user; ServiceError when it does not exist."""
+    try:
+        entry = pwd.getpwnam(name)
+    except KeyError:
+        raise ServiceError(
+            f"service user {name!r} does not exist; create it with: useradd --system "
+            f"--home-dir /var/lib/stap-server --shell /usr/sbin/nologin {name}",
+            EXIT_NOT_INSTALLED,
+        ) from None
+    return ServiceUser(name, entry.pw_uid, entry.pw_gid)
+
+
+def prepare_paths(config: ServerConfig, user: ServiceUser) -> None:
+    """As root: create missing state, pid and log locations owned by the service user.
+
+    Existing ones are left as the administrator made them.
+    """
+    for directory, mode in (
+        (config.state_dir, 0o755),
+        (config.pid_file.parent, 0o755),
+        (config.log_file.parent, 0o750),
+    ):
+        if not directory.exists():
+            directory.mkdir(mode=mode, parents=True)
+            os.chown(directory, user.uid, user.gid)
+    if not config.log_file.exists():
+        fd = os.open(config.log_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640)
+        os.fchown(fd, user.uid, user.gid)
+        os.close(fd)
+
+
+def drop_privileges(user: ServiceUser) -> None:
+    """Become ``user`` for good (groups, gid, uid; in that order)."""
+    os.initgroups(user.name, user.gid)
+    os.setgid(user.gid)
+    os.setuid(user.uid)
+    os.environ["HOME"] = pwd.getpwuid(user.uid).pw_dir
+
+
+# --- logging, daemonizing, serving ---------------------------------------------------
+
+
+def setup_logging(log_file: Path) -> None:
+    """Send the request log to ``log_file`` (reopened when logrotate moves it)."""
+    try:
+        fd = os.open(log_file, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o640)
+        os.close(fd)
+        handler = logging.handlers.WatchedFileHandler(log_file)
+    except OSError as exc:
+        raise ServiceError(f"cannot open log file {log_file}: {exc.strerror}") from None
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+    LOG.handlers[:] = [handler]
+    LOG.setLevel(logging.INFO)
+    LOG.propagate = False
+
+
+def daemonize(pid_file: Path) -> int | None:
+    """Fork into the background.
+
+    In the parent, records the child's pid and returns it; in the child (now a
+    session leader with stdio on /dev/null) returns None.
+    """
+    pid = os.fork()
+    if pid:
+        write_pid_file(pid_file, pid)
+        return pid
+    os.setsid()
+    devnull = os.open(os.devnull, os.O_RDWR)
+    for fd in (0, 1, 2):
+        os.dup2(devnull, fd)
+    os.close(devnull)
+    return None
+
+
+def check_pid_file_writable(pid_file: Path) -> None:
+    """Fail early, before forking, if the pid file cannot be written."""
+    if not os.access(pid_file.parent, os.W_OK | os.X_OK):
+        raise ServiceError(
+            f"cannot write pid file {pid_file}: {os.strerror(errno.EACCES)}",
+            EXIT_PRIVILEGE,
+        )
+
+
+def serve(serve_forever: Callable[[], None], shutdown: Callable[[], None]) -> bool:
+    """Serve until SIGTERM or SIGINT, then run ``shutdown`` (from the main thread).
+
+    Returns False when the accept loop died on its own.
+    """
+    stopping = threading.Event()
+
+    def on_signal(signum: int, frame: object) -> None:
+        stopping.set()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    thread = threading.Thread(target=serve_forever, name="accept", daemon=True)
+    thread.start()
+    clean = True
+    while not stopping.wait(0.5):
+        if not thread.is_alive():
+            LOG.error("the accept loop ended unexpectedly")
+            clean = False
+            break
+    shutdown()
+    return clean

@@ -1,0 +1,201 @@
+"""The server's option policy and the stap command line it builds (pure)."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+
+from stapinit.protocol import CompileRequest, Tapset
+from stapinit.server.policy import (
+    ParsedOptions,
+    PolicyError,
+    check_request,
+    module_file_name,
+    parse_options,
+    stap_command,
+)
+
+RELEASES = ("6.1.0-56-amd64", "6.18.44-fc")
+REQ = CompileRequest(
+    script_text="probe begin { exit() }",
+    script_name="hello.stp",
+    release=RELEASES[0],
+    arch="x86_64",
+)
+
+
+def _usr(option: str) -> str:
+    return f"You can't specify {option} when --privilege=stapusr is specified."
+
+
+@pytest.mark.parametrize(
+    ("options", "expected"),
+    [
+        ((), ()),
+        (("-v", "-w"), ("-v", "-w")),
+        (("-vvv",), ("-v", "-v", "-v")),
+        (("-vs4",), ("-v", "-s4")),
+        (("-s", "4"), ("-s4",)),
+        (("-G", "x=1"), ("-Gx=1",)),
+        (("-E", "probe end {}"), ("-Eprobe end {}",)),
+        (("--vp", "0001"), ("--vp=0001",)),
+        (("--compatible=4.0",), ("--compatible=4.0",)),
+        (("--skip-badvars", "-u"), ("--skip-badvars", "-u")),
+        (("-T", "5"), ("-T5",)),
+    ],
+)
+def test_accepted_options_are_canonical(
+    options: tuple[str, ...], expected: tuple[str, ...]
+) -> None:
+    for stapusr in (False, True):
+        assert parse_options(options, stapusr, "kmod").options == expected
+
+
+def test_script_arguments_are_kept_apart() -> None:
+    parsed = parse_options(("-v", "arg1", "second arg"), False, "kmod")
+    assert parsed.options == ("-v",)
+    assert parsed.script_args == ("arg1", "second arg")
+
+
+@pytest.mark.parametrize(
+    ("options", "named"),
+    [
+        (("-g",), "-g"),
+        (("-wg",), "-g"),
+        (("-D", "X=1"), "-D"),
+        (("-DX=1",), "-D"),
+        (("-B", "CC=sh"), "-B"),
+        (("-R", "/etc"), "-R"),
+        (("--tmpdir=/tmp",), "--tmpdir"),
+        (("--tmpdir", "/tmp"), "--tmpdir"),
+        (("-m", "x"), "-m"),
+        (("-I", "/usr/share"), "-I"),
+        (("--modinfo", "a=b"), "--modinfo"),
+        (("--suppress-time-limits",), "--suppress-time-limits"),
+    ],
+)
+def test_stapusr_refusals_use_stap_wording(options: tuple[str, ...], named: str) -> None:
+    with pytest.raises(PolicyError) as err:
+        parse_options(options, True, "bpf")
+    assert str(err.value) == _usr(named)
+
+
+def test_stapdev_may_use_guru_mode_and_defines() -> None:
+    parsed = parse_options(("-g", "-D", "MAXACTION=10000", "--suppress-time-limits"), False, "kmod")
+    assert parsed.options == ("-g", "-DMAXACTION=10000", "--suppress-time-limits")
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        (("-B", "CC=/bin/sh"), "option -B is not accepted"),  # runs commands on the server
+        (("-R", "/etc"), "option -R is not accepted"),
+        (("-o", "/etc/passwd"), "option -o is not accepted"),
+        (("-d", "/etc/shadow"), "option -d is not accepted"),
+        (("-c", "rm -rf /"), "option -c is not accepted"),
+        (("-k",), "option -k is not accepted"),
+        (("--use-server",), "option --use-server is not accepted"),
+        (("--sysroot=/",), "option --sysroot is not accepted"),
+        (("--run=bpf",), "option --run is not accepted"),  # no abbreviations
+        (("-",), "standard input"),
+        (("-p", "2"), "option -p must not be among the options"),
+        (("-r", "x"), "option -r must not be among the options"),
+        (("--privilege=stapdev",), "option --privilege must not be among the options"),
+        (("--unprivileged",), "option --unprivileged must not be among the options"),
+        (("-s",), "needs a value"),
+        (("-s", "lots"), "invalid value 'lots' for option -s"),
+        (("-D", ""), "invalid value"),
+        (("-D", "1=x"), "invalid value"),
+        (("--runtime=dyninst",), "invalid value 'dyninst'"),
+        (("--bpf=yes",), "takes no value"),
+    ],
+)
+def test_refused_for_everyone(options: tuple[str, ...], message: str) -> None:
+    with pytest.raises(PolicyError, match=message):
+        parse_options(options, False, "kmod")
+
+
+def test_value_that_looks_like_an_option_stays_a_value() -> None:
+    # getopt reads "-D -g" as -D with value "-g"; re-emitted attached, stap agrees.
+    with pytest.raises(PolicyError, match="invalid value '-g'"):
+        parse_options(("-D", "-g"), False, "kmod")
+    assert parse_options(("-E", "-g"), True, "kmod").options == ("-E-g",)
+
+
+@pytest.mark.parametrize("options", [("--runtime=bpf",), ("--runtime", "bpf"), ("--bpf",)])
+def test_runtime_option_selects_bpf(options: tuple[str, ...]) -> None:
+    parsed = parse_options(options, False, "kmod")
+    assert parsed == ParsedOptions((), (), "bpf")
+
+
+def test_release_and_arch_must_be_served() -> None:
+    with pytest.raises(PolicyError) as err:
+        check_request(dataclasses.replace(REQ, release="2.6.32"), RELEASES, "x86_64")
+    assert str(err.value) == (
+        "kernel release 2.6.32 is not supported by this server; "
+        "it compiles for: 6.1.0-56-amd64, 6.18.44-fc"
+    )
+    with pytest.raises(PolicyError, match="architecture aarch64 is not supported"):
+        check_request(dataclasses.replace(REQ, arch="aarch64"), RELEASES, "x86_64")
+
+
+def test_stapusr_module_name_and_tapsets_refused() -> None:
+    usr = dataclasses.replace(REQ, privilege="stapusr")
+    assert check_request(usr, RELEASES, "x86_64") == ParsedOptions((), (), "kmod")
+    with pytest.raises(PolicyError) as err:
+        check_request(dataclasses.replace(usr, module_name="m"), RELEASES, "x86_64")
+    assert str(err.value) == _usr("-m")
+    with pytest.raises(PolicyError) as err:
+        check_request(dataclasses.replace(usr, tapsets=(Tapset("a.stp", ""),)), RELEASES, "x86_64")
+    assert str(err.value) == _usr("-I")
+
+
+def test_stap_command_for_a_file() -> None:
+    req = dataclasses.replace(REQ, privilege="stapusr", options=("-v", "arg"))
+    parsed = check_request(req, RELEASES, "x86_64")
+    assert stap_command("/usr/bin/stap", req, parsed, None) == [
+        "/usr/bin/stap",
+        "-v",
+        "-p4",
+        "-r",
+        RELEASES[0],
+        "--privilege=stapusr",
+        "--",
+        "hello.stp",
+        "arg",
+    ]
+
+
+def test_stap_command_for_eval_with_tapsets_and_name() -> None:
+    req = dataclasses.replace(
+        REQ,
+        script_name=None,
+        eval=True,
+        runtime="bpf",
+        module_name="hello",
+        tapsets=(Tapset("a.stp", ""),),
+    )
+    parsed = check_request(req, RELEASES, "x86_64")
+    assert stap_command("stap", req, parsed, "/w/tapsets") == [
+        "stap",
+        "--runtime=bpf",
+        "-p4",
+        "-r",
+        RELEASES[0],
+        "-m",
+        "hello",
+        "-I",
+        "/w/tapsets",
+        "-e",
+        REQ.script_text,
+        "--",
+    ]
+
+
+def test_module_file_name() -> None:
+    assert module_file_name("anything\n", "hello", "bpf") == "hello.bo"
+    assert module_file_name("stap_123.ko\n", None, "kmod") == "stap_123.ko"
+    assert module_file_name("warning\nstap_9.bo\n", None, "bpf") == "stap_9.bo"
+    for bad in ("", "../x.ko\n", "stap_1.bo\n", "/tmp/x.ko\n", "Evil.ko\n"):
+        assert module_file_name(bad, None, "kmod") is None

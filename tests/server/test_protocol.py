@@ -1,0 +1,209 @@
+"""The wire format: round trips and what a decoder refuses."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from typing import Any
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from stapinit.protocol import (
+    PRIVILEGES,
+    CompileRequest,
+    CompileResponse,
+    Module,
+    Privilege,
+    ProtocolError,
+    ServerInfo,
+    Tapset,
+    check_file_name,
+    check_module_name,
+    check_tapset_path,
+    decode_compile_request,
+    decode_compile_response,
+    decode_error,
+    decode_server_info,
+    encode_compile_request,
+    encode_compile_response,
+    encode_error,
+    encode_server_info,
+)
+
+REQ = CompileRequest(
+    script_text="probe begin { exit() }",
+    script_name="hello.stp",
+    release="6.1.0-56-amd64",
+    arch="x86_64",
+    tapsets=(Tapset("sub/lib.stp", "function f() { return 1 }"),),
+    options=("-v", "arg1"),
+    module_name="hello",
+    privilege="stapusr",
+    runtime="bpf",
+)
+
+
+def _wire(req: CompileRequest = REQ, **changes: Any) -> bytes:
+    obj = json.loads(encode_compile_request(req))
+    obj.update(changes)
+    return json.dumps(obj).encode()
+
+
+def test_request_round_trip_and_wire_shape() -> None:
+    data = encode_compile_request(REQ)
+    assert decode_compile_request(data) == REQ
+    obj = json.loads(data)
+    assert obj["script"] == {"name": "hello.stp", "text": REQ.script_text}
+    assert obj["tapsets"] == [{"path": "sub/lib.stp", "text": "function f() { return 1 }"}]
+    assert set(obj) == {
+        "script",
+        "eval",
+        "tapsets",
+        "options",
+        "module_name",
+        "release",
+        "arch",
+        "privilege",
+        "runtime",
+    }
+
+
+def test_eval_request_has_no_name() -> None:
+    req = CompileRequest(script_text="probe begin {}", release="r1", arch="x86_64", eval=True)
+    assert decode_compile_request(encode_compile_request(req)) == req
+    with pytest.raises(ProtocolError, match="no file name"):
+        decode_compile_request(_wire(req, script={"name": "x.stp", "text": ""}))
+    with pytest.raises(ProtocolError, match="needs a name"):
+        decode_compile_request(_wire(req, eval=False))
+
+
+@pytest.mark.parametrize(
+    ("changes", "message"),
+    [
+        ({"privilege": "root"}, "unknown privilege"),
+        ({"runtime": "dyninst"}, "unknown runtime"),
+        ({"eval": 1}, "wrong type"),
+        ({"options": ["-v", 3]}, "list of strings"),
+        ({"release": "../../etc"}, "invalid kernel release"),
+        ({"module_name": "Evil-Name"}, "invalid module name"),
+        ({"module_name": "a" * 56}, "invalid module name"),
+        ({"script": {"name": "../x.stp", "text": ""}}, "unsafe script name"),
+        ({"script": {"name": "-o.stp", "text": ""}}, "unsafe script name"),
+        ({"tapsets": [{"path": "/etc/passwd", "text": ""}]}, "unsafe tapset path"),
+        ({"tapsets": [{"path": "a/../../b.stp", "text": ""}]}, "unsafe tapset path"),
+        ({"tapsets": [{"path": "a.stp", "text": ""}] * 2}, "given twice"),
+        ({"tapsets": ["a.stp"]}, "must be an object"),
+        (
+            {"tapsets": [{"path": "a", "text": ""}, {"path": "a/b.stp", "text": ""}]},
+            "'a' is also a directory",
+        ),
+    ],
+)
+def test_bad_requests_are_refused(changes: dict[str, Any], message: str) -> None:
+    with pytest.raises(ProtocolError, match=message):
+        decode_compile_request(_wire(**changes))
+
+
+def test_missing_fields_and_non_json() -> None:
+    obj = json.loads(_wire())
+    del obj["release"]
+    with pytest.raises(ProtocolError, match="missing field 'release'"):
+        decode_compile_request(json.dumps(obj).encode())
+    for junk in (b"\xff\xfe", b"[1, 2]", b"{"):
+        with pytest.raises(ProtocolError):
+            decode_compile_request(junk)
+
+
+def test_encoder_refuses_what_the_decoder_would() -> None:
+    with pytest.raises(ProtocolError):
+        encode_compile_request(CompileRequest("x", "r", "a", script_name="a/b.stp"))
+
+
+@pytest.mark.parametrize("name", ["", ".", "..", "a/b", ".hidden", "-rf", "a\0b", "x" * 256])
+def test_unsafe_file_names(name: str) -> None:
+    with pytest.raises(ProtocolError):
+        check_file_name(name, "name")
+
+
+def test_safe_names_pass() -> None:
+    assert check_file_name("my script.stp", "name") == "my script.stp"
+    assert check_tapset_path("a/b/c.stp") == "a/b/c.stp"
+    assert check_module_name("stap_1234") == "stap_1234"
+
+
+def test_effective_runtime_honours_options() -> None:
+    base = CompileRequest("x", "r", "a", eval=True)
+    assert base.effective_runtime() == "kmod"
+    assert CompileRequest("x", "r", "a", eval=True, options=("--runtime=bpf",)).runtime == "kmod"
+    assert (
+        CompileRequest("x", "r", "a", eval=True, options=("--runtime=bpf",)).effective_runtime()
+        == "bpf"
+    )
+    with_space = CompileRequest("x", "r", "a", eval=True, options=("--runtime", "bpf"))
+    assert with_space.effective_runtime() == "bpf"
+
+
+def test_response_round_trip() -> None:
+    resp = CompileResponse(
+        0, "hello.bo\n", "WARNING: x\n", Module("hello.bo", b"\0\1\2"), b"{}", cached=True
+    )
+    assert decode_compile_response(encode_compile_response(resp)) == resp
+    failed = CompileResponse(1, "", "semantic error\n")
+    assert decode_compile_response(encode_compile_response(failed)) == failed
+
+
+def test_response_with_unsafe_module_name_is_refused() -> None:
+    obj = json.loads(encode_compile_response(CompileResponse(0, "", "", Module("a.bo", b"x"))))
+    obj["module"]["name"] = "../../.bashrc"
+    with pytest.raises(ProtocolError, match="unsafe module file name"):
+        decode_compile_response(json.dumps(obj).encode())
+    obj["module"] = {"name": "a.bo", "data": "not base64!"}
+    with pytest.raises(ProtocolError, match="base64"):
+        decode_compile_response(json.dumps(obj).encode())
+
+
+def test_server_info_round_trip() -> None:
+    info = ServerInfo("0.3.0", "4.8/0.188", "x86_64", ("6.1.0",), "SHA256:" + "0" * 64)
+    data = encode_server_info(info)
+    assert json.loads(data)["server"] == "stap-server"
+    assert decode_server_info(data) == info
+
+
+def test_errors_are_one_line() -> None:
+    assert decode_error(encode_error("bad\nthing  here")) == "bad thing here"
+    assert decode_error(b"<html>Bad Gateway</html>") == "<html>Bad Gateway</html>"
+    assert decode_error(b"") == "(empty error body)"
+
+
+_text = st.text(st.characters(exclude_characters="\0", exclude_categories=["Cs"]))
+_name = st.from_regex(r"[A-Za-z0-9_][A-Za-z0-9_.+ -]{0,30}", fullmatch=True)
+
+
+@given(
+    text=_text,
+    name=_name,
+    options=st.lists(_text, max_size=5),
+    tapsets=st.dictionaries(_name, _text, max_size=3),
+    privilege=st.sampled_from(PRIVILEGES),
+)
+def test_any_valid_request_round_trips(
+    text: str, name: str, options: list[str], tapsets: dict[str, str], privilege: Privilege
+) -> None:
+    req = CompileRequest(
+        script_text=text,
+        script_name=name,
+        release="6.1.0-56-amd64",
+        arch="x86_64",
+        options=tuple(options),
+        tapsets=tuple(Tapset(p, t) for p, t in tapsets.items()),
+        privilege=privilege,
+    )
+    assert decode_compile_request(encode_compile_request(req)) == req
+
+
+@given(data=st.binary(max_size=200))
+def test_decoder_never_crashes(data: bytes) -> None:
+    with contextlib.suppress(ProtocolError):
+        decode_compile_request(data)
