@@ -1,14 +1,12 @@
 from __future__ import annotations
 
-import os
-import signal
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
-from tests.support.prefix import Prefix, process_alive
+from tests.support.prefix import Prefix
 
 TICK = (
     "global n\n"
@@ -26,17 +24,6 @@ class Hosts:
     root: Path
 
 
-def _stop_leftovers(prefix: Prefix) -> None:
-    """Kill whatever a failed test left running, so nothing outlives the suite."""
-    for status_file in prefix.stat.glob("*"):
-        if status_file.name.startswith("."):
-            continue
-        for line in status_file.read_text().splitlines():
-            key, _, value = line.partition("=")
-            if key == "pid" and value.isdigit() and int(value) > 0 and process_alive(int(value)):
-                os.kill(int(value), signal.SIGKILL)
-
-
 @pytest.fixture
 def hosts(tmp_path: Path, stapbpf_wrapper: Path) -> Iterator[Hosts]:
     """Two separate prefixes; the target's STAP does not exist, as on a production host."""
@@ -51,5 +38,5 @@ def hosts(tmp_path: Path, stapbpf_wrapper: Path) -> Iterator[Hosts]:
         },
     )
     yield Hosts(build, target, tmp_path)
-    _stop_leftovers(target)
-    _stop_leftovers(build)
+    target.kill_leftovers()
+    build.kill_leftovers()

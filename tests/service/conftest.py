@@ -1,26 +1,13 @@
 from __future__ import annotations
 
 import json
-import os
-import signal
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from tests.support.prefix import SUPPORT, Prefix, process_alive
-
-
-def _stop_leftovers(prefix: Prefix) -> None:
-    """Kill whatever a failed test left running, so nothing outlives the suite."""
-    for status_file in prefix.stat.glob("*"):
-        if status_file.name.startswith("."):
-            continue
-        for line in status_file.read_text().splitlines():
-            key, _, value = line.partition("=")
-            if key == "pid" and value.isdigit() and int(value) > 0 and process_alive(int(value)):
-                os.kill(int(value), signal.SIGKILL)
+from tests.support.prefix import SUPPORT, Prefix
 
 
 @pytest.fixture
@@ -28,7 +15,7 @@ def bpf_prefix(tmp_path: Path, stapbpf_wrapper: Path) -> Iterator[Prefix]:
     """A prefix using the real stap and the real stapbpf."""
     prefix = Prefix(tmp_path / "prefix", {"STAPBPF": str(stapbpf_wrapper)})
     yield prefix
-    _stop_leftovers(prefix)
+    prefix.kill_leftovers()
 
 
 class FakeTools:
@@ -70,4 +57,4 @@ def kmod_prefix(tmp_path: Path, fake_tools: FakeTools) -> Iterator[Prefix]:
         env=fake_tools.env,
     )
     yield prefix
-    _stop_leftovers(prefix)
+    prefix.kill_leftovers()

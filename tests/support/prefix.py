@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import shlex
+import signal
 import subprocess
 import sys
 import time
@@ -92,6 +93,17 @@ class Prefix:
     def status_json(self) -> dict[str, dict[str, Any]]:
         done = self.run("status", "--json")
         return {s["name"]: s for s in json.loads(done.stdout)["scripts"]}
+
+    def kill_leftovers(self) -> None:
+        """Kill whatever a failed test left running, so nothing outlives the suite."""
+        for status_file in self.stat.glob("*"):
+            if status_file.name.startswith("."):
+                continue
+            for line in status_file.read_text().splitlines():
+                key, _, value = line.partition("=")
+                pid = int(value) if key == "pid" and value.isdigit() else 0
+                if pid > 0 and process_alive(pid):
+                    os.kill(pid, signal.SIGKILL)
 
     def log(self) -> str:
         return self.log_file.read_text() if self.log_file.exists() else ""

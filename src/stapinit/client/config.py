@@ -12,13 +12,12 @@ Section ``[client]``::
 
 from __future__ import annotations
 
-import configparser
-from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Final
 
 from stapinit.client.options import ServerAddress, UsageError, parse_server
+from stapinit.inifile import IniError, read_section
 from stapinit.loader.config import DEFAULT_SOCKET
 from stapinit.protocol import Runtime
 from stapinit.trust.stores import StorePaths
@@ -54,15 +53,10 @@ def apply_config_text(
     base: ClientConfig, text: str, origin: str, default_port: int
 ) -> ClientConfig:
     """``base`` updated by the settings in ``text`` (pure)."""
-    parser = configparser.ConfigParser(interpolation=None, inline_comment_prefixes=("#",))
     try:
-        parser.read_string(text, source=origin)
-    except configparser.Error as exc:
-        raise ClientConfigError(f"{origin}: {' '.join(str(exc).split())}") from None
-    section: Mapping[str, str] = parser["client"] if parser.has_section("client") else {}
-    unknown = set(section) - _KEYS
-    if unknown:
-        raise ClientConfigError(f"{origin}: unknown setting(s) {', '.join(sorted(unknown))}")
+        section = read_section(text, origin, "client", _KEYS)
+    except IniError as exc:
+        raise ClientConfigError(str(exc)) from None
     config = base
     try:
         if "servers" in section:

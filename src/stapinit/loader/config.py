@@ -16,13 +16,12 @@ caller's.
 
 from __future__ import annotations
 
-import configparser
 import shutil
-from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Final
 
+from stapinit.inifile import IniError, read_section
 from stapinit.trust.stores import StorePaths
 
 DEFAULT_SOCKET: Final = Path("/run/stap-loader.sock")
@@ -69,15 +68,10 @@ def default_config_file(paths: StorePaths) -> Path:
 
 def parse_config(text: str, origin: str, paths: StorePaths) -> LoaderConfig:
     """Build a configuration from the text of a config file (pure)."""
-    parser = configparser.ConfigParser(interpolation=None)
     try:
-        parser.read_string(text, source=origin)
-    except configparser.Error as exc:
-        raise ConfigError(f"{origin}: {' '.join(str(exc).split())}") from None
-    section: Mapping[str, str] = parser["loader"] if parser.has_section("loader") else {}
-    unknown = set(section) - _KEYS
-    if unknown:
-        raise ConfigError(f"{origin}: unknown setting(s) {', '.join(sorted(unknown))}")
+        section = read_section(text, origin, "loader", _KEYS)
+    except IniError as exc:
+        raise ConfigError(str(exc)) from None
     try:
         stop_timeout = float(section.get("stop_timeout", "5"))
         max_sessions = int(section.get("max_sessions", "16"))
