@@ -211,3 +211,13 @@ def test_missing_log_directory_is_named(bpf_prefix: Prefix, tmp_path: Path) -> N
     done = bpf_prefix.run("compile")
     assert done.returncode == 1
     assert f"log directory {tmp_path / 'nowhere'} does not exist" in done.stderr
+
+
+def test_names_and_releases_cannot_reach_outside_the_cache(bpf_prefix: Prefix) -> None:
+    victim = bpf_prefix.root / "cache" / "precious.ko"
+    victim.write_text("not yours")
+    cleanup = bpf_prefix.run("cleanup", "-y", "../precious")
+    assert cleanup.returncode == 2 and "'../precious' is not a valid script name" in cleanup.stderr
+    traversal = bpf_prefix.run("cleanup", "-y", "-r", "..", "precious")
+    assert traversal.returncode == 2 and "'..' is not a kernel release" in traversal.stderr
+    assert victim.read_text() == "not yours"

@@ -253,3 +253,14 @@ def test_status_file_of_a_deleted_script_is_reported_and_stopped(bpf_prefix: Pre
     stop = bpf_prefix.run("stop")
     assert stop.returncode == 0 and "Stopped gone" in stop.stdout
     assert not process_alive(pid) and not (bpf_prefix.stat / "gone").exists()
+
+
+def test_stop_finds_a_script_whose_runtime_was_changed_since_start(bpf_prefix: Prefix) -> None:
+    add_ticker(bpf_prefix, "switched")
+    assert bpf_prefix.run("start").returncode == 0
+    pid = pid_of(bpf_prefix, "switched")
+    bpf_prefix.configure("switched", options="")  # now a kernel-module script
+    assert f"switched({pid}) is running..." in bpf_prefix.run("status").stdout
+    stop = bpf_prefix.run("stop")
+    assert stop.returncode == 0 and "Stopped switched" in stop.stdout
+    assert not process_alive(pid)

@@ -25,6 +25,7 @@ from stapinit.service.commands import (
 )
 from stapinit.service.lock import LockError
 from stapinit.service.log import Log, LogError
+from stapinit.service.scripts import is_valid_name
 from stapinit.service.settings import load_settings
 
 COMMANDS = (
@@ -132,6 +133,12 @@ def parse_command_line(argv: Sequence[str]) -> tuple[str, Path | None, Request]:
         if len(scripts) != 1:
             raise UsageError("unpack takes exactly one archive file")
         archive, scripts = Path(scripts[0]), ()
+    # Names and releases become file names under CACHE_PATH and STAT_PATH.
+    for name in scripts:
+        if not is_valid_name(name):
+            raise UsageError(f"{name!r} is not a valid script name")
+    if release is not None and (not release or "/" in release or release in (".", "..")):
+        raise UsageError(f"{release!r} is not a kernel release")
     request = Request(scripts, release, recursive, assume_yes, as_json, archive, all_kernels)
     return command, config, request
 

@@ -205,12 +205,17 @@ class Service:
 
     # -- start and stop ----------------------------------------------------
 
-    def _runtime(self, script: Script) -> Runtime:
-        return runtime_for(script.runtime, self.tools)
+    def _runtime(self, script: Script, record: status.StatusRecord | None = None) -> Runtime:
+        """The runtime a script is started with, or, once started, the one it runs under.
+
+        The status file wins: NAME_OPT may have changed runtime since the start,
+        and the running process must still be found and stopped.
+        """
+        return runtime_for(record.runtime if record else script.runtime, self.tools)
 
     def _is_running(self, script: Script) -> bool:
         record = status.read(self.settings.stat_path, script.name)
-        return self._runtime(script).is_running(script.name, record)
+        return self._runtime(script, record).is_running(script.name, record)
 
     def _lock(self, command: str) -> ServiceLock:
         stat_path = self.settings.stat_path
@@ -305,7 +310,7 @@ class Service:
             self.check_interrupted()
             script = scripts[name]
             record = status.read(stat_path, name)
-            runtime = self._runtime(script)
+            runtime = self._runtime(script, record)
             if not runtime.is_running(name, record):
                 if record is not None:
                     status.remove(stat_path, name)
@@ -394,7 +399,7 @@ class Service:
         kernel: KernelIdentity,
     ) -> dict[str, object]:
         record = status.read(self.settings.stat_path, script.name)
-        running = self._runtime(script).is_running(script.name, record)
+        running = self._runtime(script, record).is_running(script.name, record)
         if running and record is not None:
             state = "running"
         elif running:
