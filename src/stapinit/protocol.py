@@ -25,14 +25,20 @@ SERVER_NAME: Final = "stap-server"
 INFO_PATH: Final = "/"
 COMPILE_PATH: Final = "/compile"
 CONTENT_TYPE: Final = "application/json"
+#: The TCP port stap-server listens on and stap-client connects to by default.
+DEFAULT_PORT: Final = 9740
 
 Privilege = Literal["stapdev", "stapusr"]
 Runtime = Literal["kmod", "bpf"]
 PRIVILEGES: Final[tuple[Privilege, ...]] = ("stapdev", "stapusr")
 RUNTIMES: Final[tuple[Runtime, ...]] = ("kmod", "bpf")
 
-#: stap's own rule for ``-m`` (longer names are silently truncated by stap, so refuse).
+#: A module name (the file name without its suffix): stap's own rule for ``-m``
+#: (longer names are silently truncated by stap, so refuse), which also covers the
+#: names stap makes up itself (``stap_<hash>_<pid>``).
 MODULE_NAME_RE: Final = re.compile(r"[a-z0-9_]{1,55}")
+#: Largest module the server returns and the loader accepts.
+MAX_MODULE_BYTES: Final = 64 * 1024 * 1024
 #: Extension of a compiled module per runtime.
 MODULE_SUFFIX: Final[Mapping[Runtime, str]] = {"kmod": ".ko", "bpf": ".bo"}
 MAX_NAME_BYTES: Final = 255
@@ -71,7 +77,9 @@ class CompileRequest:
     ``script_name`` is the base name of the script file, ``None`` for ``-e`` text
     (then ``eval`` is true).  ``options`` are the remaining stap options; the ones
     with dedicated fields (``-e -I -r -p -m --privilege --unprivileged``) are not
-    repeated there.
+    repeated there.  ``runtime`` is the runtime field; ``--runtime=bpf`` or ``--bpf``
+    among the options select BPF as well, which only the server's option parser
+    (:func:`stapinit.server.policy.parse_options`) decides.
     """
 
     script_text: str
@@ -84,16 +92,6 @@ class CompileRequest:
     module_name: str | None = None
     privilege: Privilege = "stapdev"
     runtime: Runtime = "kmod"
-
-    def effective_runtime(self) -> Runtime:
-        """The runtime asked for, honouring ``--runtime=bpf`` or ``--bpf`` among the options."""
-        opts = self.options
-        for i, opt in enumerate(opts):
-            if opt in ("--runtime=bpf", "--bpf") or (
-                opt == "--runtime" and i + 1 < len(opts) and opts[i + 1] == "bpf"
-            ):
-                return "bpf"
-        return self.runtime
 
 
 @dataclass(frozen=True)

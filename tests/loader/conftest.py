@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from stapinit.loader import wire
+from tests.trust.bpfmodules import HELLO_SCRIPT, build_victim, compile_bo, process_probe_script
 from tests.trust.people import VENV_BIN, User, ensure_users, run_as, shared_tmpdir
 
 PROBE = Path(__file__).with_name("probe_client.py")
@@ -72,11 +73,14 @@ def start_loader(
     stop_timeout: float = 2.0,
     stapbpf: Path | None = None,
     signer_store: Path | None = None,
+    staprun: Path | None = None,
+    settings: dict[str, str] | None = None,
 ) -> Loader:
     """Start a real stap-loader (as root) on ``base/loader.sock``.
 
-    Modules run with ``stapbpf`` if given, else with a stand-in (also used for
-    staprun); trusted signers come from ``signer_store`` (default: under ``base``).
+    Modules run with ``stapbpf`` and ``staprun`` if given, else with a stand-in;
+    trusted signers come from ``signer_store`` (default: under ``base``);
+    ``settings`` are further lines of the ``[loader]`` section.
     """
     marker = base / "stopped-cleanly"
     tool = base / "stand-in"
@@ -86,7 +90,8 @@ def start_loader(
     config = base / "stap-loader.conf"
     config.write_text(
         f"[loader]\nsocket = {base / 'loader.sock'}\nstapbpf = {stapbpf or tool}\n"
-        f"staprun = {tool}\nsigner_store = {signers}\nstop_timeout = {stop_timeout}\n"
+        f"staprun = {staprun or tool}\nsigner_store = {signers}\nstop_timeout = {stop_timeout}\n"
+        + "".join(f"{key} = {value}\n" for key, value in (settings or {}).items())
     )
     log = base / "loader.log"
     with open(log, "wb") as log_file:
@@ -112,6 +117,27 @@ def stop_loader(loader: Loader) -> None:
     except subprocess.TimeoutExpired:
         loader.proc.kill()
         loader.proc.wait()
+
+
+@dataclass(frozen=True)
+class RealModules:
+    """Modules compiled by the real stap (BPF runtime) for stapusr."""
+
+    victim: Path
+    uprobe: bytes  # a process probe on the victim, and a begin probe
+    hello: bytes  # a begin probe only
+
+
+@pytest.fixture(scope="session")
+def real_modules(tmp_path_factory: pytest.TempPathFactory) -> RealModules:
+    """A victim program and two real ``.bo`` files (one probing the victim)."""
+    base = tmp_path_factory.mktemp("loader-modules")
+    victim = build_victim(base)
+    return RealModules(
+        victim,
+        compile_bo(base, "uprobe_mod", process_probe_script(victim)),
+        compile_bo(base, "hello_mod", HELLO_SCRIPT),
+    )
 
 
 @pytest.fixture

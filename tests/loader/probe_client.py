@@ -1,13 +1,17 @@
 """A bare stap-loader client, run as a test user: send raw bytes, report the frames.
 
-usage: python probe_client.py SOCKET REQUEST_FILE (all|close|halfclose)
+usage: python probe_client.py SOCKET REQUEST_FILE (all|close|halfclose|wait=SECONDS)
 
 ``close`` closes the connection after the first output frame, ``halfclose``
-shuts down the sending side there and keeps reading.  Prints the frames as JSON.
+shuts down the sending side there and keeps reading, ``wait=SECONDS`` gives up
+reading after that long (reported as a frame of type ``_timeout``).  A reset
+after the loader's last frame (it refused without reading everything) ends the
+list like an EOF.  Prints the frames as JSON.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import socket
 import sys
@@ -20,10 +24,18 @@ def main() -> None:
     frames: list[dict[str, object]] = []
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
         sock.connect(path)
-        with open(request_file, "rb") as req:
-            sock.sendall(req.read())
+        if mode.startswith("wait="):
+            sock.settimeout(float(mode.removeprefix("wait=")))
+        with open(request_file, "rb") as req, contextlib.suppress(BrokenPipeError):
+            sock.sendall(req.read())  # refused before it was all read: the answer still comes
         while True:
-            frame = wire.read_frame(sock, 1 << 30)
+            try:
+                frame = wire.read_frame(sock, 1 << 30)
+            except TimeoutError:
+                frames.append({"header": {"type": "_timeout"}, "payload": ""})
+                break
+            except ConnectionResetError:
+                break
             if frame is None:
                 break
             frames.append({"header": frame.header, "payload": frame.payload.decode("latin-1")})

@@ -29,7 +29,7 @@ def test_defaults_without_a_file() -> None:
 def test_settings_are_read() -> None:
     config = parse_config(
         "[loader]\nsocket = /tmp/l.sock\nstapbpf = /opt/stapbpf\nsigner_store = /s\n"
-        "stop_timeout = 1.5\nmax_sessions = 3\nmax_sessions_per_user = 1\n",
+        "stop_timeout = 1.5\nmax_sessions = 3\nmax_sessions_per_user = 1\nio_timeout = 2.5\n",
         "test.conf",
         PATHS,
     )
@@ -37,6 +37,7 @@ def test_settings_are_read() -> None:
     assert config.stapbpf == "/opt/stapbpf" and config.staprun == "staprun"
     assert config.signer_store == Path("/s")
     assert (config.stop_timeout, config.max_sessions, config.max_sessions_per_user) == (1.5, 3, 1)
+    assert config.io_timeout == 2.5
 
 
 @pytest.mark.parametrize(
@@ -45,6 +46,10 @@ def test_settings_are_read() -> None:
         ("[loader]\nstapbfp = x\n", "test.conf: unknown setting\\(s\\) stapbfp"),
         ("[loader]\nmax_sessions = many\n", "test.conf: invalid literal"),
         ("[loader]\nstop_timeout = 0\n", "must be positive"),
+        ("[loader]\nio_timeout = -1\n", "must be positive"),
+        ("[loader]\nio_timeout = nan\n", "must be positive"),
+        ("[loader]\nio_timeout = inf\n", "must be positive"),
+        ("[loader]\nmax_sessions = 0\n", "must be positive"),
         ("[loader]\nsocket = a\nsocket = b\n", "test.conf: While reading"),
         ("socket = a\n", "test.conf: File contains no section headers"),
     ],

@@ -3,12 +3,21 @@
 from __future__ import annotations
 
 import dataclasses
+import typing
 
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from stapinit.loader.policy import Caller, Host, Level, SignatureStatus, caller_level, may_load
+from stapinit.loader.policy import (
+    Caller,
+    Host,
+    Level,
+    SignatureStatus,
+    caller_level,
+    may_load,
+    must_check_user_space,
+)
 from stapinit.trust.signing import Manifest
 
 HOST = Host("6.1.0-test", "x86_64")
@@ -27,14 +36,10 @@ DEV = Caller(1001, "dev", frozenset({"stapdev"}))
 SYS = Caller(1002, "sys", frozenset({"stapsys"}))
 USR = Caller(1003, "usr", frozenset({"stapusr", "users"}))
 PLAIN = Caller(1004, "plain", frozenset({"users"}))
-STATUSES: tuple[SignatureStatus, ...] = (
-    "unsigned",
-    "valid",
-    "malformed",
-    "untrusted-signer",
-    "bad-signature",
-    "module-altered",
+STATUSES: tuple[SignatureStatus, ...] = tuple(
+    status for part in typing.get_args(SignatureStatus) for status in typing.get_args(part)
 )
+UPROBE = "uprobe/p/0/4400/tmp/elf/victim"
 
 
 def test_levels() -> None:
@@ -73,6 +78,8 @@ def test_stapusr_loads_a_validly_signed_module(caller: Caller) -> None:
         ("bad-signature", "has been altered since it was signed"),
         ("module-altered", "has been altered since it was signed"),
         ("malformed", "unusable signature"),
+        ("signer-expired", "could not be loaded: the checker's words"),
+        ("signer-not-yet-valid", "could not be loaded: the checker's words"),
     ],
 )
 def test_stapusr_refusals_say_why(status: SignatureStatus, phrase: str) -> None:
@@ -100,6 +107,51 @@ def test_signed_manifest_must_fit_caller_and_host(change: dict[str, str], phrase
     decision = may_load(USR, MODULE, manifest, "valid", HOST)
     assert not decision.allowed
     assert phrase in decision.reason
+
+
+@pytest.mark.parametrize(
+    ("status", "phrase"),
+    [
+        ("signer-expired", "the signer's certificate has expired"),
+        ("signer-not-yet-valid", "the signer's certificate is not yet valid"),
+    ],
+)
+def test_signer_validity_refusals_stand_without_detail(
+    status: SignatureStatus, phrase: str
+) -> None:
+    decision = may_load(USR, MODULE, None, status, HOST)
+    assert (decision.allowed, decision.reason) == (
+        False,
+        f"module hello.bo could not be loaded: {phrase}",
+    )
+
+
+def test_all_statuses_are_covered() -> None:
+    assert len(STATUSES) == 8 and "signer-expired" in STATUSES
+
+
+@pytest.mark.parametrize("caller", [USR, SYS])
+def test_a_bpf_module_probing_user_space_is_refused_below_stapdev(caller: Caller) -> None:
+    assert must_check_user_space(caller, "hello.bo")
+    decision = may_load(caller, MODULE, SIGNED, "valid", HOST, user_space_probes=[UPROBE])
+    assert not decision.allowed
+    assert decision.reason == (
+        f"module hello.bo probes user space ({UPROBE}): user-space probes are not allowed "
+        "for unprivileged users under the BPF runtime"
+    )
+
+
+@pytest.mark.parametrize("caller", [ROOT, DEV])
+def test_stapdev_may_probe_user_space_under_bpf(caller: Caller) -> None:
+    assert not must_check_user_space(caller, "hello.bo")
+    assert may_load(caller, MODULE, None, "unsigned", HOST, user_space_probes=[UPROBE]).allowed
+
+
+def test_kernel_modules_and_ordinary_users_are_not_examined() -> None:
+    # The kernel-module runtime confines a stapusr module to the caller's processes;
+    # an ordinary user is refused before anything is examined.
+    assert not must_check_user_space(USR, "hello.ko")
+    assert not must_check_user_space(PLAIN, "hello.bo")
 
 
 def test_stapsys_may_load_stapsys_but_stapusr_may_not() -> None:

@@ -5,12 +5,15 @@ from __future__ import annotations
 import json
 import socket
 import struct
+import threading
+import time
 
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
 from stapinit.loader import wire
+from stapinit.protocol import MAX_MODULE_BYTES
 
 
 def frame_of(data: bytes) -> wire.Frame:
@@ -19,7 +22,7 @@ def frame_of(data: bytes) -> wire.Frame:
     with left, right:
         left.sendall(data)
         left.shutdown(socket.SHUT_WR)
-        frame = wire.read_frame(right, wire.MAX_MODULE_BYTES)
+        frame = wire.read_frame(right, MAX_MODULE_BYTES)
     assert frame is not None
     return frame
 
@@ -137,7 +140,7 @@ def test_signature_is_split_from_module() -> None:
     ("data", "match"),
     [
         (struct.pack(">I", wire.MAX_HEADER + 1), "header too large"),
-        (raw_frame({"size": wire.MAX_MODULE_BYTES + 1}), "exceeds the limit"),
+        (raw_frame({"size": MAX_MODULE_BYTES + 1}), "exceeds the limit"),
         (raw_frame({"size": -1}), "non-negative"),
         (struct.pack(">I", 4) + b"[1] ", "not a JSON object"),
         (struct.pack(">I", 3) + b"{{{", "not JSON"),
@@ -162,3 +165,47 @@ def test_loader_messages() -> None:
     out = frame_of(wire.output("stderr", b"bytes\x00\xff"))
     assert (out.type, out.header["stream"], out.payload) == ("output", "stderr", b"bytes\x00\xff")
     assert frame_of(wire.exited(3)).header == {"type": "exit", "status": 3}
+
+
+def test_a_payload_is_read_into_one_buffer_that_becomes_the_module() -> None:
+    data = wire.encode_load_request(wire.LoadRequest("a.bo", b"module", b"sig"))
+    frame = frame_of(data)
+    assert isinstance(frame.payload, bytearray) and len(frame.payload) == 9
+    req = wire.parse_load_request(frame)
+    assert (req.module, req.signature) == (b"module", b"sig")
+    assert req.module is frame.payload  # not copied
+
+
+def test_one_deadline_bounds_the_whole_frame() -> None:
+    # Each byte arrives well within any per-read timeout; the frame as a whole does not.
+    left, right = socket.socketpair()
+    stop = threading.Event()
+
+    def drip() -> None:
+        left.sendall(raw_frame({"size": 100}))
+        while not stop.wait(0.05):
+            try:
+                left.send(b"x")
+            except OSError:
+                return
+
+    dripper = threading.Thread(target=drip)
+    dripper.start()
+    started = time.monotonic()
+    try:
+        with pytest.raises(TimeoutError):
+            wire.read_frame(right, 1000, deadline=started + 0.5)
+    finally:
+        stop.set()
+        dripper.join()
+        left.close()
+        right.close()
+    assert 0.45 < time.monotonic() - started < 2
+
+
+def test_a_frame_within_its_deadline_is_read() -> None:
+    left, right = socket.socketpair()
+    with left, right:
+        left.sendall(wire.output("stdout", b"in time"))
+        frame = wire.read_frame(right, 1000, deadline=time.monotonic() + 5)
+    assert frame is not None and frame.payload == b"in time"

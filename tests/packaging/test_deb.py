@@ -1,9 +1,10 @@
 """The Debian package: build it, install it on this machine, run spec §5.3, remove it.
 
 This changes the machine (/usr, /etc/systemtap, /var/cache/systemtap,
-/var/log/systemtap.log), so it is one test function -- one xdist worker -- and
-its fixture purges the package and the example it added, whatever happens.
-Other tests never use those paths: they run the venv's command with ``-c``.
+/var/log/systemtap.log), so it is one test function -- one xdist worker -- that
+waits for its turn with the other package tests, and its fixture purges the
+package and the example it added, whatever happens. Other tests never use those
+paths: they run the venv's command with ``-c``.
 """
 
 from __future__ import annotations
@@ -19,8 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from stapinit import __version__
-from tests.packaging.conftest import REPO, SYSTEM_PATH
+from tests.packaging.conftest import REPO, SYSTEM_PATH, BuiltDebs
 from tests.support.prefix import RELEASE, process_alive, wait_for
 
 PACKAGE = "systemtap-initscript"
@@ -61,7 +61,7 @@ def kill_example() -> None:
 
 
 @pytest.fixture
-def clean_machine() -> Iterator[None]:
+def clean_machine(dpkg_turn: None) -> Iterator[None]:
     """No package before; afterwards no package, no example and no directory we made."""
     purge()
     if CONFIG.exists():
@@ -78,28 +78,15 @@ def clean_machine() -> Iterator[None]:
                 directory.rmdir()
 
 
-def source_tree(destination: Path) -> Path:
-    """A copy of what the package is built from, so the build writes nothing in the repo."""
-    ignore = shutil.ignore_patterns("__pycache__")
-    for name in ("debian", "data", "doc", "src/stapinit"):
-        shutil.copytree(REPO / name, destination / name, ignore=ignore)
-    shutil.copy(REPO / "Makefile", destination / "Makefile")
-    return destination
-
-
 def rc_links(prefix: str) -> list[Path]:
     return sorted(Path("/etc").glob(f"rc?.d/{prefix}*systemtap"))
 
 
+@pytest.mark.xdist_group("deb")
 def test_deb_builds_installs_runs_the_example_and_uninstalls(
-    tmp_path: Path, stapbpf_wrapper: Path, clean_machine: None
+    tmp_path: Path, stapbpf_wrapper: Path, built_debs: BuiltDebs, clean_machine: None
 ) -> None:
-    for tool in ("dpkg-buildpackage", "dh", "dh_python3"):
-        assert shutil.which(tool, path=SYSTEM_PATH), f"{tool} is not installed; run dev/setup-host"
-    source = source_tree(tmp_path / f"{PACKAGE}-{__version__}")
-    built = run("dpkg-buildpackage", "-b", "-us", "-uc", cwd=source)
-    assert built.returncode == 0, built.stdout[-3000:] + built.stderr[-3000:]
-    deb = tmp_path / f"{PACKAGE}_{__version__}_all.deb"
+    deb = built_debs.deb(PACKAGE)
 
     depends = run("dpkg-deb", "-f", deb, "Depends").stdout
     assert "systemtap" in [item.split()[0] for item in depends.split(",")]

@@ -310,14 +310,20 @@ def test_kernel_hook_compiles_ahead_and_never_fails_a_kernel_install(
     assert run_hook(RELEASE).returncode == 0
 
 
+MAINTAINER_SCRIPTS = [
+    str(p.relative_to(REPO))
+    for p in sorted((REPO / "debian").iterdir())
+    if p.suffix in (".preinst", ".postinst", ".prerm", ".postrm")
+]
+
+
 @pytest.mark.parametrize(
     "path",
     [
         "data/init.d/systemtap",
         "data/kernel/postinst.d/systemtap",
         "data/bash-completion/systemtap-service",
-        "debian/prerm",
-        "debian/postrm",
+        *MAINTAINER_SCRIPTS,
     ],
 )
 def test_shell_files_pass_shellcheck(path: str) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 import re
 import shutil
@@ -43,7 +44,9 @@ def server_factory(base_dir: Path, request: pytest.FixtureRequest) -> Iterator[S
     made: list[Server] = []
 
     def make(**settings: str) -> Server:
-        name = re.sub(r"[^A-Za-z0-9_.-]", "_", request.node.name)[:40]
+        # Short enough for paths, unique even among parametrized variants.
+        digest = hashlib.sha256(request.node.name.encode()).hexdigest()[:8]
+        name = re.sub(r"[^A-Za-z0-9_.-]", "_", request.node.name)[:32] + "-" + digest
         server = make_server(base_dir, f"{name}-{len(made)}", **settings)
         made.append(server)
         return server

@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import subprocess
 import threading
 import time
 from pathlib import Path
 
-from stapinit.protocol import CompileRequest, Tapset
-from stapinit.server.app import CompileSlots, KeyedLocks, request_log_fields
-from stapinit.server.compiler import mask_paths
+from stapinit.protocol import CompileRequest, CompileResponse, Tapset
+from stapinit.server.app import CompileSlots, InFlight, request_log_fields
+from stapinit.server.compiler import MAX_OUTPUT, TRUNCATED, mask_paths, read_capped
 from stapinit.server.httpd import format_fields
+from stapinit.server.policy import parse_options
 
 
 def test_slots_run_wait_and_refuse() -> None:
@@ -39,32 +41,40 @@ def test_slot_wait_times_out() -> None:
     assert slots.waiting == 0
 
 
-def test_keyed_locks_serialise_one_key_only() -> None:
-    locks = KeyedLocks()
-    order: list[str] = []
-    with locks.hold("a"):
-        other = threading.Thread(target=lambda: _hold(locks, "b", order))
-        other.start()
-        other.join(5)
-        same = threading.Thread(target=lambda: _hold(locks, "a", order))
-        same.start()
-        time.sleep(0.1)
-        order.append("first a done")
-    same.join(5)
-    assert order == ["b", "first a done", "a"]
-    assert locks._locks == {}  # nothing kept once unused
+def test_queue_places_count_against_the_queue() -> None:
+    slots = CompileSlots(workers=1, queue_size=1)
+    assert slots.acquire(timeout=1)
+    assert slots.enter_queue()  # an identical request waiting for the running compile
+    assert not slots.enter_queue()  # queue full
+    assert not slots.acquire(timeout=5)  # refused at once, not after 5 s
+    slots.leave_queue()
+    assert slots.waiting == 0
+    assert slots.enter_queue()
+    slots.leave_queue()
+    slots.release()
 
 
-def _hold(locks: KeyedLocks, key: str, order: list[str]) -> None:
-    with locks.hold(key):
-        order.append(key)
+def test_in_flight_has_one_leader_per_key() -> None:
+    flights = InFlight()
+    first, leads = flights.join("a")
+    assert leads
+    second, leads_too = flights.join("a")
+    assert second is first and not leads_too
+    _, other_leads = flights.join("b")
+    assert other_leads
+    failed = CompileResponse(1, "", "semantic error\n")
+    flights.land("a", first, failed)
+    assert first.done.is_set() and first.response == failed
+    fresh, leads_again = flights.join("a")  # a later request compiles anew
+    assert leads_again and fresh is not first
 
 
 def test_log_fields_hash_script_and_tapsets() -> None:
     req = CompileRequest("probe begin {}", "r1", "x86_64", eval=True, options=("-v", "--bpf"))
-    fields = request_log_fields(req)
+    fields = request_log_fields(req, parse_options(req.options, False, req.runtime).runtime)
     assert fields["options"] == "-v --bpf"
-    assert fields["runtime"] == "bpf"
+    assert fields["runtime"] == "bpf"  # what the policy found, not the request's field
+    assert "runtime" not in request_log_fields(req)  # refused before the options were read
     assert fields["script"].startswith("sha256:")
     with_tapset = CompileRequest(
         "probe begin {}", "r1", "x86_64", eval=True, tapsets=(Tapset("a.stp", "x"),)
@@ -82,3 +92,33 @@ def test_temp_paths_are_masked() -> None:
     workdir = Path("/var/lib/stap-server/tmp/stap-abc123")
     text = f"error at {workdir}/tapsets/a.stp:1:2 and {workdir}/build\n"
     assert mask_paths(text, workdir) == "error at <tmpdir>/tapsets/a.stp:1:2 and <tmpdir>/build\n"
+
+
+def test_output_is_kept_up_to_the_cap_and_drained() -> None:
+    # 3 MiB on stdout: kept to MAX_OUTPUT, the rest read and dropped so the writer ends.
+    proc = subprocess.Popen(
+        ["sh", "-c", "head -c 3145728 /dev/zero; echo done >&2"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    assert proc.stdout is not None and proc.stderr is not None
+    with proc.stdout, proc.stderr:
+        (out, err), timed_out = read_capped(
+            [proc.stdout, proc.stderr], time.monotonic() + 30, proc.kill
+        )
+    assert proc.wait(5) == 0
+    assert not timed_out
+    assert len(out.data) == MAX_OUTPUT
+    assert out.text().endswith(TRUNCATED)
+    assert err.text() == "done\n"
+
+
+def test_output_reading_stops_at_the_deadline() -> None:
+    proc = subprocess.Popen(["sleep", "30"], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert proc.stdout is not None and proc.stderr is not None
+    started = time.monotonic()
+    with proc.stdout, proc.stderr:
+        _, timed_out = read_capped([proc.stdout, proc.stderr], started + 0.3, proc.kill)
+    assert timed_out
+    assert proc.wait(5) == -9
+    assert time.monotonic() - started < 3

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 
+import pytest
+
 from tests.server.conftest import ServerFactory
-from tests.server.helpers import STAP_SERVER, Server
+from tests.server.helpers import STAP_SERVER, Server, ensure_service_user
 
 
 def _one_line_error(proc: subprocess.CompletedProcess[str]) -> str:
@@ -140,3 +143,41 @@ def test_root_as_service_user_is_refused(server_factory: ServerFactory) -> None:
         assert proc.returncode == 6
         assert "USER=root is root" in _one_line_error(proc)
     assert server.command("status").returncode == 3
+
+
+@pytest.mark.parametrize(
+    ("setting", "below"),
+    [
+        ("STATE_DIR", "state"),
+        ("LOG_FILE", "stap-server.log"),
+        ("LOG_FILE", "log/stap-server.log"),
+        ("PID_FILE", "run/stap-server.pid"),
+    ],
+)
+def test_path_below_a_plain_file_is_a_one_line_error(
+    server_factory: ServerFactory, setting: str, below: str
+) -> None:
+    server = server_factory()
+    plain = server.root / "plain-file"
+    plain.write_text("")
+    server.settings[setting] = str(plain / below)
+    server.write_config()
+    proc = server.command("start")
+    assert proc.returncode == 6
+    message = _one_line_error(proc)
+    assert f"{setting} {plain}" in message, message
+    assert message.rstrip().endswith(("Not a directory", "not a directory"))
+
+
+def test_stale_compile_directories_are_removed_at_start(server_factory: ServerFactory) -> None:
+    user = ensure_service_user()
+    server = server_factory()
+    tmp = server.state_dir / "tmp"
+    leftover = tmp / "stap-k1ll3d"
+    (leftover / "build").mkdir(parents=True)
+    (leftover / "build" / "stap_1_src.c").write_text("/* from a server that was killed */\n")
+    for path in [tmp, *tmp.rglob("*")]:
+        os.chown(path, user.pw_uid, user.pw_gid)
+    server.start()
+    assert not leftover.exists()
+    assert f"removed 1 compile directories left in {tmp}" in server.log_text()

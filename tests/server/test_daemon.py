@@ -3,17 +3,21 @@
 from __future__ import annotations
 
 import os
+import random
 import shutil
 import signal
+import socket
 import subprocess
 import time
+from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from stapinit.server.daemon import installed_releases
 from tests.server.conftest import ServerFactory
-from tests.server.helpers import STAP_SERVER, ensure_service_user
+from tests.server.helpers import HOST, STAP_SERVER, Server, ensure_service_user
 
 UNIT = Path(__file__).resolve().parents[2] / "data" / "server" / "stap-server.service"
 
@@ -29,51 +33,157 @@ def test_installed_releases_need_a_build_tree(tmp_path: Path) -> None:
     assert installed_releases(tmp_path / "missing") == ()
 
 
-def test_foreground_run_as_the_service_user(server_factory: ServerFactory) -> None:
-    """What the systemd unit does: ``run`` as stap-server, stopped by SIGTERM."""
-    user = ensure_service_user()
-    server = server_factory()
-    for directory in (server.state_dir, server.log_file.parent, server.pid_file.parent):
-        directory.mkdir()
-        os.chown(directory, user.pw_uid, user.pw_gid)
+def _uid_of(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("Uid:"):
+            return int(line.split()[1])
+    raise AssertionError(f"no Uid line for {pid}")
+
+
+def _serve_in_foreground(
+    server: Server, prefix: Sequence[str] = (), **popen: Any
+) -> subprocess.Popen[bytes]:
+    """``stap-server run`` (after the ``prefix`` command), waited for until it answers."""
     proc = subprocess.Popen(
-        [str(STAP_SERVER), "-c", str(server.conf), "run"],
-        user=user.pw_uid,
-        group=user.pw_gid,
-        extra_groups=[],
+        [*prefix, str(STAP_SERVER), "-c", str(server.conf), "run"],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
+        **popen,
     )
-    try:
-        deadline = time.monotonic() + 10
-        while not server.pid_file.exists() or not server.cert_path.exists():
-            assert proc.poll() is None, proc.communicate()
+    deadline = time.monotonic() + 10
+    while True:
+        assert proc.poll() is None, proc.communicate()
+        try:
+            assert server.get("/").status == 200
+            return proc
+        except OSError:
             assert time.monotonic() < deadline
             time.sleep(0.05)
-        assert server.pid() == proc.pid
-        assert server.command("status").returncode == 0
-        assert server.get("/").status == 200
+
+
+def _stop(proc: subprocess.Popen[bytes]) -> bytes:
+    try:
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(10) == 0
     finally:
         if proc.poll() is None:
             proc.kill()
             proc.wait()
-    _, err = proc.communicate()
+    return proc.communicate()[1]
+
+
+def test_foreground_run_as_root_becomes_the_service_user(server_factory: ServerFactory) -> None:
+    """What the systemd unit does: ``run`` as root, stopped by SIGTERM."""
+    user = ensure_service_user()
+    server = server_factory()
+    proc = _serve_in_foreground(server)
+    try:
+        assert server.pid() == proc.pid
+        assert _uid_of(proc.pid) == user.pw_uid
+        assert server.command("status").returncode == 0
+    finally:
+        err = _stop(proc)
     assert err == b""
     assert not server.pid_file.exists()
+    assert server.key_path.stat().st_uid == 0
     assert "stopped" in server.log_text()
 
 
-def test_systemd_unit_is_valid_and_unprivileged(tmp_path: Path) -> None:
+def test_started_without_root_warns_that_compiles_can_read_the_key(
+    server_factory: ServerFactory,
+) -> None:
+    """Development: a server started by an ordinary user runs as that user."""
+    user = ensure_service_user()
+    server = server_factory()
+    for directory in (server.state_dir, server.log_file.parent, server.pid_file.parent):
+        directory.mkdir()
+        os.chown(directory, user.pw_uid, user.pw_gid)
+    proc = _serve_in_foreground(server, user=user.pw_uid, group=user.pw_gid, extra_groups=[])
+    try:
+        assert server.key_path.stat().st_uid == user.pw_uid
+    finally:
+        err = _stop(proc).decode()
+    assert err.count("\n") == 1, err
+    assert err.startswith("stap-server: warning: not started as root")
+    assert f"can read its private key {server.key_path}" in err
+    assert "start the server as root in production" in err
+    assert "not started as root" in server.log_text()
+
+
+def _free_low_port() -> int:
+    for port in random.sample(range(600, 1024), 100):
+        with socket.socket() as sock:
+            try:
+                sock.bind((HOST, port))
+            except OSError:
+                continue
+            return port
+    pytest.skip("no free port below 1024")
+
+
+def _unit_capabilities() -> list[str]:
+    lines = [line for line in UNIT.read_text().splitlines() if not line.startswith("#")]
+    [value] = [
+        line.partition("=")[2] for line in lines if line.startswith("CapabilityBoundingSet=")
+    ]
+    return value.split()
+
+
+def test_start_as_root_with_only_the_unit_capabilities_on_a_low_port(
+    server_factory: ServerFactory,
+) -> None:
+    """The unit's hardening still lets the server bind a port below 1024 and become USER.
+
+    The directories are as systemd and the install step leave them: the state
+    directory root's (StateDirectory=, here with a cache turned over to root), the
+    log directory the service user's (0750), the runtime directory root's.
+    """
+    user = ensure_service_user()
+    server = server_factory()
+    port = server.port = _free_low_port()
+    server.write_config()
+    server.state_dir.mkdir(mode=0o755)
+    (server.state_dir / "cache" / "ab").mkdir(parents=True)
+    server.log_file.parent.mkdir(mode=0o750)
+    os.chown(server.log_file.parent, user.pw_uid, user.pw_gid)
+    server.pid_file.parent.mkdir(mode=0o755)
+    caps = ["-all", *(f"+{cap.lower().removeprefix('cap_')}" for cap in _unit_capabilities())]
+    setpriv = ["setpriv", "--no-new-privs", "--bounding-set=" + ",".join(caps)]
+    proc = _serve_in_foreground(server, setpriv)
+    try:
+        assert _uid_of(proc.pid) == user.pw_uid
+        assert f"listening on {HOST}:{port}," in server.log_text()
+        assert server.key_path.stat().st_uid == 0
+        cache = (server.state_dir / "cache").stat()
+        assert cache.st_uid == user.pw_uid
+        assert not (server.state_dir / "cache" / "ab").exists()
+    finally:
+        err = _stop(proc)
+    assert err == b""
+
+
+def test_systemd_unit_is_valid_and_starts_the_server_as_root(tmp_path: Path) -> None:
     text = UNIT.read_text()
-    assert "\nUser=stap-server\n" in text
+    settings = [line.partition("=") for line in text.splitlines() if not line.startswith("#")]
+    names = {name for name, eq, _ in settings if eq}
+    # Root reads the key and binds; the server then becomes USER by itself.
+    assert not names & {"User", "Group", "DynamicUser"}
+    [caps] = [value.split() for name, _, value in settings if name == "CapabilityBoundingSet"]
+    assert set(caps) == {"CAP_SETUID", "CAP_SETGID", "CAP_CHOWN", "CAP_NET_BIND_SERVICE"}
+    assert "NoNewPrivileges=yes" in text
     assert " run\n" in text
     analyze = shutil.which("systemd-analyze")
     if analyze is None:
         pytest.skip("systemd-analyze is not installed")
     unit = tmp_path / "stap-server.service"
-    unit.write_text(text.replace("/usr/bin/stap-server", str(STAP_SERVER)))
+    # The paths "make install-server" fills in (tests/packaging checks the installed unit).
+    for placeholder, path in (
+        ("@BINDIR@/stap-server", str(STAP_SERVER)),
+        ("@SYSCONFDIR@", "/etc"),
+        ("@DOCDIR@", "/usr/share/doc/systemtap-compile-server"),
+    ):
+        text = text.replace(placeholder, path)
+    unit.write_text(text)
     proc = subprocess.run(
         [analyze, "verify", str(unit)], capture_output=True, text=True, timeout=60, check=False
     )

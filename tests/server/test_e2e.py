@@ -10,8 +10,10 @@ import http.client
 import json
 import os
 import select
+import shutil
 import socket
 import ssl
+import stat
 import subprocess
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -29,13 +31,20 @@ from stapinit.protocol import (
     decode_error,
     decode_server_info,
 )
-from stapinit.trust.certs import fingerprint, generate_identity, load_certificate
+from stapinit.trust.certs import (
+    fingerprint,
+    generate_identity,
+    load_certificate,
+    not_valid_after,
+    not_valid_before,
+)
 from stapinit.trust.signing import SignatureError, verify_module
 from tests.server.conftest import ServerFactory
 from tests.server.helpers import (
     ARCH,
     HOST,
     RELEASE,
+    Reply,
     Server,
     bpf_request,
     ensure_service_user,
@@ -89,13 +98,64 @@ def test_info_over_tls_names_the_exported_certificate(shared_server: Server) -> 
         assert "SHA256:" + hashlib.sha256(der).hexdigest() == info.fingerprint
 
 
-def test_identity_files_and_service_user(shared_server: Server) -> None:
+def _owner_mode(path: Path) -> tuple[int, int]:
+    info = path.lstat()
+    return info.st_uid, stat.S_IMODE(info.st_mode)
+
+
+def test_identity_belongs_to_root_and_the_server_to_the_service_user(
+    shared_server: Server,
+) -> None:
     user = ensure_service_user()
-    key = shared_server.key_path.stat()
-    assert key.st_mode & 0o777 == 0o600
-    assert key.st_uid == user.pw_uid
-    # Started by root, the server runs as the service user.
-    assert _uid_of(shared_server.pid()) == user.pw_uid
+    # The key is root's alone; the certificate is for everyone to read.
+    assert _owner_mode(shared_server.key_path) == (0, 0o600)
+    assert _owner_mode(shared_server.cert_path) == (0, 0o644)
+    state = shared_server.state_dir
+    for directory in (
+        state,
+        state / ".systemtap",
+        state / ".systemtap/ssl",
+        state / ".systemtap/ssl/server",
+    ):
+        assert _owner_mode(directory) == (0, 0o755), directory
+    # What the server writes as the service user.
+    assert _owner_mode(state / "cache") == (user.pw_uid, 0o700)
+    assert _owner_mode(state / "tmp") == (user.pw_uid, 0o711)
+    # Started by root, the server runs as the service user, and cannot open its key.
+    pid = shared_server.pid()
+    assert _uid_of(pid) == user.pw_uid
+    probe = subprocess.run(
+        ["cat", str(shared_server.key_path)],
+        user=user.pw_uid,
+        group=user.pw_gid,
+        extra_groups=[],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert probe.returncode != 0
+    assert "Permission denied" in probe.stderr
+    # Having changed its uid, it is not dumpable: a compile running as the same
+    # user cannot ptrace it or read its memory (where the key now is).
+    assert Path(f"/proc/{pid}/mem").stat().st_uid == 0
+
+
+def test_guru_compile_cannot_include_the_key(shared_server: Server) -> None:
+    """A stapdev -g compile makes gcc #include the key: gcc must not be able to open it."""
+    key = shared_server.key_path
+    script = f'# {time.time_ns()}\n%{{\n#include "{key}"\n%}}\nprobe begin {{ exit() }}\n'
+    req = bpf_request(script_text=script, runtime="kmod", options=("-g",))
+    reply = shared_server.compile(req, timeout=240)
+    assert reply.status == 200, reply.body
+    resp = decode_compile_response(reply.body)
+    assert resp.status != 0
+    assert resp.module is None
+    output = resp.stdout + resp.stderr
+    body_lines = [line for line in key.read_text().splitlines() if not line.startswith("-----")]
+    assert body_lines
+    for line in body_lines:
+        assert line not in output
+    assert f"{key}: Permission denied" in resp.stderr
 
 
 def test_plain_http_client_is_refused(shared_server: Server) -> None:
@@ -140,6 +200,16 @@ def test_eval_script_compiles_and_stap_names_the_module(shared_server: Server) -
     assert resp.module.name.startswith("stap_")
     assert resp.module.name.endswith(".bo")
     assert resp.module.name in resp.stdout
+
+
+def test_eval_script_reads_as_stap_input(shared_server: Server) -> None:
+    # -e text reaches stap on standard input, which stap reports as <input>, like -e.
+    resp = _compiled(
+        shared_server, script_text='probe begin { println(1 + "a") }\n', script_name=None, eval=True
+    )
+    assert resp.status != 0
+    assert "<input>:1:" in resp.stderr
+    assert "eval.stp" not in resp.stderr
 
 
 def test_stap_errors_come_back_with_temp_paths_masked(shared_server: Server) -> None:
@@ -196,6 +266,50 @@ def test_unprivileged_embedded_c_is_refused_by_stap(shared_server: Server) -> No
     assert "embedded code in unprivileged script; need stap -g" in resp.stderr
     assert resp.module is None
     assert resp.signature is None
+
+
+@pytest.fixture(scope="module")
+def victim(base_dir: Path) -> Path:
+    """A small C program with debug info, readable by the service user."""
+    gcc = shutil.which("gcc")
+    if gcc is None:
+        pytest.skip("gcc is not installed")
+    directory = base_dir / "victim"
+    directory.mkdir(mode=0o755, exist_ok=True)
+    source = directory / "victim.c"
+    source.write_text(
+        "int secret_fn(int x) { return x * 2; }\nint main(void) { return secret_fn(42) == 0; }\n"
+    )
+    program = directory / "victim"
+    subprocess.run([gcc, "-g", "-O0", "-o", str(program), str(source)], check=True, timeout=60)
+    return program
+
+
+def test_unprivileged_bpf_process_probe_is_not_signed(shared_server: Server, victim: Path) -> None:
+    # stapbpf cannot keep a uprobe to the loading user's own processes.
+    script = f'probe process("{victim}").function("secret_fn") {{ printf("%d\\n", $x) }}\n'
+    refused = _compiled(shared_server, script_text=script, privilege="stapusr")
+    assert refused.status == 1
+    assert (refused.module, refused.signature) == (None, None)
+    assert (
+        "user-space probes (process.*) are not allowed in unprivileged BPF modules: "
+        "stapbpf cannot limit them to the caller's processes"
+    ) in refused.stderr
+    [line] = shared_server.log_lines('refused="user-space probes: uprobe/')
+    assert str(victim) in line
+    # Not cached: asked again, it is refused again.
+    again = _compiled(shared_server, script_text=script, privilege="stapusr")
+    assert (again.status, again.module, again.cached) == (1, None, False)
+
+    # The same probe for stapdev (root-equivalent anyway) compiles, unsigned as ever;
+    # and an unprivileged module without process probes is still signed.
+    for_stapdev = _compiled(shared_server, script_text=script)
+    assert for_stapdev.status == 0, for_stapdev.stderr
+    assert for_stapdev.module is not None and for_stapdev.signature is None
+    hello = _compiled(shared_server, script_text=_unique("still-signed"), privilege="stapusr")
+    assert hello.status == 0, hello.stderr
+    assert hello.module is not None and hello.signature is not None
+    verify_module(hello.signature, hello.module.data, [load_certificate(shared_server.cert_path)])
 
 
 @pytest.mark.parametrize(
@@ -359,6 +473,85 @@ def test_more_requests_than_workers_wait_or_get_503(
     assert server.log_lines("result=busy")
 
 
+def test_large_eval_script_and_oversized_options_get_answers(
+    server_factory: ServerFactory,
+) -> None:
+    server = server_factory()
+    server.start()
+    # More than one command-line argument may hold (128 KiB): still compiled.
+    big = "probe begin { exit() }\n" + "".join(f"# {i:06d} {'x' * 90}\n" for i in range(2100))
+    assert len(big) > 200_000
+    resp = _compiled(server, script_text=big, script_name=None, eval=True)
+    assert resp.status == 0, resp.stderr
+    assert resp.module is not None and resp.module.name.endswith(".bo")
+    # An option that long cannot be passed on at all: a one-line answer, not a 500.
+    reply = server.compile(
+        bpf_request(script_text=_unique("long-E"), options=("-E", "#" * 200_000))
+    )
+    assert reply.status == 200, reply.body
+    failed = decode_compile_response(reply.body)
+    assert failed.status == 1
+    assert failed.stderr == "stap-server: cannot run stap: Argument list too long\n"
+    assert "Traceback" not in server.log_text()
+
+
+def _counting_stap(base_dir: Path, name: str, seconds: float) -> tuple[Path, Path]:
+    """A stap that records each compile in a file and takes ``seconds`` longer."""
+    record = base_dir / "recorded"
+    record.mkdir(mode=0o777, exist_ok=True)
+    record.chmod(0o777)
+    counter = record / f"{name}.count"
+    counter.unlink(missing_ok=True)
+    return stap_wrapper(base_dir, name, f"echo compile >> {counter}; sleep {seconds}"), counter
+
+
+def _same_request_three_times(server: Server, req: CompileRequest) -> list[Reply]:
+    with ThreadPoolExecutor(max_workers=3) as pool:
+        return list(pool.map(lambda _: server.compile(req), range(3)))
+
+
+def test_identical_requests_beyond_the_limits_get_503(
+    server_factory: ServerFactory, base_dir: Path
+) -> None:
+    stap, counter = _counting_stap(base_dir, "stap-count-503", 2)
+    server = server_factory(MAX_COMPILES="1", QUEUE_SIZE="0", STAP=str(stap))
+    server.start()
+    started = time.monotonic()
+    replies = _same_request_three_times(server, bpf_request(_unique("same-503")))
+    assert sorted(r.status for r in replies) == [200, 503, 503]
+    assert time.monotonic() - started < 10  # the two refused at once, not after compiling
+    assert counter.read_text() == "compile\n"
+    for reply in replies:
+        if reply.status == 503:
+            assert reply.headers["Retry-After"].isdigit()
+
+
+def test_identical_requests_share_one_compile_even_a_failed_one(
+    server_factory: ServerFactory, base_dir: Path
+) -> None:
+    stap, counter = _counting_stap(base_dir, "stap-count-shared", 2)
+    server = server_factory(MAX_COMPILES="1", QUEUE_SIZE="4", STAP=str(stap))
+    server.start()
+    req = bpf_request(f'# {time.time_ns()}\nprobe begin {{ println(1 + "a") }}\n')
+    started = time.monotonic()
+    replies = _same_request_three_times(server, req)
+    elapsed = time.monotonic() - started
+    assert [r.status for r in replies] == [200, 200, 200]
+    answers = [decode_compile_response(r.body) for r in replies]
+    assert {(a.status, a.stderr) for a in answers} == {(answers[0].status, answers[0].stderr)}
+    assert answers[0].status != 0 and "type mismatch" in answers[0].stderr
+    assert counter.read_text() == "compile\n"  # compiled once, not three times in a row
+    assert elapsed < 6  # one 2 s compile, not three
+    script_hash = hashlib.sha256(req.script_text.encode()).hexdigest()[:16]
+    lines = server.log_lines(script_hash, count=3)
+    assert sorted(line.split("cached=")[1].split()[0] for line in lines) == [
+        "no",
+        "shared",
+        "shared",
+    ]
+    assert any("shared_with=2" in line for line in lines)
+
+
 def test_compile_runs_as_service_user_under_a_memory_limit(
     server_factory: ServerFactory, base_dir: Path
 ) -> None:
@@ -412,12 +605,8 @@ def _cmdline(proc_dir: Path) -> list[str]:
 
 def test_key_readable_by_others_stops_the_start(server_factory: ServerFactory) -> None:
     server = server_factory()
-    user = ensure_service_user()
-    cert_dir = server.cert_path.parent
-    cert_dir.mkdir(parents=True)
+    server.cert_path.parent.mkdir(parents=True)
     generate_identity(server.key_path, server.cert_path, "localhost")
-    for path in [server.state_dir, *server.state_dir.rglob("*")]:
-        os.chown(path, user.pw_uid, user.pw_gid)
     server.key_path.chmod(0o644)
 
     proc = server.command("start")
@@ -430,9 +619,34 @@ def test_key_readable_by_others_stops_the_start(server_factory: ServerFactory) -
     assert server.command("status").returncode == 3
 
 
+def test_key_of_the_service_user_is_refused_as_exposed(server_factory: ServerFactory) -> None:
+    """The layout of earlier versions: state and identity owned by the service user."""
+    server = server_factory()
+    user = ensure_service_user()
+    server.cert_path.parent.mkdir(parents=True)
+    generate_identity(server.key_path, server.cert_path, "localhost")
+    for path in [server.state_dir, *server.state_dir.rglob("*")]:
+        os.chown(path, user.pw_uid, user.pw_gid)
+
+    proc = server.command("start")
+    assert proc.returncode == 6
+    assert proc.stderr.count("\n") == 1, proc.stderr
+    assert f"private key {server.key_path} belongs to uid {user.pw_uid}, not to root" in (
+        proc.stderr
+    )
+    assert "consider the key exposed" in proc.stderr
+    # The directories were taken back from the service user; the key was left alone.
+    assert server.cert_path.parent.stat().st_uid == 0
+    assert server.key_path.stat().st_uid == user.pw_uid
+    os.chown(server.key_path, 0, 0)
+    os.chown(server.cert_path, 0, 0)
+    server.start()
+    assert server.get("/").status == 200
+
+
 def test_server_certificate_is_practical(shared_server: Server) -> None:
     cert = load_certificate(shared_server.cert_path)
-    lifetime = cert.not_valid_after_utc - cert.not_valid_before_utc
+    lifetime = not_valid_after(cert) - not_valid_before(cert)
     assert lifetime.days >= 5 * 365
     san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
     assert "localhost" in san.get_values_for_type(x509.DNSName)

@@ -6,7 +6,7 @@ import dataclasses
 
 import pytest
 
-from stapinit.protocol import CompileRequest, Tapset
+from stapinit.protocol import CompileRequest, ProtocolError, Tapset, check_module_name
 from stapinit.server.policy import (
     ParsedOptions,
     PolicyError,
@@ -187,9 +187,8 @@ def test_stap_command_for_eval_with_tapsets_and_name() -> None:
         "hello",
         "-I",
         "/w/tapsets",
-        "-e",
-        REQ.script_text,
         "--",
+        "-",  # on standard input: no size limit, and to stap the same as -e
     ]
 
 
@@ -199,3 +198,13 @@ def test_module_file_name() -> None:
     assert module_file_name("warning\nstap_9.bo\n", None, "bpf") == "stap_9.bo"
     for bad in ("", "../x.ko\n", "stap_1.bo\n", "/tmp/x.ko\n", "Evil.ko\n"):
         assert module_file_name(bad, None, "kmod") is None
+
+
+def test_module_names_follow_the_protocol() -> None:
+    # One rule for a name the client asks for and a name read from stap's output.
+    longest = "m" * 55
+    check_module_name(longest)
+    assert module_file_name(f"{longest}.ko\n", None, "kmod") == f"{longest}.ko"
+    with pytest.raises(ProtocolError):
+        check_module_name(longest + "m")
+    assert module_file_name(f"{longest}m.ko\n", None, "kmod") is None

@@ -133,18 +133,6 @@ def test_safe_names_pass() -> None:
     assert check_module_name("stap_1234") == "stap_1234"
 
 
-def test_effective_runtime_honours_options() -> None:
-    base = CompileRequest("x", "r", "a", eval=True)
-    assert base.effective_runtime() == "kmod"
-    assert CompileRequest("x", "r", "a", eval=True, options=("--runtime=bpf",)).runtime == "kmod"
-    assert (
-        CompileRequest("x", "r", "a", eval=True, options=("--runtime=bpf",)).effective_runtime()
-        == "bpf"
-    )
-    with_space = CompileRequest("x", "r", "a", eval=True, options=("--runtime", "bpf"))
-    assert with_space.effective_runtime() == "bpf"
-
-
 def test_response_round_trip() -> None:
     resp = CompileResponse(
         0, "hello.bo\n", "WARNING: x\n", Module("hello.bo", b"\0\1\2"), b"{}", cached=True

@@ -78,6 +78,10 @@ def test_non_certificates_are_clear_errors(tmp_path: Path) -> None:
         load_private_key(tmp_path / "junk")
 
 
+# Within every test identity's validity (they are made now, valid for years).
+SIGNED_AT = dt.datetime.now(dt.UTC).replace(microsecond=0) + dt.timedelta(minutes=1)
+
+
 def _sign(identity: Ident) -> bytes:
     key, cert, _ = identity
     return sign_module(
@@ -88,7 +92,7 @@ def _sign(identity: Ident) -> bytes:
         "6.1.0",
         "x86_64",
         "stapusr",
-        signed_at=dt.datetime(2025, 1, 2, 3, 4, 5, tzinfo=dt.UTC),
+        signed_at=SIGNED_AT,
     )
 
 
@@ -107,7 +111,7 @@ def test_signature_verifies_and_carries_the_manifest(
         "stapusr",
     )
     assert manifest.signer_fingerprint == fingerprint(identity[1])
-    assert manifest.signed_at == "2025-01-02T03:04:05Z"
+    assert manifest.signed_at == SIGNED_AT.strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 def _reason(sgn: bytes, module: bytes, trusted: list[x509.Certificate]) -> str:

@@ -19,9 +19,10 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from stapinit.system import SYSTEM_PATH as SYSTEM_PATH  # re-exported for the tests
+
 VENV_BIN = Path(sys.executable).parent
 LOCK = Path("/run/lock/stapinit-test-users.lock")
-SYSTEM_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 WANTED: Mapping[str, tuple[str, ...]] = {
     "sttest_dev": ("stapdev",),
     "sttest_usr": ("stapusr",),

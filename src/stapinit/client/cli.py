@@ -8,10 +8,8 @@ directly, by anyone else through ``stap-loader``, which decides who may load wha
 
 from __future__ import annotations
 
-import contextlib
 import os
 import sys
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Final
@@ -20,13 +18,12 @@ from stapinit.client.config import ClientConfig, ClientConfigError, read_client_
 from stapinit.client.connection import ServerError, compile_remote, connect_pinned
 from stapinit.client.load import LoadError, run_directly, run_via_loader
 from stapinit.client.options import USAGE, ClientOptions, UsageError, parse_args
-from stapinit.protocol import CompileRequest, CompileResponse, Tapset
+from stapinit.fsutil import atomic_write
+from stapinit.protocol import DEFAULT_PORT, CompileRequest, CompileResponse, Tapset
 from stapinit.trust.signing import SIGNATURE_SUFFIX
 from stapinit.trust.stores import StorePaths, trusted_server_fingerprints
 
 PROG: Final = "stap-client"
-#: stap-server's default port (its PORT setting); better shared from the protocol module.
-DEFAULT_PORT: Final = 9740
 
 
 class ClientError(Exception):
@@ -127,20 +124,6 @@ def _print_messages(resp: CompileResponse) -> None:
 # --- results -----------------------------------------------------------------------
 
 
-def save_module(name: str, data: bytes, directory: Path) -> None:
-    """Write ``directory/name`` (mode 0644) through a temporary file and a rename."""
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{name}.")
-    try:
-        with os.fdopen(fd, "wb") as out:
-            out.write(data)
-            os.fchmod(out.fileno(), 0o644)
-        os.replace(tmp, directory / name)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-
-
 def _run(argv: Sequence[str]) -> int:
     try:
         opts = parse_args(argv, DEFAULT_PORT)
@@ -169,9 +152,9 @@ def _run(argv: Sequence[str]) -> int:
 
     if compile_only:
         try:
-            save_module(module.name, module.data, Path.cwd())
+            atomic_write(Path(module.name), module.data)
             if resp.signature is not None:
-                save_module(module.name + SIGNATURE_SUFFIX, resp.signature, Path.cwd())
+                atomic_write(Path(module.name + SIGNATURE_SUFFIX), resp.signature)
         except OSError as exc:
             raise ClientError(f"cannot save {module.name}: {exc.strerror}") from None
         print(module.name)

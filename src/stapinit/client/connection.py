@@ -9,16 +9,18 @@ request is sent.
 
 from __future__ import annotations
 
-import hashlib
 import http.client
 import ssl
 from collections.abc import Collection
 from typing import Final
 
+from cryptography import x509
+
 from stapinit.client.options import ServerAddress
 from stapinit.protocol import (
     COMPILE_PATH,
     CONTENT_TYPE,
+    MAX_MODULE_BYTES,
     CompileRequest,
     CompileResponse,
     ProtocolError,
@@ -26,13 +28,14 @@ from stapinit.protocol import (
     decode_error,
     encode_compile_request,
 )
-from stapinit.trust.certs import FINGERPRINT_PREFIX
+from stapinit.trust.certs import fingerprint as cert_fingerprint
 
 CONNECT_TIMEOUT: Final = 10.0
 #: A compile may legitimately take minutes for a big kernel-module script.
 COMPILE_TIMEOUT: Final = 600.0
-#: Largest response read; base64 of a large module and its messages fit well within.
-MAX_RESPONSE: Final = 256 * 1024 * 1024
+#: Largest response read: the largest module in base64, and room for stap's messages
+#: (the server keeps 1 MB of each stream, which JSON escaping may grow sixfold).
+MAX_RESPONSE: Final = (MAX_MODULE_BYTES + 2) // 3 * 4 + 16 * 1024 * 1024
 
 
 class ServerError(Exception):
@@ -77,7 +80,11 @@ def connect_pinned(address: ServerAddress, trusted: Collection[str]) -> http.cli
     if der is None:
         conn.close()
         raise ServerError(f"server {address} presented no certificate")
-    fingerprint = FINGERPRINT_PREFIX + hashlib.sha256(der).hexdigest()
+    try:
+        fingerprint = cert_fingerprint(x509.load_der_x509_certificate(der))
+    except ValueError:
+        conn.close()
+        raise ServerError(f"server {address} presented an unreadable certificate") from None
     if fingerprint not in trusted:
         conn.close()
         raise ServerUntrustedError(address, fingerprint)
@@ -106,9 +113,15 @@ def compile_remote(
     if response.status != 200:
         raise ServerError(f"server {address} refused the request: {decode_error(data)}")
     try:
-        return decode_compile_response(data)
+        answer = decode_compile_response(data)
     except ProtocolError as exc:
         raise ServerError(f"server {address} sent a bad answer: {exc}") from None
+    if answer.module is not None and len(answer.module.data) > MAX_MODULE_BYTES:
+        raise ServerError(
+            f"server {address} sent a module over {MAX_MODULE_BYTES} bytes, "
+            "more than stap-loader accepts"
+        )
+    return answer
 
 
 def _why(exc: BaseException) -> str:

@@ -19,7 +19,6 @@ from typing import BinaryIO, Final
 
 from stapinit.loader import wire
 from stapinit.loader.config import ConfigError, resolve_tool
-from stapinit.loader.service import exit_status
 
 #: How long a stopped module may take to finish before it is killed / given up on.
 STOP_TIMEOUT: Final = 10.0
@@ -54,16 +53,16 @@ def run_directly(
         except OSError as exc:
             raise LoadError(f"cannot run {tool}: {exc.strerror}") from None
         try:
-            return exit_status(proc.wait())
+            return wire.exit_status(proc.wait())
         except KeyboardInterrupt:
             # A terminal's Ctrl-C reached the child too; a signal sent to us alone did not.
             if proc.poll() is None:
                 proc.send_signal(signal.SIGTERM)
             try:
-                return exit_status(proc.wait(STOP_TIMEOUT))
+                return wire.exit_status(proc.wait(STOP_TIMEOUT))
             except (subprocess.TimeoutExpired, KeyboardInterrupt):
                 proc.kill()
-                return exit_status(proc.wait())
+                return wire.exit_status(proc.wait())
 
 
 def run_via_loader(
@@ -90,19 +89,34 @@ def _load(socket_path: Path, request: wire.LoadRequest, out: BinaryIO) -> int:
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
         try:
             sock.connect(str(socket_path))
-            sock.sendall(wire.encode_load_request(request))
-            first = wire.read_frame(sock, wire.MAX_OUTPUT_CHUNK)
         except OSError as exc:
             raise LoadError(
                 f"cannot reach stap-loader at {socket_path}: {exc.strerror or exc}; "
                 f"non-root users load modules through the stap-loader service"
             ) from None
-        except wire.WireError as exc:
-            raise LoadError(f"stap-loader: {exc}") from None
+        send_error: OSError | None = None
+        try:
+            for part in wire.load_request_parts(request):
+                if part:  # an empty send after the loader has answered would fail
+                    sock.sendall(part)
+        except OSError as exc:
+            # The loader may refuse before reading it all, and close: its answer
+            # is queued here all the same, so read it before reporting the error.
+            send_error = exc
+        first: wire.Frame | None = None
+        read_error: OSError | wire.WireError | None = None
+        try:
+            first = wire.read_frame(sock, wire.MAX_OUTPUT_CHUNK)
+        except (OSError, wire.WireError) as exc:
+            read_error = exc
+        if first is not None and first.type == "refused":
+            raise LoadError(str(first.header.get("reason", "refused")))
+        cause = send_error or read_error
+        if cause is not None:
+            why = cause.strerror if isinstance(cause, OSError) and cause.strerror else cause
+            raise LoadError(f"lost the connection to stap-loader: {why}")
         if first is None:
             raise LoadError("stap-loader closed the connection without an answer")
-        if first.type == "refused":
-            raise LoadError(str(first.header.get("reason", "refused")))
         if first.type != "started":
             raise LoadError(f"stap-loader sent an unexpected {first.type!r} message")
         return _stream(sock, out)

@@ -9,6 +9,8 @@ The file is ``/etc/systemtap/stap-loader.conf`` (see ``data/loader``), section
     signer_store = /etc/systemtap/staprun
     stop_timeout = 5
     max_sessions = 16
+    max_sessions_per_user = 4
+    io_timeout = 30
 
 Tool names without a slash are looked up in a fixed system ``PATH``, never the
 caller's.
@@ -16,18 +18,18 @@ caller's.
 
 from __future__ import annotations
 
+import math
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Final
 
 from stapinit.inifile import IniError, read_section
+from stapinit.system import SYSTEM_PATH
 from stapinit.trust.stores import StorePaths
 
 DEFAULT_SOCKET: Final = Path("/run/stap-loader.sock")
 CONFIG_NAME: Final = "stap-loader.conf"
-#: Where root services look for tools; the environment of whoever started us is not used.
-SYSTEM_PATH: Final = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 _KEYS: Final = frozenset(
     {
         "socket",
@@ -37,6 +39,7 @@ _KEYS: Final = frozenset(
         "stop_timeout",
         "max_sessions",
         "max_sessions_per_user",
+        "io_timeout",
     }
 )
 
@@ -57,7 +60,7 @@ class LoaderConfig:
     max_sessions: int = 16
     #: So that one user cannot take every session from the others.
     max_sessions_per_user: int = 4
-    #: How long a client may take to send its request, or to take our output.
+    #: How long a client may take to send its whole request, or to take a piece of output.
     io_timeout: float = 30.0
 
 
@@ -76,10 +79,15 @@ def parse_config(text: str, origin: str, paths: StorePaths) -> LoaderConfig:
         stop_timeout = float(section.get("stop_timeout", "5"))
         max_sessions = int(section.get("max_sessions", "16"))
         per_user = int(section.get("max_sessions_per_user", "4"))
+        io_timeout = float(section.get("io_timeout", "30"))
     except ValueError as exc:
         raise ConfigError(f"{origin}: {exc}") from None
-    if min(stop_timeout, max_sessions, per_user) <= 0:
-        raise ConfigError(f"{origin}: stop_timeout and the session limits must be positive")
+    if not all(math.isfinite(v) and v > 0 for v in (stop_timeout, io_timeout)) or (
+        min(max_sessions, per_user) <= 0
+    ):
+        raise ConfigError(
+            f"{origin}: stop_timeout, io_timeout and the session limits must be positive"
+        )
     return LoaderConfig(
         socket_path=Path(section.get("socket", str(DEFAULT_SOCKET))),
         stapbpf=section.get("stapbpf", "stapbpf"),
@@ -88,6 +96,7 @@ def parse_config(text: str, origin: str, paths: StorePaths) -> LoaderConfig:
         stop_timeout=stop_timeout,
         max_sessions=max_sessions,
         max_sessions_per_user=per_user,
+        io_timeout=io_timeout,
     )
 
 

@@ -4,6 +4,11 @@ Each connection is one module.  The caller is identified by the kernel
 (``SO_PEERCRED``) and their groups by the group database, never by anything the
 client says; the module arrives as bytes and is written into a private directory,
 so no client-supplied path ever reaches ``stapbpf``/``staprun``.
+
+Local users cannot tie the service up: connections beyond the session limits
+are closed as they are accepted (so the thread count is bounded), users in none
+of the stap groups are refused before a byte of their request is read, and the
+whole request must arrive within ``io_timeout`` seconds.
 """
 
 from __future__ import annotations
@@ -25,17 +30,33 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Final
 
 from stapinit.loader import wire
 from stapinit.loader.config import ConfigError, LoaderConfig, resolve_tool
-from stapinit.loader.policy import Caller, Decision, Host, SignatureStatus, may_load
+from stapinit.loader.policy import (
+    Caller,
+    Decision,
+    Host,
+    Level,
+    SignatureStatus,
+    caller_level,
+    may_load,
+    must_check_user_space,
+    ordinary_refusal,
+)
+from stapinit.protocol import MAX_MODULE_BYTES
+from stapinit.system import SYSTEM_PATH
+from stapinit.trust.bpfelf import user_space_probes
 from stapinit.trust.signing import Manifest, SignatureError, verify_module
 from stapinit.trust.stores import TrustStore, signer_store_at
 
 #: Environment of the tools we run: nothing inherited from whoever started us.
-CHILD_ENV = {"PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"}
+CHILD_ENV: Final = {"PATH": SYSTEM_PATH}
 #: A module plus its signature file; signatures are small JSON.
-MAX_REQUEST = wire.MAX_MODULE_BYTES + 64 * 1024
+MAX_REQUEST: Final = MAX_MODULE_BYTES + 64 * 1024
+#: Seconds between two log lines about refusals that cost the caller nothing.
+_REFUSAL_LOG_RATE: Final = 1.0
 
 Log = Callable[[str], None]
 
@@ -60,13 +81,16 @@ def peer_uid(conn: socket.socket) -> int:
 
 
 def caller_from_uid(uid: int) -> Caller:
-    """Name and group names of ``uid`` from the system's databases (KeyError if unknown)."""
+    """Name, groups and primary group of ``uid`` from the system's databases.
+
+    Raises KeyError for a uid the user database does not know.
+    """
     entry = pwd.getpwuid(uid)
     names: set[str] = set()
     for gid in os.getgrouplist(entry.pw_name, entry.pw_gid):
         with contextlib.suppress(KeyError):
             names.add(grp.getgrgid(gid).gr_name)
-    return Caller(uid, entry.pw_name, frozenset(names))
+    return Caller(uid, entry.pw_name, frozenset(names), entry.pw_gid)
 
 
 def this_host() -> Host:
@@ -104,9 +128,42 @@ def check_signature(req: wire.LoadRequest, store: TrustStore) -> SignatureCheck:
 def judge(caller: Caller, req: wire.LoadRequest, store: TrustStore) -> Decision:
     """The policy's verdict on ``caller`` loading ``req`` on this host."""
     check = check_signature(req, store)
+    probes: list[str] = []
+    if check.status == "valid" and must_check_user_space(caller, req.module_name):
+        try:
+            probes = user_space_probes(req.module)
+        except ValueError as exc:
+            return Decision(False, f"module {req.module_name} cannot be examined: {exc}")
     return may_load(
-        caller, req.module_name, check.manifest, check.status, this_host(), check.detail
+        caller,
+        req.module_name,
+        check.manifest,
+        check.status,
+        this_host(),
+        check.detail,
+        user_space_probes=probes,
     )
+
+
+def runner_env(caller: Caller, runtime: str) -> dict[str, str]:
+    """The environment of the tool that runs ``caller``'s module.
+
+    A kernel module below stapdev is confined by SystemTap's runtime to the
+    processes of the uid that loaded it (its real uid at load time).  staprun is
+    meant to be setuid root and run by that user; run by root it takes the user
+    from ``SYSTEMTAP_REAL_UID``/``SYSTEMTAP_REAL_GID`` instead (staprun 4.8 sets
+    its real uid and gid from them right after its own permission checks, which
+    root passes, before inserting the module).  Setting the real uid before
+    staprun starts would not do: staprun would then demand its own NSS module
+    signature or a module under ``/lib/modules/$(uname -r)/systemtap``.
+    """
+    env = dict(CHILD_ENV)
+    level = caller_level(caller.uid, caller.groups)
+    if runtime == "kmod" and level is not None and level < Level.STAPDEV:
+        env["SYSTEMTAP_REAL_UID"] = str(caller.uid)
+        if caller.gid is not None:
+            env["SYSTEMTAP_REAL_GID"] = str(caller.gid)
+    return env
 
 
 # --- running -----------------------------------------------------------------------
@@ -155,17 +212,12 @@ def _signal_group(proc: subprocess.Popen[bytes], sig: signal.Signals) -> None:
             os.killpg(proc.pid, sig)
 
 
-def exit_status(returncode: int) -> int:
-    """A shell-style exit status: 128+N for death by signal N."""
-    return 128 - returncode if returncode < 0 else returncode
-
-
-def spawn(argv: list[str], cwd: Path) -> subprocess.Popen[bytes]:
-    """Start a module's runner in its own session, with a clean environment."""
+def spawn(argv: list[str], cwd: Path, env: dict[str, str]) -> subprocess.Popen[bytes]:
+    """Start a module's runner in its own session, with exactly ``env``."""
     return subprocess.Popen(
         argv,
         cwd=cwd,
-        env=CHILD_ENV,
+        env=env,
         stdin=subprocess.DEVNULL,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
@@ -240,22 +292,21 @@ def stream(
         proc.stdout.close()
         proc.stderr.close()
         children.discard(proc)
-    return exit_status(returncode)
+    return wire.exit_status(returncode)
 
 
-def _refuse_unread(conn: socket.socket, reason: str) -> None:
-    """Refuse a request not (fully) read, then discard the rest of it, briefly.
+def _refuse(conn: socket.socket, reason: str) -> None:
+    """Send a refusal and end the connection without reading whatever else comes.
 
-    Closing a Unix socket with unread data resets the connection, and the client
-    would see the reset instead of the refusal.
+    The refusal is queued at the client before the close, and a Unix socket
+    delivers queued data before reporting the reset that unread data causes, so
+    the client reads the refusal (stap-client does so even when its own sending
+    failed).  The frame is small; a client that never reads does not hold us.
     """
     with contextlib.suppress(OSError):
-        conn.sendall(wire.refused(reason))
-        conn.shutdown(socket.SHUT_WR)
         conn.settimeout(1.0)
-        for _ in range(64):
-            if not conn.recv(1 << 16):
-                break
+        conn.sendall(wire.refused(reason))
+        conn.shutdown(socket.SHUT_RDWR)
 
 
 # --- one session -------------------------------------------------------------------
@@ -272,6 +323,8 @@ class Service:
     _lock: threading.Lock = field(init=False, default_factory=threading.Lock)
     _wake_r: int = field(init=False)
     _wake_w: int = field(init=False)
+    _last_refusal_log: float = field(init=False, default=0.0)
+    _unlogged_refusals: int = field(init=False, default=0)
 
     def __post_init__(self) -> None:
         # A pipe, so that a signal handler can wake the accept loop at once.
@@ -297,20 +350,59 @@ class Service:
             if not self._sessions[uid]:
                 del self._sessions[uid]
 
-    def handle(self, conn: socket.socket) -> None:
-        """Serve one client connection to its end; never raises."""
+    def _log_refusal(self, message: str) -> None:
+        """Log a refusal that costs a caller nothing, at most about once a second.
+
+        Over-limit connections and users in none of the stap groups can be made
+        in a loop; the lines left out are counted in the next one.
+        """
+        with self._lock:
+            now = time.monotonic()
+            if now - self._last_refusal_log < _REFUSAL_LOG_RATE:
+                self._unlogged_refusals += 1
+                return
+            more = self._unlogged_refusals
+            self._last_refusal_log, self._unlogged_refusals = now, 0
+        self.log(message + (f" (and {more} more refusals not logged)" if more else ""))
+
+    def accept_one(self, listener: socket.socket) -> None:
+        """Accept a connection and either start its session or refuse it at once.
+
+        Runs in the accept loop: nothing here may block on the client.
+        """
+        try:
+            conn, _ = listener.accept()
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError as exc:  # EMFILE and the like: the client is dropped, we go on
+            self.log(f"cannot accept a connection: {exc.strerror}")
+            time.sleep(0.05)
+            return
+        try:
+            uid = peer_uid(conn)
+        except OSError as exc:
+            self.log(f"cannot identify a caller: {exc.strerror}")
+            conn.close()
+            return
+        refusal = self._admit(uid)
+        if refusal is not None:
+            self._log_refusal(f"uid {uid}: refused: {refusal}")
+            with contextlib.suppress(OSError):
+                conn.send(wire.refused(refusal), socket.MSG_DONTWAIT)
+            conn.close()
+            return
+        try:
+            threading.Thread(target=self.handle, args=(conn, uid), daemon=True).start()
+        except RuntimeError as exc:  # no more threads: the limits are set too high
+            self._leave(uid)
+            conn.close()
+            self.log(f"uid {uid}: cannot start a session: {exc}")
+
+    def handle(self, conn: socket.socket, uid: int) -> None:
+        """Serve one admitted connection to its end; never raises."""
         with conn:
             try:
-                uid = peer_uid(conn)
-            except OSError as exc:
-                self.log(f"cannot identify a caller: {exc}")
-                return
-            refusal = self._admit(uid)
-            if refusal is not None:
-                self.log(f"uid {uid}: refused: {refusal}")
-                _refuse_unread(conn, refusal)
-                return
-            try:
+                conn.setblocking(True)
                 self._session(conn, uid)
             except Exception as exc:  # a broken session must not take the service down
                 self.log(f"uid {uid}: session failed: {exc!r}")
@@ -318,55 +410,73 @@ class Service:
                 self._leave(uid)
 
     def _session(self, conn: socket.socket, uid: int) -> None:
+        deadline = time.monotonic() + self.config.io_timeout
         try:
             caller = caller_from_uid(uid)
         except KeyError:
-            self.log(f"uid {uid}: refused: unknown user")
-            _refuse_unread(conn, f"uid {uid} is not a known user")
+            self._log_refusal(f"uid {uid}: refused: unknown user")
+            _refuse(conn, f"uid {uid} is not a known user")
             return
-        conn.settimeout(self.config.io_timeout)
+        who = f"{caller.name} (uid {uid})"
+        if caller_level(uid, caller.groups) is None:
+            # Before reading anything: they may never load, so their bytes are not wanted.
+            self._log_refusal(f"{who}: refused: in none of the stap groups")
+            _refuse(conn, ordinary_refusal(caller.name))
+            return
         try:
-            frame = wire.read_frame(conn, MAX_REQUEST)
+            frame = wire.read_frame(conn, MAX_REQUEST, deadline)
             if frame is None:
                 return
             req = wire.parse_load_request(frame)
-        except (wire.WireError, TimeoutError) as exc:
-            self.log(f"{caller.name} (uid {uid}): bad request: {exc}")
-            _refuse_unread(conn, f"bad request: {exc}")
+        except TimeoutError:
+            limit = f"{self.config.io_timeout:g}"
+            self.log(f"{who}: refused: request not complete within {limit} s")
+            _refuse(conn, f"bad request: not complete within {limit} seconds")
             return
+        except wire.WireError as exc:
+            self.log(f"{who}: bad request: {exc}")
+            _refuse(conn, f"bad request: {exc}")
+            return
+        del frame  # the module now lives in req alone
+        conn.settimeout(self.config.io_timeout)  # from now on: for each piece of output
         decision = judge(caller, req, self.signer_store())
         verdict = "loading" if decision.allowed else "refused"
-        self.log(f"{caller.name} (uid {uid}): {req.module_name}: {verdict}: {decision.reason}")
+        self.log(f"{who}: {req.module_name}: {verdict}: {decision.reason}")
         if not decision.allowed:
-            conn.sendall(wire.refused(decision.reason))
+            _refuse(conn, decision.reason)
             return
         runtime = wire.RUNTIME_BY_SUFFIX[Path(req.module_name).suffix]
         try:
             tool = resolve_tool(self.config.stapbpf if runtime == "bpf" else self.config.staprun)
         except ConfigError as exc:
             self.log(f"cannot run {req.module_name}: {exc}")
-            conn.sendall(wire.refused(f"stap-loader cannot run {req.module_name}: {exc}"))
+            _refuse(conn, f"stap-loader cannot run {req.module_name}: {exc}")
             return
         with tempfile.TemporaryDirectory(prefix="stap-loader-") as tmp:
             workdir = Path(tmp)  # mode 0700, root's: nobody else can swap the module
             module_path = workdir / req.module_name
             module_path.write_bytes(req.module)
+            module_name = req.module_name
+            del req  # no need to hold the module in memory while it runs
             try:
-                proc = spawn([tool, str(module_path)], workdir)
+                proc = spawn([tool, str(module_path)], workdir, runner_env(caller, runtime))
             except OSError as exc:
                 self.log(f"cannot run {tool}: {exc}")
-                conn.sendall(wire.refused(f"stap-loader cannot run {tool}: {exc.strerror}"))
+                _refuse(conn, f"stap-loader cannot run {tool}: {exc.strerror}")
                 return
             # A client already gone is noticed by stream(), which then stops the module.
             with contextlib.suppress(OSError):
                 conn.sendall(wire.started(decision.reason))
             status = stream(proc, conn, self.config.stop_timeout, self.children)
-        self.log(f"{caller.name} (uid {uid}): {req.module_name}: exited with status {status}")
+        self.log(f"{who}: {module_name}: exited with status {status}")
         with contextlib.suppress(OSError):
             conn.sendall(wire.exited(status))
 
     def serve(self, listener: socket.socket) -> None:
-        """Accept connections until :meth:`stop` is called, one thread per connection."""
+        """Accept connections until :meth:`stop` is called.
+
+        Admission happens here, so at most ``max_sessions`` session threads exist.
+        """
         listener.setblocking(False)
         with selectors.DefaultSelector() as sel:
             sel.register(listener, selectors.EVENT_READ, "listener")
@@ -375,12 +485,7 @@ class Service:
                 for key, _ in sel.select():
                     if key.data == "wake":
                         return
-                    try:
-                        conn, _ = listener.accept()
-                    except (BlockingIOError, InterruptedError):
-                        continue
-                    conn.setblocking(True)
-                    threading.Thread(target=self.handle, args=(conn,), daemon=True).start()
+                    self.accept_one(listener)
 
     def stop(self) -> None:
         """Make :meth:`serve` return; safe to call from a signal handler."""

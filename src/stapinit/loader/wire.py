@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 import socket
 import struct
+import time
 from dataclasses import dataclass
 from typing import Any, Final, Literal, cast
 
@@ -27,8 +28,6 @@ from stapinit.protocol import ProtocolError, check_module_name
 
 #: Largest JSON header accepted; headers are small, anything bigger is an attack.
 MAX_HEADER: Final = 64 * 1024
-#: Largest module (plus signature) the loader accepts.
-MAX_MODULE_BYTES: Final = 64 * 1024 * 1024
 #: Largest output chunk in one frame.
 MAX_OUTPUT_CHUNK: Final = 1024 * 1024
 #: Module file suffix -> the runtime that loads it.
@@ -36,6 +35,8 @@ RUNTIME_BY_SUFFIX: Final = {".bo": "bpf", ".ko": "kmod"}
 
 _LEN = struct.Struct(">I")
 Stream = Literal["stdout", "stderr"]
+#: A payload as read from a socket (a preallocated buffer) or built in memory.
+Payload = bytes | bytearray
 
 
 class WireError(Exception):
@@ -47,7 +48,7 @@ class Frame:
     """One message: its JSON header and its raw payload."""
 
     header: dict[str, Any]
-    payload: bytes = b""
+    payload: Payload = b""
 
     @property
     def type(self) -> str:
@@ -61,19 +62,24 @@ class LoadRequest:
     """A module to load, as sent by the client."""
 
     module_name: str
-    module: bytes
+    module: Payload
     signature: bytes | None = None
 
 
-def encode_frame(header: dict[str, Any], payload: bytes = b"") -> bytes:
-    """Serialise one frame; ``size`` is set from ``payload``."""
+def frame_header(header: dict[str, Any], size: int = 0) -> bytes:
+    """The bytes of a frame that come before its payload of ``size`` bytes."""
     head = dict(header)
-    if payload:
-        head["size"] = len(payload)
+    if size:
+        head["size"] = size
     data = json.dumps(head, separators=(",", ":")).encode("utf-8")
     if len(data) > MAX_HEADER:
         raise WireError("frame header too large")
-    return _LEN.pack(len(data)) + data + payload
+    return _LEN.pack(len(data)) + data
+
+
+def encode_frame(header: dict[str, Any], payload: Payload = b"") -> bytes:
+    """Serialise one frame; ``size`` is set from ``payload``."""
+    return b"".join((frame_header(header, len(payload)), payload))
 
 
 def parse_header(data: bytes) -> tuple[dict[str, Any], int]:
@@ -102,15 +108,21 @@ def check_module_file_name(name: str) -> str:
     return name
 
 
-def encode_load_request(req: LoadRequest) -> bytes:
-    """Serialise a load request."""
+def load_request_parts(req: LoadRequest) -> tuple[bytes, Payload, bytes]:
+    """A load request as header, module and signature, to be sent one after another."""
     header = {
         "type": "load",
         "module_name": req.module_name,
         "module_size": len(req.module),
         "signature_size": None if req.signature is None else len(req.signature),
     }
-    return encode_frame(header, req.module + (req.signature or b""))
+    size = len(req.module) + len(req.signature or b"")
+    return frame_header(header, size), req.module, req.signature or b""
+
+
+def encode_load_request(req: LoadRequest) -> bytes:
+    """Serialise a load request."""
+    return b"".join(load_request_parts(req))
 
 
 _LOAD_KEYS = frozenset({"type", "module_name", "module_size", "signature_size", "size"})
@@ -120,7 +132,9 @@ def parse_load_request(frame: Frame) -> LoadRequest:
     """Validate a client's ``load`` frame strictly; raises WireError.
 
     Unknown fields are refused rather than ignored, so a crafted request cannot
-    carry anything (a path, options) that a later version might act on.
+    carry anything (a path, options) that a later version might act on.  A
+    ``bytearray`` payload (as :func:`read_frame` returns) becomes the module
+    itself, its signature cut off the end, so a large module is never copied.
     """
     header = frame.header
     if frame.type != "load":
@@ -142,9 +156,12 @@ def parse_load_request(frame: Frame) -> LoadRequest:
         raise WireError("load request: signature_size must be a positive integer or null")
     if module_size + (sig_size or 0) != len(frame.payload):
         raise WireError("load request: sizes do not add up to the payload")
-    module = frame.payload[:module_size]
-    signature = None if sig_size is None else frame.payload[module_size:]
-    return LoadRequest(name, module, signature)
+    payload = frame.payload
+    signature = None if sig_size is None else bytes(payload[module_size:])
+    if isinstance(payload, bytearray):
+        del payload[module_size:]  # shrinks in place
+        return LoadRequest(name, payload, signature)
+    return LoadRequest(name, payload[:module_size], signature)
 
 
 # --- loader -> client --------------------------------------------------------------
@@ -170,42 +187,67 @@ def exited(status: int) -> bytes:
     return encode_frame({"type": "exit", "status": status})
 
 
+def exit_status(returncode: int) -> int:
+    """A shell-style exit status from a ``subprocess`` return code: 128+N for signal N."""
+    return 128 - returncode if returncode < 0 else returncode
+
+
 # --- reading -----------------------------------------------------------------------
 
 
-def _recv_exactly(sock: socket.socket, count: int) -> bytes | None:
-    """``count`` bytes from ``sock``; None on a clean EOF before the first byte."""
-    chunks: list[bytes] = []
+def _recv_into(sock: socket.socket, view: memoryview, deadline: float | None) -> int:
+    """Fill ``view`` from ``sock``; the bytes read (short only at EOF).
+
+    With a ``deadline`` (a ``time.monotonic()`` value) the whole read must end by
+    then, however the peer spaces its bytes; TimeoutError otherwise.
+    """
     got = 0
-    while got < count:
-        chunk = sock.recv(min(count - got, 1 << 20))
-        if not chunk:
-            if got == 0:
-                return None
-            raise WireError("connection closed in the middle of a frame")
-        chunks.append(chunk)
-        got += len(chunk)
-    return b"".join(chunks)
+    while got < len(view):
+        if deadline is not None:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise TimeoutError("timed out")
+            sock.settimeout(remaining)
+        count = sock.recv_into(view[got:], min(len(view) - got, 1 << 20))
+        if not count:
+            break
+        got += count
+    return got
 
 
-def read_frame(sock: socket.socket, max_payload: int) -> Frame | None:
+def _recv_exactly(sock: socket.socket, count: int, deadline: float | None) -> bytearray | None:
+    """``count`` bytes from ``sock`` in one buffer; None on a clean EOF before the first."""
+    buffer = bytearray(count)
+    got = _recv_into(sock, memoryview(buffer), deadline)
+    if got == count:
+        return buffer
+    if got == 0:
+        return None
+    raise WireError("connection closed in the middle of a frame")
+
+
+def read_frame(
+    sock: socket.socket, max_payload: int, deadline: float | None = None
+) -> Frame | None:
     """Read one frame from ``sock``; None on EOF between frames.
 
-    Raises WireError for oversized or malformed frames before reading their payload.
+    Raises WireError for oversized or malformed frames before reading their
+    payload, which is read into one buffer of the announced size.  ``deadline``
+    (``time.monotonic()``) bounds the whole frame (TimeoutError), not each read.
     """
-    raw_len = _recv_exactly(sock, _LEN.size)
+    raw_len = _recv_exactly(sock, _LEN.size, deadline)
     if raw_len is None:
         return None
     (length,) = _LEN.unpack(raw_len)
     if length > MAX_HEADER:
         raise WireError("frame header too large")
-    data = _recv_exactly(sock, length)
+    data = _recv_exactly(sock, length, deadline) if length else bytearray()
     if data is None:
         raise WireError("connection closed in the middle of a frame")
-    header, size = parse_header(data)
+    header, size = parse_header(bytes(data))
     if size > max_payload:
         raise WireError(f"frame payload of {size} bytes exceeds the limit of {max_payload}")
-    payload = _recv_exactly(sock, size) if size else b""
+    payload = _recv_exactly(sock, size, deadline) if size else bytearray()
     if payload is None:
         raise WireError("connection closed in the middle of a frame")
     return Frame(header, payload)

@@ -4,9 +4,12 @@
 {start|stop|restart|condrestart|try-restart|force-reload|status|run}``
 
 ``start`` puts the server in the background and records its pid; ``run`` serves
-in the foreground (for systemd).  Started as root, the server becomes the service
-user (``USER``, default ``stap-server``) before touching its key or the network;
-``--allow-root`` keeps root, but stap itself always runs as the service user.
+in the foreground (for systemd).  Started as root, the server reads its key (which
+belongs to root) and binds its port, then becomes the service user (``USER``,
+default ``stap-server``), which every compile runs as, so no compile can read the
+key; ``--allow-root`` keeps root, but stap itself always runs as the service user.
+Started as another user, the server runs as that user and warns that compiles can
+read its key.
 Errors are one line on stderr; exit codes are LSB's (see
 :mod:`stapinit.server.service`).
 """

@@ -15,6 +15,7 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, Final
 
+from stapinit.protocol import DEFAULT_PORT
 from stapinit.service.bashvars import ConfigError, parse_assignments
 
 DEFAULT_CONFIG: Final = Path("/etc/stap-server/stap-server.conf")
@@ -28,7 +29,7 @@ class BadConfig(Exception):
 class ServerConfig:
     """Settings of one stap-server instance (defaults are the packaged ones)."""
 
-    port: int = 9740
+    port: int = DEFAULT_PORT
     listen_address: str = "127.0.0.1"
     state_dir: Path = Path("/var/lib/stap-server")
     log_file: Path = Path("/var/log/stap-server/stap-server.log")

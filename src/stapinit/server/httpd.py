@@ -16,7 +16,6 @@ import json
 import logging
 import re
 import socket
-import socketserver
 import ssl
 import sys
 import threading
@@ -246,23 +245,46 @@ class Handler(BaseHTTPRequestHandler):
         LOG.info(format_fields(fields))
 
 
+#: Connections the kernel queues before the server accepts them.
+LISTEN_BACKLOG: Final = 128
+
+
+def listen(host: str, port: int) -> socket.socket:
+    """A TCP socket listening on ``host``:``port`` (bound by root for a port below 1024).
+
+    Raises OSError; the caller reports it.
+    """
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host, port))
+        sock.listen(LISTEN_BACKLOG)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
 class StapHTTPServer(ThreadingHTTPServer):
-    """Accepts TLS connections and hands each to a thread, up to a limit."""
+    """Accepts TLS connections and hands each to a thread, up to a limit.
+
+    It serves on a socket made by :func:`listen` beforehand, so that the server can
+    bind a privileged port as root and serve after becoming the service user.
+    """
 
     daemon_threads = True
-    request_queue_size = 128
 
     def __init__(
         self,
-        address: tuple[str, int],
+        sock: socket.socket,
         service: CompileService,
         ssl_context: ssl.SSLContext,
         io_timeout: float,
         max_connections: int,
         max_request_size: int,
     ) -> None:
-        if ":" in address[0]:
-            self.address_family = socket.AF_INET6
+        self.address_family = sock.family
         self.service = service
         self.ssl_context = ssl_context
         self.io_timeout = io_timeout
@@ -270,14 +292,14 @@ class StapHTTPServer(ThreadingHTTPServer):
         self.max_request_size = max_request_size
         self._connections = 0
         self._count_lock = threading.Lock()
-        super().__init__(address, Handler)
-
-    def server_bind(self) -> None:
-        """Bind without HTTPServer's reverse DNS lookup of the listen address."""
-        socketserver.TCPServer.server_bind(self)
-        host, port = self.server_address[:2]
-        self.server_name = str(host)
-        self.server_port = int(port)
+        address = sock.getsockname()
+        super().__init__(address[:2], Handler, bind_and_activate=False)
+        self.socket.close()  # the unbound one socketserver made: serve on ``sock``
+        self.socket = sock
+        self.server_address = address
+        # What HTTPServer.server_bind would set, without its reverse DNS lookup.
+        self.server_name = str(address[0])
+        self.server_port = int(address[1])
 
     def get_request(self) -> tuple[Any, Any]:
         """Accept and wrap in TLS; the handshake itself happens in the worker thread."""

@@ -3,6 +3,11 @@
 Both live in ``STATE_DIR/.systemtap/ssl/server/`` (``stap.key``, ``stap.cert``;
 §6.1.3).  They are generated on first start.  To renew, stop the server, remove
 both files, start it again and have every client authorize the new ``stap.cert``.
+
+Both files belong to the user the server starts as -- root in production: it
+reads the key before becoming the service user, so that no compile (they run as
+the service user) can read the key.  The key must not be accessible to group or
+others; the certificate (0644) is for everyone to read, not to change.
 """
 
 from __future__ import annotations
@@ -44,7 +49,7 @@ class Identity:
         return certs.fingerprint(self.cert)
 
 
-def check_key_file(path: Path) -> None:
+def check_key_file(path: Path, cert_path: Path) -> None:
     """Refuse a key file that others could read or that belongs to another user."""
     info = path.lstat()
     if not stat.S_ISREG(info.st_mode):
@@ -55,10 +60,35 @@ def check_key_file(path: Path) -> None:
             f"private key {path} is group- or world-accessible (mode {mode:04o}); "
             f"refusing to start: run 'chmod 600 {path}' (and consider the key compromised)"
         )
-    if info.st_uid != os.geteuid():
+    euid = os.geteuid()
+    if info.st_uid != euid and euid == 0:
+        # Earlier versions kept the key as the service user, whose compiles could read it.
+        raise IdentityError(
+            f"private key {path} belongs to uid {info.st_uid}, not to root; if compiles ran "
+            f"as that user, consider the key exposed: remove {path} and {cert_path} to "
+            "generate a new identity (and authorize it on the clients again), or keep it "
+            f"with 'chown root:root {path} {cert_path}'"
+        )
+    if info.st_uid != euid:
         raise IdentityError(
             f"private key {path} belongs to uid {info.st_uid}, not to the server's "
-            f"user (uid {os.geteuid()})"
+            f"user (uid {euid})"
+        )
+
+
+def check_cert_file(path: Path) -> None:
+    """Refuse a certificate file that another user could replace."""
+    info = path.lstat()
+    if not stat.S_ISREG(info.st_mode):
+        raise IdentityError(f"certificate {path} is not a regular file")
+    mode = stat.S_IMODE(info.st_mode)
+    euid = os.geteuid()
+    if info.st_uid != euid or mode & 0o022:
+        # Clients are told to authorize this file: nobody else may swap it.
+        raise IdentityError(
+            f"certificate {path} must belong to the server's user (uid {euid}) and be "
+            f"writable by it alone (owner uid {info.st_uid}, mode {mode:04o}); fix it "
+            f"with: chown {euid}:{os.getegid()} {path}; chmod 644 {path}"
         )
 
 
@@ -75,7 +105,9 @@ def load_or_create(cert_dir: Path, days: int, now: dt.datetime | None = None) ->
             cert_dir.mkdir(parents=True, exist_ok=True)
             key, cert = certs.generate_identity(key_path, cert_path, socket.getfqdn(), days)
         except OSError as exc:
-            raise IdentityError(f"cannot create server identity in {cert_dir}: {exc}") from None
+            raise IdentityError(
+                f"cannot create server identity in {cert_dir}: {exc.strerror or exc}"
+            ) from None
         return Identity(key, cert, key_path, cert_path)
     if not have_key:
         raise IdentityError(
@@ -87,7 +119,8 @@ def load_or_create(cert_dir: Path, days: int, now: dt.datetime | None = None) ->
             f"{key_path} exists but its certificate {cert_path} is missing; "
             "remove the key to generate a new identity"
         )
-    check_key_file(key_path)
+    check_key_file(key_path, cert_path)
+    check_cert_file(cert_path)
     try:
         key = certs.load_private_key(key_path)
         cert = certs.load_certificate(cert_path)
@@ -95,7 +128,7 @@ def load_or_create(cert_dir: Path, days: int, now: dt.datetime | None = None) ->
         raise IdentityError(str(exc)) from None
     if not certs.key_matches(key, cert):
         raise IdentityError(f"{cert_path} is not the certificate of {key_path}")
-    expiry = cert.not_valid_after_utc
+    expiry = certs.not_valid_after(cert)
     if expiry <= (now or dt.datetime.now(dt.UTC)):
         raise IdentityError(
             f"certificate {cert_path} expired on {expiry:%Y-%m-%d}; to renew, remove "
@@ -106,5 +139,5 @@ def load_or_create(cert_dir: Path, days: int, now: dt.datetime | None = None) ->
 
 def expires_soon(identity: Identity, now: dt.datetime | None = None) -> bool:
     """Whether the certificate expires within :data:`EXPIRY_WARNING`."""
-    left = identity.cert.not_valid_after_utc - (now or dt.datetime.now(dt.UTC))
+    left = certs.not_valid_after(identity.cert) - (now or dt.datetime.now(dt.UTC))
     return left < EXPIRY_WARNING

@@ -16,7 +16,7 @@ from enum import Enum
 from pathlib import PurePosixPath
 from typing import Final
 
-from stapinit.protocol import MODULE_SUFFIX, CompileRequest, Runtime
+from stapinit.protocol import MODULE_NAME_RE, MODULE_SUFFIX, CompileRequest, Runtime
 
 
 class PolicyError(ValueError):
@@ -69,6 +69,9 @@ _LONG: Final[dict[str, _Spec]] = {
 }
 #: Options that stap itself refuses from a client under --privilege=stapusr; named
 #: here so the client gets stap's wording even for options this server never takes.
+#: The file (in the compile directory) that holds an ``-e`` script; stap reads it
+#: on standard input.  Not a name a module file (``NAME.ko``/``NAME.bo``) can take.
+EVAL_SCRIPT_FILE: Final = "eval.stp"
 STAPUSR_FORBIDDEN: Final = frozenset(
     {"-g", "-B", "-D", "-R", "-m", "-I", "--tmpdir", "--modinfo", "--suppress-time-limits"}
 )
@@ -198,8 +201,12 @@ def stap_command(
 ) -> list[str]:
     """The stap argument list for a checked request (run in the compile directory).
 
-    The script file, if any, is expected under its own name in the working
-    directory; script arguments follow ``--`` so stap never reads them as options.
+    A script file is expected under its own name in the working directory.  An
+    ``-e`` script is not put on the command line (one argument may not exceed
+    128 KiB): it is read from standard input (``-``), which stap treats exactly
+    like ``-e`` (the same module bytes, ``<input>`` in messages); the caller
+    supplies it there from the file :data:`EVAL_SCRIPT_FILE`.  Script arguments
+    follow ``--`` so stap never reads them as options.
     """
     argv = [stap, *parsed.options]
     if parsed.runtime == "bpf":
@@ -212,7 +219,7 @@ def stap_command(
     if tapset_dir is not None:
         argv += ["-I", tapset_dir]
     if req.eval:
-        argv += ["-e", req.script_text, "--"]
+        argv += ["--", "-"]
     else:
         assert req.script_name is not None  # the protocol guarantees it
         argv += ["--", req.script_name]
@@ -235,7 +242,7 @@ def module_file_name(stdout: str, module_name: str | None, runtime: Runtime) -> 
     if (
         PurePosixPath(name).name != name
         or not name.endswith(suffix)
-        or not re.fullmatch(r"[a-z0-9_]{1,64}", name[: -len(suffix)])
+        or not MODULE_NAME_RE.fullmatch(name[: -len(suffix)])
     ):
         return None
     return name

@@ -14,7 +14,9 @@ import logging
 import logging.handlers
 import os
 import pwd
+import shutil
 import signal
+import stat
 import threading
 import time
 from collections.abc import Callable
@@ -45,6 +47,12 @@ class ServiceError(Exception):
         self.code = code
 
 
+def path_error(action: str, path: Path, exc: OSError) -> ServiceError:
+    """``cannot ACTION PATH: reason``, exit 4 when permissions are at fault, else 6."""
+    code = EXIT_PRIVILEGE if exc.errno in (errno.EACCES, errno.EPERM) else EXIT_NOT_CONFIGURED
+    return ServiceError(f"cannot {action} {path}: {exc.strerror or exc}", code)
+
+
 # --- pid file ------------------------------------------------------------------------
 
 
@@ -55,7 +63,7 @@ def read_pid(pid_file: Path) -> int | None:
     except FileNotFoundError:
         return None
     except OSError as exc:
-        raise ServiceError(f"cannot read {pid_file}: {exc.strerror}", EXIT_PRIVILEGE) from None
+        raise path_error("read PID_FILE", pid_file, exc) from None
     return int(text) if text.isascii() and text.isdigit() and int(text) > 0 else 0
 
 
@@ -64,9 +72,7 @@ def write_pid_file(pid_file: Path, pid: int) -> None:
     try:
         atomic_write(pid_file, f"{pid}\n".encode("ascii"), durable=False)
     except OSError as exc:
-        raise ServiceError(
-            f"cannot write pid file {pid_file}: {exc.strerror or exc}", EXIT_PRIVILEGE
-        ) from None
+        raise path_error("write PID_FILE", pid_file, exc) from None
 
 
 def remove_pid_file(pid_file: Path, pid: int) -> None:
@@ -168,30 +174,126 @@ def lookup_user(name: str) -> ServiceUser:
     return ServiceUser(name, entry.pw_uid, entry.pw_gid)
 
 
-def prepare_paths(config: ServerConfig, user: ServiceUser) -> None:
-    """As root: create missing state, pid and log locations owned by the service user.
+def prepare_paths(config: ServerConfig, user: ServiceUser, keep_root: bool) -> None:
+    """As root, before the identity is read: the locations the server needs.
 
-    Existing ones are left as the administrator made them.
+    The service user runs every compile, and a compile can make gcc include any
+    file that user may read.  So ``STATE_DIR`` and the part of it holding the
+    identity (``.systemtap/ssl/server``) belong to root and only root may change
+    them: created (0755) when missing, taken back from the service user (the
+    layout of earlier versions), refused when anyone else could change them.
+    ``STATE_DIR/cache`` and ``STATE_DIR/tmp`` belong to the user the server runs
+    as (root with ``keep_root``); one owned by anyone else is discarded, as it
+    is only a cache.  Missing pid and log locations are created for the service
+    user; existing ones are left as the administrator made them.
+
+    Raises ServiceError naming the setting and path.
     """
-    for directory, mode in (
-        (config.state_dir, 0o755),
-        (config.pid_file.parent, 0o755),
-        (config.log_file.parent, 0o750),
+    owner = (0, 0) if keep_root else (user.uid, user.gid)
+    state = config.state_dir
+    try:
+        _root_directory(state, user.uid, follow=True)
+    except OSError as exc:
+        raise path_error("prepare STATE_DIR", state, exc) from None
+    path = state
+    for part in config.cert_dir.relative_to(state).parts:  # from the top: no swapping
+        path /= part
+        try:
+            _root_directory(path, user.uid, follow=False)
+        except OSError as exc:
+            raise path_error("prepare", path, exc) from None
+    for name, mode in (("cache", 0o700), ("tmp", 0o711)):
+        try:
+            _owned_directory(state / name, owner, mode)
+        except OSError as exc:
+            raise path_error("prepare", state / name, exc) from None
+    for setting, directory, mode in (
+        ("PID_FILE", config.pid_file.parent, 0o755),
+        ("LOG_FILE", config.log_file.parent, 0o750),
     ):
-        if not directory.exists():
-            directory.mkdir(mode=mode, parents=True)
-            os.chown(directory, user.uid, user.gid)
-    if not config.log_file.exists():
-        fd = os.open(config.log_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640)
+        try:
+            if os.path.lexists(directory) and not directory.is_dir():
+                raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR))
+            if not directory.is_dir():
+                directory.mkdir(mode=mode, parents=True)
+                os.chown(directory, user.uid, user.gid)
+        except OSError as exc:
+            raise path_error(f"prepare the directory of {setting}", directory, exc) from None
+    try:
+        fd = os.open(config.log_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o640)
+    except (FileExistsError, PermissionError):
+        return  # there already, or the service user creates it (setup_logging)
+    except OSError as exc:
+        raise path_error("create LOG_FILE", config.log_file, exc) from None
+    try:
         os.fchown(fd, user.uid, user.gid)
+    finally:
         os.close(fd)
+
+
+def _root_directory(path: Path, service_uid: int, follow: bool) -> None:
+    """Make ``path`` a directory that only root can change (see :func:`prepare_paths`)."""
+    flags = os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC | (0 if follow else os.O_NOFOLLOW)
+    try:
+        fd = os.open(path, flags)
+    except FileNotFoundError:
+        path.mkdir(mode=0o755, parents=follow)
+        fd = os.open(path, flags)
+        os.fchmod(fd, 0o755)  # whatever the umask: the certificate is for everyone
+    except OSError as exc:
+        if exc.errno not in (errno.ELOOP, errno.ENOTDIR) or not os.path.lexists(path):
+            raise
+        raise ServiceError(
+            f"{path} must be a directory, not a file or a symbolic link: the server's "
+            "identity lives there",
+            EXIT_NOT_CONFIGURED,
+        ) from None
+    try:
+        info = os.fstat(fd)
+        mode = stat.S_IMODE(info.st_mode)
+        if info.st_uid == service_uid:
+            os.fchown(fd, 0, 0)
+            os.fchmod(fd, 0o755)  # the service user still passes through to cache/ and tmp/
+        elif info.st_uid != 0 or mode & 0o022:
+            raise ServiceError(
+                f"{path} must belong to root and be writable by root alone, since the "
+                f"server's private key lives there (owner uid {info.st_uid}, mode "
+                f"{mode:04o}); fix it with: chown root:root {path}; chmod go-w {path}",
+                EXIT_NOT_CONFIGURED,
+            )
+    finally:
+        os.close(fd)
+
+
+def _owned_directory(path: Path, owner: tuple[int, int], mode: int) -> None:
+    """Make ``path`` a directory of ``owner``, discarding one that someone else owns."""
+    try:
+        info: os.stat_result | None = path.lstat()
+    except FileNotFoundError:
+        info = None
+    if info is not None and (not stat.S_ISDIR(info.st_mode) or info.st_uid != owner[0]):
+        # From a run with(out) --allow-root, or given to root by systemd: start afresh.
+        if stat.S_ISDIR(info.st_mode):
+            shutil.rmtree(path)
+        else:
+            path.unlink()
+        info = None
+    if info is None:
+        path.mkdir(mode=mode)
+        os.chmod(path, mode)
+        os.chown(path, *owner)
 
 
 def drop_privileges(user: ServiceUser) -> None:
     """Become ``user`` for good (groups, gid, uid; in that order)."""
-    os.initgroups(user.name, user.gid)
-    os.setgid(user.gid)
-    os.setuid(user.uid)
+    try:
+        os.initgroups(user.name, user.gid)
+        os.setgid(user.gid)
+        os.setuid(user.uid)
+    except OSError as exc:
+        raise ServiceError(
+            f"cannot become USER {user.name}: {exc.strerror or exc}", EXIT_PRIVILEGE
+        ) from None
     os.environ["HOME"] = pwd.getpwuid(user.uid).pw_dir
 
 
@@ -205,7 +307,7 @@ def setup_logging(log_file: Path) -> None:
         os.close(fd)
         handler = logging.handlers.WatchedFileHandler(log_file)
     except OSError as exc:
-        raise ServiceError(f"cannot open log file {log_file}: {exc.strerror}") from None
+        raise path_error("open LOG_FILE", log_file, exc) from None
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
     LOG.handlers[:] = [handler]
     LOG.setLevel(logging.INFO)

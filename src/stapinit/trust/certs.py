@@ -51,13 +51,34 @@ def fingerprint(cert: x509.Certificate) -> str:
     return FINGERPRINT_PREFIX + hashlib.sha256(der).hexdigest()
 
 
+def _validity_bound(cert: x509.Certificate, name: str) -> dt.datetime:
+    # cryptography 42 added the aware ``*_utc`` properties; Debian 12 ships 38,
+    # whose ``not_valid_before``/``not_valid_after`` are naive UTC datetimes.
+    aware = getattr(cert, f"{name}_utc", None)
+    if isinstance(aware, dt.datetime):
+        return aware
+    naive = getattr(cert, name)
+    assert isinstance(naive, dt.datetime)
+    return naive.replace(tzinfo=dt.UTC)
+
+
+def not_valid_before(cert: x509.Certificate) -> dt.datetime:
+    """Start of ``cert``'s validity, an aware UTC datetime (any cryptography >= 38)."""
+    return _validity_bound(cert, "not_valid_before")
+
+
+def not_valid_after(cert: x509.Certificate) -> dt.datetime:
+    """End of ``cert``'s validity, an aware UTC datetime (any cryptography >= 38)."""
+    return _validity_bound(cert, "not_valid_after")
+
+
 def describe(cert: x509.Certificate) -> CertificateDescription:
     """Subject, fingerprint and validity period of ``cert``."""
     return CertificateDescription(
         subject=cert.subject.rfc4514_string(),
         fingerprint=fingerprint(cert),
-        not_before=cert.not_valid_before_utc,
-        not_after=cert.not_valid_after_utc,
+        not_before=not_valid_before(cert),
+        not_after=not_valid_after(cert),
     )
 
 

@@ -8,7 +8,9 @@ A signature file is JSON::
      "signature": base64 ECDSA-SHA256 over the canonical JSON of the manifest}
 
 The manifest carries the module's SHA-256, so the signature covers the module's
-bytes as well as what it was compiled for.  Pure: no file I/O here.
+bytes as well as what it was compiled for.  A signature counts only while the
+signer's certificate is valid, and only if it was made while it was.  Pure: no
+file I/O here.
 """
 
 from __future__ import annotations
@@ -27,12 +29,21 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from stapinit.trust.certs import fingerprint
+from stapinit.trust.certs import fingerprint, not_valid_after, not_valid_before
 
 FORMAT: Final = "stap-module-signature/1"
 SIGNATURE_SUFFIX: Final = ".sgn"
+#: How ``signed_at`` is written: UTC, to the second.
+TIME_FORMAT: Final = "%Y-%m-%dT%H:%M:%SZ"
 
-Reason = Literal["malformed", "untrusted-signer", "bad-signature", "module-altered"]
+Reason = Literal[
+    "malformed",
+    "untrusted-signer",
+    "bad-signature",
+    "signer-expired",
+    "signer-not-yet-valid",
+    "module-altered",
+]
 
 
 class SignatureError(Exception):
@@ -63,7 +74,7 @@ class Manifest:
 def sign_module(
     private_key: ec.EllipticCurvePrivateKey,
     certificate: x509.Certificate,
-    module_bytes: bytes,
+    module_bytes: bytes | bytearray,
     module_name: str,
     release: str,
     arch: str,
@@ -84,7 +95,7 @@ def sign_module(
         arch=arch,
         privilege=privilege,
         signer_fingerprint=fingerprint(certificate),
-        signed_at=when.strftime("%Y-%m-%dT%H:%M:%SZ"),
+        signed_at=when.strftime(TIME_FORMAT),
     )
     signature = private_key.sign(manifest.canonical(), ec.ECDSA(hashes.SHA256()))
     doc = {
@@ -123,17 +134,50 @@ def _parse(sgn_bytes: bytes) -> tuple[Manifest, bytes]:
     return Manifest(**fields), signature
 
 
+def _check_validity(signer: x509.Certificate, manifest: Manifest, now: dt.datetime) -> None:
+    """Refuse unless both ``signed_at`` and ``now`` lie within the signer's validity."""
+    try:
+        signed_at = dt.datetime.strptime(manifest.signed_at, TIME_FORMAT).replace(tzinfo=dt.UTC)
+    except ValueError:
+        raise SignatureError(
+            "malformed", f"malformed signature file: signed_at {manifest.signed_at!r}"
+        ) from None
+    start, end = not_valid_before(signer), not_valid_after(signer)
+    period = f"(valid {start:%Y-%m-%d %H:%M:%S} to {end:%Y-%m-%d %H:%M:%S} UTC)"
+    if now > end:
+        raise SignatureError("signer-expired", f"the signer's certificate has expired {period}")
+    if now < start:
+        raise SignatureError(
+            "signer-not-yet-valid", f"the signer's certificate is not yet valid {period}"
+        )
+    if signed_at > end:
+        raise SignatureError(
+            "signer-expired",
+            f"the module was signed at {manifest.signed_at}, after the signer's certificate "
+            f"expired {period}",
+        )
+    if signed_at < start:
+        raise SignatureError(
+            "signer-not-yet-valid",
+            f"the module was signed at {manifest.signed_at}, before the signer's certificate "
+            f"became valid {period}",
+        )
+
+
 def verify_module(
     sgn_bytes: bytes,
-    module_bytes: bytes,
+    module_bytes: bytes | bytearray,
     trusted_certs: Iterable[x509.Certificate],
+    now: dt.datetime | None = None,
 ) -> Manifest:
     """Check a ``.sgn`` file against a module and the trusted signers.
 
     Returns the manifest when the signature was made by one of ``trusted_certs``
-    over this manifest, and the manifest matches ``module_bytes``; otherwise raises
-    SignatureError with reason ``malformed``, ``untrusted-signer``,
-    ``bad-signature`` or ``module-altered``.
+    over this manifest, both ``signed_at`` and ``now`` (default: the current
+    time) lie within that certificate's validity, and the manifest matches
+    ``module_bytes``; otherwise raises SignatureError with reason ``malformed``,
+    ``untrusted-signer``, ``bad-signature``, ``signer-expired``,
+    ``signer-not-yet-valid`` or ``module-altered``.
     """
     manifest, signature = _parse(sgn_bytes)
     signer = next((c for c in trusted_certs if fingerprint(c) == manifest.signer_fingerprint), None)
@@ -151,6 +195,7 @@ def verify_module(
         raise SignatureError(
             "bad-signature", "signature does not match its manifest (altered?)"
         ) from None
+    _check_validity(signer, manifest, (now or dt.datetime.now(dt.UTC)).astimezone(dt.UTC))
     if hashlib.sha256(module_bytes).hexdigest() != manifest.module_sha256:
         raise SignatureError(
             "module-altered", f"module {manifest.module_name} does not match its signature"

@@ -20,7 +20,6 @@ import contextlib
 import os
 import re
 import stat
-import tempfile
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,7 +27,13 @@ from pathlib import Path
 from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding
 
-from stapinit.trust.certs import CertificateError, fingerprint, load_certificate
+from stapinit.fsutil import atomic_write
+from stapinit.trust.certs import (
+    FINGERPRINT_PREFIX,
+    CertificateError,
+    fingerprint,
+    load_certificate,
+)
 
 #: Environment variable prefixing the system-wide store paths (tests, chroots).
 TRUST_ROOT_ENV = "STAP_TRUST_ROOT"
@@ -36,7 +41,6 @@ TRUST_ROOT_ENV = "STAP_TRUST_ROOT"
 _SYSCONF_DIR = "etc/systemtap"
 _USER_DIR = ".systemtap"
 
-_FINGERPRINT_PREFIX = "SHA256:"
 _HEX_RE = re.compile(r"[0-9a-f]{64}")
 
 Warn = Callable[[str], None]
@@ -97,17 +101,17 @@ def normalize_fingerprint(text: str) -> str:
     upper-case hex; raises ValueError for anything else.
     """
     body = text.strip()
-    if body.upper().startswith(_FINGERPRINT_PREFIX):
-        body = body[len(_FINGERPRINT_PREFIX) :]
+    if body.upper().startswith(FINGERPRINT_PREFIX):
+        body = body[len(FINGERPRINT_PREFIX) :]
     body = body.replace(":", "").lower()
     if not _HEX_RE.fullmatch(body):
         raise ValueError(f"{text!r} is not a SHA-256 fingerprint (64 hex digits)")
-    return _FINGERPRINT_PREFIX + body
+    return FINGERPRINT_PREFIX + body
 
 
 def file_name_for(fp: str) -> str:
     """The store file name of a certificate with fingerprint ``fp``: ``<hex>.pem``."""
-    return normalize_fingerprint(fp)[len(_FINGERPRINT_PREFIX) :] + ".pem"
+    return normalize_fingerprint(fp)[len(FINGERPRINT_PREFIX) :] + ".pem"
 
 
 def unsafe_reason(
@@ -242,7 +246,7 @@ class TrustStore:
         if present is not None and present.fingerprint == fp:
             return target, False
         try:
-            _write_atomically(target, cert.public_bytes(Encoding.PEM))
+            atomic_write(target, cert.public_bytes(Encoding.PEM), 0o644, durable=True)
         except OSError as exc:
             raise StoreError(f"cannot write {target}: {exc.strerror}") from None
         return target, True
@@ -307,19 +311,3 @@ def _make_dirs(path: Path) -> None:
         with contextlib.suppress(FileExistsError):
             directory.mkdir()
             directory.chmod(0o755)
-
-
-def _write_atomically(target: Path, data: bytes) -> None:
-    """Write ``data`` to ``target`` (mode 0644) through a temporary file and a rename."""
-    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=".tmp-", suffix=".pem")
-    try:
-        with os.fdopen(fd, "wb") as out:
-            out.write(data)
-            out.flush()
-            os.fchmod(out.fileno(), 0o644)
-            os.fsync(out.fileno())
-        os.replace(tmp, target)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
