@@ -14,9 +14,18 @@ import subprocess
 from pathlib import Path
 
 from tests.service.conftest import FakeTools
-from tests.support.prefix import COMMAND, RELEASE, Prefix, process_alive, wait_for
+from tests.support.prefix import COMMAND, RELEASE, SUPPORT, Prefix, process_alive, wait_for
 
 SCRIPT = "probe begin { }\n"
+
+
+def wrapped_staprun(directory: Path, prelude: str) -> Path:
+    """A staprun that runs shell ``prelude`` before handing over to the stand-in."""
+    real = SUPPORT / "fake_staprun.py"
+    wrapper = directory / "wrapped-staprun"
+    wrapper.write_text(f'#!/bin/sh\n{prelude}\nexec {real} "$@"\n')
+    wrapper.chmod(wrapper.stat().st_mode | stat.S_IEXEC)
+    return wrapper
 
 
 def module(prefix: Prefix, name: str) -> str:
@@ -87,10 +96,7 @@ def test_dead_daemon_with_status_file(kmod_prefix: Prefix, fake_tools: FakeTools
 def test_module_that_will_not_unload_fails_the_stop(
     kmod_prefix: Prefix, fake_tools: FakeTools, tmp_path: Path
 ) -> None:
-    stubborn = tmp_path / "stubborn-staprun"
-    real = Path(__file__).parents[1] / "support" / "fake_staprun.py"
-    stubborn.write_text(f'#!/bin/sh\nif [ "$1" = "-d" ]; then exit 0; fi\nexec {real} "$@"\n')
-    stubborn.chmod(stubborn.stat().st_mode | stat.S_IEXEC)
+    stubborn = wrapped_staprun(tmp_path, 'if [ "$1" = "-d" ]; then exit 0; fi')
     kmod_prefix.write_config(STAPRUN=str(stubborn), STOP_TIMEOUT="0.5")
     kmod_prefix.add_script("sticky", SCRIPT)
     assert kmod_prefix.run("start").returncode == 0
@@ -136,10 +142,7 @@ def test_cache_only_script(kmod_prefix: Prefix, fake_tools: FakeTools) -> None:
 def test_sigterm_during_start_leaves_no_unrecorded_module(
     kmod_prefix: Prefix, fake_tools: FakeTools, tmp_path: Path
 ) -> None:
-    slow = tmp_path / "slow-staprun"
-    real = Path(__file__).parents[1] / "support" / "fake_staprun.py"
-    slow.write_text(f'#!/bin/sh\nsleep 0.4\nexec {real} "$@"\n')
-    slow.chmod(0o755)
+    slow = wrapped_staprun(tmp_path, "sleep 0.4")
     kmod_prefix.write_config(STAPRUN=str(slow))
     for name in ("m1", "m2", "m3", "m4"):
         kmod_prefix.add_script(name, SCRIPT)
