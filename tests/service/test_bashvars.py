@@ -67,6 +67,8 @@ def test_line_numbers_are_recorded() -> None:
         ("A=$1\n", 1, "unsupported expansion"),
         ("A=1 cmd\n", 1, "not an assignment: 'cmd'"),
         ("A=1 > /tmp/x\n", 1, "only assignments"),
+        ("A=$'x\\ty'\n", 1, "unsupported quoting $'...'"),
+        ('A=$"x"\n', 1, 'unsupported quoting $"..."'),
     ],
 )
 def test_anything_but_assignments_is_refused_with_file_and_line(

@@ -73,3 +73,33 @@ def test_install_replaces_record_last(tmp_path: Path) -> None:
     assert CacheRecord.from_text((target / "s.opts").read_text()) == WANTED
     assert sorted(p.name for p in target.iterdir()) == ["s.bo", "s.opts"]
     assert cache.remove(target, "s") == [target / "s.bo", target / "s.opts"]
+
+
+def test_interrupted_install_leaves_no_record_vouching_for_a_module(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    target = tmp_path / "cache"
+    built = tmp_path / "s.bo"
+    built.write_bytes(b"old")
+    cache.install(target, "s", ".bo", built, WANTED)
+    built.write_bytes(b"new")
+
+    def crash(source: Path, path: Path, mode: int = 0o644) -> None:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(cache, "atomic_copy", crash)
+    with pytest.raises(OSError):
+        cache.install(target, "s", ".bo", built, WANTED)
+    # The old module may stay, but no record says it is valid: a start recompiles.
+    assert staleness(cache.inspect(target, "s", ".bo"), WANTED, 0.0) == "no .opts record"
+
+
+def test_switching_runtime_removes_the_other_module(tmp_path: Path) -> None:
+    target = tmp_path / "cache"
+    built = tmp_path / "s.ko"
+    built.write_bytes(b"kmod")
+    cache.install(target, "s", ".ko", built, CacheRecord(KERNEL, "kmod", ()))
+    bo = tmp_path / "s.bo"
+    bo.write_bytes(b"bpf")
+    cache.install(target, "s", ".bo", bo, WANTED)
+    assert sorted(p.name for p in target.iterdir()) == ["s.bo", "s.opts"]

@@ -178,6 +178,8 @@ def test_invalid_names_are_skipped_and_logged(bpf_prefix: Prefix) -> None:
     (bpf_prefix.scripts / "9lives.stp").write_text(TICK)
     assert bpf_prefix.run("compile").returncode == 0
     assert compiled_names(bpf_prefix) == ["alpha.bo", "alpha.opts"]
+    done = bpf_prefix.run("compile", "-y")
+    assert "warning: not-valid.stp is not a valid script name" in done.stderr
     log = bpf_prefix.log()
     assert "not-valid.stp is not a valid script name" in log
     assert "9lives.stp is not a valid script name" in log
@@ -221,3 +223,25 @@ def test_names_and_releases_cannot_reach_outside_the_cache(bpf_prefix: Prefix) -
     traversal = bpf_prefix.run("cleanup", "-y", "-r", "..", "precious")
     assert traversal.returncode == 2 and "'..' is not a kernel release" in traversal.stderr
     assert victim.read_text() == "not yours"
+
+
+def test_missing_script_path_is_a_configuration_error(bpf_prefix: Prefix, tmp_path: Path) -> None:
+    bpf_prefix.write_config(SCRIPT_PATH=str(tmp_path / "typo"))
+    for command in ("compile", "start", "status"):
+        done = bpf_prefix.run(command)
+        assert done.returncode == 6
+        assert f"SCRIPT_PATH {tmp_path / 'typo'} does not exist" in done.stderr
+
+
+def test_junk_in_cache_and_status_dirs_gives_no_traceback(bpf_prefix: Prefix) -> None:
+    bpf_prefix.add_script("alpha", TICK, options="--runtime=bpf")
+    assert bpf_prefix.run("compile").returncode == 0
+    (bpf_prefix.cache_dir() / "alpha.opts").write_bytes(b"release=\xff\xfe\n")
+    (bpf_prefix.stat / "alpha").mkdir()
+    (bpf_prefix.stat / "notes.txt").write_bytes(b"\xff")
+    status = bpf_prefix.run("status", "--json")
+    assert status.returncode == 3, status.stderr
+    assert bpf_prefix.status_json()["alpha"]["cache"] == "stale: unreadable .opts record"
+    bpf_prefix.write_config(CACHE_PATH=str(bpf_prefix.root / "config"))  # a file
+    cleanup = bpf_prefix.run("cleanup", "-y")
+    assert cleanup.returncode == 0 and "Traceback" not in cleanup.stderr

@@ -107,6 +107,7 @@ def test_failed_requirement_keeps_dependent_from_starting(bpf_prefix: Prefix) ->
     strict = bpf_prefix.run("start")
     assert strict.returncode == 1
     assert "Failed to compile broken" in strict.stderr
+    assert "not started, as PASSALL=yes and a script failed: free needs" in strict.stderr
     assert "start failed: broken" in strict.stderr
     assert {s["state"] for s in bpf_prefix.status_json().values()} == {"stopped"}
 
@@ -264,3 +265,52 @@ def test_stop_finds_a_script_whose_runtime_was_changed_since_start(bpf_prefix: P
     stop = bpf_prefix.run("stop")
     assert stop.returncode == 0 and "Stopped switched" in stop.stdout
     assert not process_alive(pid)
+
+
+def test_foreign_files_in_stat_path_are_never_taken_for_scripts(bpf_prefix: Prefix) -> None:
+    add_ticker(bpf_prefix, "cron")
+    (bpf_prefix.stat / "sshd.pid").write_text("4242\n")
+    bystander = subprocess.Popen(["sleep", "60"])
+    try:
+        ticks = Path(f"/proc/{bystander.pid}/stat").read_text()
+        start_time = ticks[ticks.rfind(")") + 2 :].split()[19]
+        # A forged record naming someone else's process.
+        (bpf_prefix.stat / "cron").write_text(
+            f"name=cron\nruntime=bpf\npid={bystander.pid}\nstart_time={start_time}\n"
+            f"module={bpf_prefix.cache_dir() / 'cron.bo'}\n"
+        )
+        status = bpf_prefix.run("status")
+        assert "sshd" not in status.stdout
+        assert "cron is dead, but pidfile exists" in status.stdout
+        assert bpf_prefix.run("stop").returncode == 0
+        assert process_alive(bystander.pid)
+        assert (bpf_prefix.stat / "sshd.pid").read_text() == "4242\n"
+    finally:
+        bystander.kill()
+        bystander.wait()
+
+
+def test_unwritable_status_file_fails_the_start_and_stops_the_script(bpf_prefix: Prefix) -> None:
+    add_ticker(bpf_prefix, "ticker")
+    (bpf_prefix.stat / "ticker").mkdir()  # the status file cannot be put in place
+    done = bpf_prefix.run("start")
+    assert done.returncode == 1
+    assert "cannot write its status file" in done.stderr and "stopped it again" in done.stderr
+    module = str(bpf_prefix.cache_dir() / "ticker.bo").encode()
+    assert not [p for p in Path("/proc").iterdir() if p.name.isdigit() and module in _cmdline(p)]
+
+
+def test_stop_works_despite_broken_requirements(bpf_prefix: Prefix) -> None:
+    add_ticker(bpf_prefix, "a")
+    add_ticker(bpf_prefix, "b", requires="a")
+    assert bpf_prefix.run("start").returncode == 0
+    pids = [pid_of(bpf_prefix, name) for name in ("a", "b")]
+    bpf_prefix.configure(
+        "b", options=f"--runtime=bpf -o {bpf_prefix.root / 'b.out'}", requires="a zzz"
+    )
+    bpf_prefix.configure("a", options=f"--runtime=bpf -o {bpf_prefix.root / 'a.out'}", requires="b")
+    stop = bpf_prefix.run("stop")
+    assert stop.returncode == 0, stop.stderr
+    assert "b requires zzz, which is not a script; stopping anyway" in stop.stderr
+    assert "dependency cycle" in stop.stderr
+    assert not any(process_alive(pid) for pid in pids)

@@ -159,3 +159,19 @@ def test_sigterm_during_start_leaves_no_unrecorded_module(
     recorded = sorted(p.name for p in kmod_prefix.stat.iterdir() if not p.name.startswith("."))
     assert 1 <= len(loaded) < 4
     assert sorted(loaded) == recorded
+
+
+def test_dead_daemon_of_a_loaded_module_shows_no_pid(
+    kmod_prefix: Prefix, fake_tools: FakeTools
+) -> None:
+    out = kmod_prefix.root / "r.out"
+    kmod_prefix.add_script("r", SCRIPT, options=f"-o {out}")
+    assert kmod_prefix.run("start").returncode == 0
+    pid = kmod_prefix.status_json()["r"]["pid"]
+    assert isinstance(pid, int)
+    os.kill(pid, signal.SIGKILL)  # the module stays listed
+    assert wait_for(lambda: not process_alive(pid))
+    status = kmod_prefix.run("status")
+    assert "r is running..." in status.stdout and str(pid) not in status.stdout
+    assert kmod_prefix.run("stop").returncode == 0
+    assert fake_tools.loaded() == []

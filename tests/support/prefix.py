@@ -97,9 +97,9 @@ class Prefix:
     def kill_leftovers(self) -> None:
         """Kill whatever a failed test left running, so nothing outlives the suite."""
         for status_file in self.stat.glob("*"):
-            if status_file.name.startswith("."):
+            if status_file.name.startswith(".") or not status_file.is_file():
                 continue
-            for line in status_file.read_text().splitlines():
+            for line in status_file.read_text(errors="replace").splitlines():
                 key, _, value = line.partition("=")
                 pid = int(value) if key == "pid" and value.isdigit() else 0
                 if pid > 0 and process_alive(pid):

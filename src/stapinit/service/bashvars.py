@@ -116,7 +116,9 @@ class _Reader:
             while self.peek() in NAME_CHARS and self.peek():
                 self.pos += 1
             return self.variables.get(self.text[start : self.pos], "")
-        if char and char not in _METACHARS and char not in "\"'":
+        if char in ("'", '"'):
+            raise self.error(f"unsupported quoting ${char}...{char}")
+        if char and char not in _METACHARS:
             raise self.error(f"unsupported expansion ${char}")
         return "$"
 

@@ -141,7 +141,7 @@ def inspect(directory: Path, name: str, suffix: str) -> CacheState:
     except OSError:
         module_mtime = None
     try:
-        text = record_path(directory, name).read_text(encoding="utf-8")
+        text = record_path(directory, name).read_text(encoding="utf-8", errors="replace")
     except OSError:
         return CacheState(module_mtime, None, False)
     return CacheState(module_mtime, CacheRecord.from_text(text), True)
@@ -159,6 +159,8 @@ def install(
     directory.mkdir(parents=True, exist_ok=True)
     record_file = record_path(directory, name)
     record_file.unlink(missing_ok=True)
+    for other in {".ko", ".bo"} - {suffix}:  # the script changed runtime
+        module_path(directory, name, other).unlink(missing_ok=True)
     atomic_copy(built_module, module_path(directory, name, suffix))
     atomic_write(record_file, record.to_text().encode())
 

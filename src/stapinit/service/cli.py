@@ -25,7 +25,7 @@ from stapinit.service.commands import (
 )
 from stapinit.service.lock import LockError
 from stapinit.service.log import Log, LogError
-from stapinit.service.scripts import is_valid_name
+from stapinit.service.names import is_valid_name
 from stapinit.service.settings import load_settings
 
 COMMANDS = (
@@ -230,6 +230,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         log.error("interrupted")
         return 130
+    except OSError as error:
+        # An I/O failure nothing above expected (a full disk, a file where a
+        # directory should be): one line naming the file, not a traceback.
+        where = f"{error.filename}: " if error.filename else ""
+        log.error(f"{where}{error.strerror or error}")
+        return 1
     finally:
         log.close()
 

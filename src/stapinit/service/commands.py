@@ -5,10 +5,11 @@ from __future__ import annotations
 import os
 import sys
 from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
 from typing import NamedTuple, TextIO
 
-from stapinit.service import cache, deps, status
+from stapinit.service import cache, deps, processes, status
 from stapinit.service.cache import KernelIdentity, running_kernel, target_kernel
 from stapinit.service.compiler import CompileResult, compile_many, wanted_record
 from stapinit.service.lock import ServiceLock
@@ -16,6 +17,7 @@ from stapinit.service.log import Log
 from stapinit.service.runtimes import Runtime, RuntimeFailure, Tools, runtime_for
 from stapinit.service.scripts import Script, ScriptError, cache_dir, find_scripts, requirements_map
 from stapinit.service.settings import Settings
+from stapinit.service.status import StatusRecord
 
 # LSB exit codes.
 EXIT_OK = 0
@@ -87,7 +89,7 @@ class Service:
     def scripts(self, release: str) -> dict[str, Script]:
         """Every script, or a clear error for a broken one."""
         try:
-            return find_scripts(self.settings, release, self.log.info)
+            return find_scripts(self.settings, release, self.log.warning)
         except ScriptError as error:
             raise CommandError(str(error), EXIT_NOT_CONFIGURED) from None
 
@@ -161,6 +163,10 @@ class Service:
 
     def compile(self, request: Request) -> int:
         """Compile the named (or all) scripts for ``-r`` (spec §2.2.5)."""
+        with self._lock_if_possible("compile"):
+            return self._compile_request(request)
+
+    def _compile_request(self, request: Request) -> int:
         kernel = target_kernel(request.release)
         scripts = self.scripts(kernel.release)
         names = self.select(request, scripts) if request.scripts else sorted(scripts)
@@ -182,6 +188,10 @@ class Service:
 
     def cleanup(self, request: Request) -> int:
         """Remove the named (or all) scripts' caches for ``-r`` (spec §2.2.6)."""
+        with self._lock_if_possible("cleanup"):
+            return self._cleanup_request(request)
+
+    def _cleanup_request(self, request: Request) -> int:
         release = request.release or running_kernel().release
         directory = cache_dir(self.settings, release)
         if request.scripts:
@@ -205,7 +215,7 @@ class Service:
 
     # -- start and stop ----------------------------------------------------
 
-    def _runtime(self, script: Script, record: status.StatusRecord | None = None) -> Runtime:
+    def _runtime(self, script: Script, record: StatusRecord | None = None) -> Runtime:
         """The runtime a script is started with, or, once started, the one it runs under.
 
         The status file wins: NAME_OPT may have changed runtime since the start,
@@ -216,6 +226,17 @@ class Service:
     def _is_running(self, script: Script) -> bool:
         record = status.read(self.settings.stat_path, script.name)
         return self._runtime(script, record).is_running(script.name, record)
+
+    def _lock_if_possible(self, command: str) -> AbstractContextManager[object]:
+        """The lock, when this user may take it.
+
+        compile and cleanup change the cache a start reads, so they hold the
+        lock too; but a build host's user without access to STAT_PATH may still
+        compile into a cache of their own.
+        """
+        stat_path = self.settings.stat_path
+        target = stat_path if stat_path.exists() else stat_path.parent
+        return self._lock(command) if os.access(target, os.W_OK) else nullcontext()
 
     def _lock(self, command: str) -> ServiceLock:
         stat_path = self.settings.stat_path
@@ -265,6 +286,9 @@ class Service:
                 self.log.error(f"{script.name} {failed[script.name]}")
                 continue
             if self.settings.passall and failed:
+                index = to_start.index(script)
+                left = " ".join(s.name for s in to_start[index:] if s.name not in failed)
+                self.log.error(f"not started, as PASSALL=yes and a script failed: {left}")
                 break
             try:
                 self._start_one(script, directory)
@@ -277,8 +301,18 @@ class Service:
         module = cache.module_path(directory, script.name, script.module_suffix)
         options = script.start_options()
         self.log.info(f"Starting {script.name}")
-        record = self._runtime(script).start(script.name, module, options, self.log)
-        status.write(self.settings.stat_path, record)
+        runtime = self._runtime(script)
+        record = runtime.start(script.name, module, options, self.log)
+        try:
+            status.write(self.settings.stat_path, record)
+        except OSError as error:
+            # Untracked, it would be invisible to status and loaded again by
+            # the next start: stop it and count the start as failed.
+            runtime.stop(script.name, record, self.log)
+            raise RuntimeFailure(
+                f"cannot write its status file in {self.settings.stat_path}: {error.strerror};"
+                " stopped it again"
+            ) from None
         pid = f" (pid {record.pid})" if record.pid else ""
         self.log.info(f"Started {script.name}{pid}")
         print(f"Started {script.name}{pid}", file=self.out)
@@ -301,10 +335,9 @@ class Service:
                 chosen = deps.with_dependents(chosen, requires)
         else:
             chosen = set(scripts)
-        try:
-            order = deps.stop_order(chosen, requires)
-        except deps.DependencyError as error:
-            raise CommandError(str(error), EXIT_NOT_CONFIGURED) from None
+        order, problems = deps.lenient_stop_order(chosen, requires)
+        for problem in problems:
+            self.log.warning(f"{problem}; stopping anyway")
         failures: list[str] = []
         for name in order:
             self.check_interrupted()
@@ -415,7 +448,7 @@ class Service:
         return {
             "name": script.name,
             "state": state,
-            "pid": record.pid if record and running else None,
+            "pid": record.pid if record and running and self._pid_alive(record) else None,
             "runtime": script.runtime,
             "requires": list(script.requires),
             "requires_not_running": not_running,
@@ -424,6 +457,11 @@ class Service:
         }
 
     # -- helpers -----------------------------------------------------------
+
+    @staticmethod
+    def _pid_alive(record: StatusRecord) -> bool:
+        """A recorded pid is shown only while that very process lives."""
+        return record.pid > 0 and processes.is_same_process(record.pid, record.start_time)
 
     def _verdict(self, command: str, failures: Sequence[str]) -> int:
         """PASSALL decides whether failures fail the command (spec §4.1.7)."""
@@ -467,5 +505,5 @@ def _mtime(path: Path) -> float | None:
 def _listdir(directory: Path) -> list[Path]:
     try:
         return sorted(p for p in directory.iterdir() if p.suffix in (".ko", ".bo", ".opts"))
-    except FileNotFoundError:
+    except (FileNotFoundError, NotADirectoryError):
         return []

@@ -99,6 +99,29 @@ def stop_order(names: Iterable[str], requires: Mapping[str, Sequence[str]]) -> l
     return list(reversed(start_order(names, requires)))
 
 
+def lenient_stop_order(
+    names: Iterable[str], requires: Mapping[str, Sequence[str]]
+) -> tuple[list[str], list[str]]:
+    """A stop order that a broken configuration cannot prevent, and what was wrong.
+
+    Stopping must work even when a ``NAME_REQ`` names a deleted script or the
+    requirements loop: unknown requirements are ignored and each cycle is
+    broken at its last edge, with one problem line for each.
+    """
+    problems: list[str] = []
+    usable: dict[str, list[str]] = {}
+    for name, reqs in requires.items():
+        usable[name] = [r for r in reqs if r in requires]
+        problems += [str(MissingRequirementError(name, r)) for r in reqs if r not in requires]
+    chosen = list(names)
+    while True:
+        try:
+            return stop_order(chosen, usable), problems
+        except CycleError as error:
+            problems.append(str(error))
+            usable[error.cycle[-2]].remove(error.cycle[-1])
+
+
 def blocked_by(
     script: str, failed: Iterable[str], requires: Mapping[str, Sequence[str]]
 ) -> str | None:

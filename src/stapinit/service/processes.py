@@ -24,6 +24,16 @@ def start_time(pid: int) -> int | None:
     return int(fields[19])
 
 
+def command_line(pid: int) -> list[str]:
+    """The arguments ``pid`` was started with (empty if it is gone)."""
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as handle:
+            raw = handle.read()
+    except OSError:
+        return []
+    return [arg.decode(errors="replace") for arg in raw.split(b"\0")[:-1]]
+
+
 def is_same_process(pid: int, expected_start: int) -> bool:
     """True when ``pid`` runs and is the process that started at ``expected_start``."""
     return pid > 0 and start_time(pid) == expected_start

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import re
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import NamedTuple
 
+from stapinit.service.names import is_valid_name
 from stapinit.service.options import (
     Option,
     OptionError,
@@ -19,8 +19,6 @@ from stapinit.service.options import (
 )
 from stapinit.service.settings import Settings
 
-# A script's name becomes a shell variable prefix and a kernel module name.
-NAME_PATTERN = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 MODULE_SUFFIXES = {"kmod": ".ko", "bpf": ".bo"}
 
 
@@ -53,11 +51,6 @@ class Script(NamedTuple):
             return start_options(self.options)
         except OptionError as error:
             raise ScriptError(f"{self.name}_OPT: {error}") from None
-
-
-def is_valid_name(name: str) -> bool:
-    """True when ``name`` can be a script name."""
-    return NAME_PATTERN.fullmatch(name) is not None
 
 
 def make_script(
@@ -99,6 +92,10 @@ def find_scripts(
     try:
         entries = sorted(settings.script_path.iterdir())
     except FileNotFoundError:
+        # A production host fed only caches (spec §5.8) may have no scripts;
+        # anywhere else a missing SCRIPT_PATH is a typo, not "no scripts".
+        if not settings.allow_cacheonly:
+            raise ScriptError(f"SCRIPT_PATH {settings.script_path} does not exist") from None
         entries = []
     except OSError as error:
         raise ScriptError(f"{settings.script_path}: {error.strerror}") from None

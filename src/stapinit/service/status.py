@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import NamedTuple
 
 from stapinit.fsutil import atomic_write
+from stapinit.service.names import is_valid_name
 
 
 class StatusRecord(NamedTuple):
@@ -25,20 +26,22 @@ class StatusRecord(NamedTuple):
         )
 
     @classmethod
-    def from_text(cls, name: str, text: str) -> StatusRecord:
-        """Parse a status file; damaged fields read as zero/empty."""
+    def from_text(cls, name: str, text: str) -> StatusRecord | None:
+        """Parse a status file; ``None`` when it is not a record we wrote for ``name``.
+
+        Anything else in STAT_PATH (a stray pid file, a typo'd STAT_PATH such
+        as /var/run) is never taken for a script, so stop never removes it.
+        """
         fields = dict(line.partition("=")[::2] for line in text.splitlines() if "=" in line)
+        if fields.get("name") != name or fields.get("runtime") not in ("kmod", "bpf"):
+            return None
 
         def number(key: str) -> int:
             value = fields.get(key, "0")
             return int(value) if value.isdigit() else 0
 
         return cls(
-            name,
-            fields.get("runtime", "kmod"),
-            number("pid"),
-            number("start_time"),
-            fields.get("module", ""),
+            name, fields["runtime"], number("pid"), number("start_time"), fields.get("module", "")
         )
 
 
@@ -49,9 +52,11 @@ def status_file(stat_path: Path, name: str) -> Path:
 
 def read(stat_path: Path, name: str) -> StatusRecord | None:
     """The status record of ``name``, or ``None`` when it has none."""
+    if not is_valid_name(name):
+        return None
     try:
-        text = status_file(stat_path, name).read_text(encoding="utf-8")
-    except (FileNotFoundError, NotADirectoryError):
+        text = status_file(stat_path, name).read_text(encoding="utf-8", errors="replace")
+    except (FileNotFoundError, NotADirectoryError, IsADirectoryError):
         return None
     return StatusRecord.from_text(name, text)
 
@@ -67,10 +72,9 @@ def remove(stat_path: Path, name: str) -> None:
 
 
 def recorded_names(stat_path: Path) -> list[str]:
-    """Names of every script that has a status file."""
+    """Names of every script that has a status file of ours."""
     try:
-        return sorted(
-            p.name for p in stat_path.iterdir() if p.is_file() and not p.name.startswith(".")
-        )
-    except FileNotFoundError:
+        candidates = sorted(p.name for p in stat_path.iterdir() if p.is_file())
+    except (FileNotFoundError, NotADirectoryError):
         return []
+    return [name for name in candidates if read(stat_path, name) is not None]

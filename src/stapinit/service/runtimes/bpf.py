@@ -78,8 +78,12 @@ class BpfRuntime:
             return ""
 
     def is_running(self, name: str, record: StatusRecord | None) -> bool:
-        """Running while the very process we started is alive."""
-        return record is not None and processes.is_same_process(record.pid, record.start_time)
+        """Running while the very process we started, on our module, is alive."""
+        return (
+            record is not None
+            and processes.is_same_process(record.pid, record.start_time)
+            and record.module in processes.command_line(record.pid)
+        )
 
     def stop(self, name: str, record: StatusRecord | None, log: Log) -> None:
         """SIGTERM (its end probes run), SIGKILL after ``STOP_TIMEOUT``."""
