@@ -34,7 +34,8 @@ from stapinit.fsutil import atomic_write
 from stapinit.service import cache
 from stapinit.service.cache import CacheRecord, running_kernel, target_kernel
 from stapinit.service.commands import EXIT_OK, CommandError, Request, Service
-from stapinit.service.scripts import MODULE_SUFFIXES, NAME_PATTERN, cache_dir
+from stapinit.service.names import NAME_PATTERN
+from stapinit.service.scripts import MODULE_SUFFIXES, cache_dir
 
 MANIFEST_NAME = "MANIFEST"
 FORMAT_LINE = "systemtap-service pack 1"
