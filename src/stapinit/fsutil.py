@@ -15,9 +15,7 @@ from typing import BinaryIO
 _counter = itertools.count()
 
 
-def _replace_through_temp(
-    path: Path, fill: Callable[[BinaryIO], object], mode: int, durable: bool
-) -> None:
+def _write_temp(path: Path, fill: Callable[[BinaryIO], object], mode: int, durable: bool) -> Path:
     temp = path.with_name(f".{path.name}.{os.getpid()}.{next(_counter)}.tmp")
     fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, mode)
     try:
@@ -27,10 +25,30 @@ def _replace_through_temp(
             if durable:
                 os.fsync(handle.fileno())
         os.chmod(temp, mode)  # the umask may have narrowed it
+    except BaseException:
+        temp.unlink(missing_ok=True)
+        raise
+    return temp
+
+
+def _replace_through_temp(
+    path: Path, fill: Callable[[BinaryIO], object], mode: int, durable: bool
+) -> None:
+    temp = _write_temp(path, fill, mode, durable)
+    try:
         os.replace(temp, path)
     except BaseException:
         temp.unlink(missing_ok=True)
         raise
+
+
+def stage_write(path: Path, data: bytes, mode: int = 0o644) -> Path:
+    """Write ``data`` durably to a new hidden temp file beside ``path``; return the temp.
+
+    The caller renames it onto ``path`` with ``os.replace`` (or unlinks it)
+    later, so that several files can be staged first and installed together.
+    """
+    return _write_temp(path, lambda handle: handle.write(data), mode, durable=True)
 
 
 def atomic_write(path: Path, data: bytes, mode: int = 0o644, durable: bool = True) -> None:

@@ -130,6 +130,40 @@ def directory(files: dict[str, bytes], root: Path) -> list[Entry]:
     return [special(f"cache/{RELEASE}", tarfile.DIRTYPE), *listed(files)]
 
 
+def with_conf(text: str) -> Callable[[dict[str, bytes], Path], list[Entry]]:
+    """The packed files plus ``conf.d/zz.conf`` holding ``text``, listed in the manifest."""
+
+    def build(files: dict[str, bytes], root: Path) -> list[Entry]:
+        return listed({**files, "conf.d/zz.conf": text.format(root=root).encode()})
+
+    return build
+
+
+# conf.d files an archive may not carry: what they say, and the error's tail.
+HOSTILE_CONF = {
+    "command substitution": (
+        "tick_OPT=--runtime=bpf\nc_OPT=$(reboot)\n",
+        "conf.d/zz.conf:2: command substitution",
+    ),
+    "tool path": (
+        "tick_REQ=\nSTAPBPF={root}/evil\n",
+        "conf.d/zz.conf:2: STAPBPF is not NAME_OPT or NAME_REQ of a script in the archive (tick)",
+    ),
+    "global parameter": (
+        "# quiet\nexport PASSALL=no\n",
+        "conf.d/zz.conf:2: PASSALL is not NAME_OPT or NAME_REQ of a script in the archive (tick)",
+    ),
+    "script not in the archive": (
+        "other_OPT=-g\n",
+        "conf.d/zz.conf:1: other_OPT is not NAME_OPT or NAME_REQ of a script in the archive (tick)",
+    ),
+    "another per-script suffix": (
+        "tick_ENV=x\n",
+        "conf.d/zz.conf:1: tick_ENV is not NAME_OPT or NAME_REQ of a script in the archive (tick)",
+    ),
+}
+
+
 HOSTILE = {
     "parent directory": with_extra("../evil.conf"),
     "parent inside a path": with_extra("conf.d/../../evil.conf"),
@@ -150,6 +184,7 @@ HOSTILE = {
     "record without module": record_without_module,
     "module without record": module_without_record,
     "record for another release": record_for_other_release,
+    **{f"conf.d file with a {case}": with_conf(text) for case, (text, _) in HOSTILE_CONF.items()},
 }
 
 
@@ -207,3 +242,31 @@ def test_unreadable_archive_is_refused(hosts: Hosts, content: bytes | None, why:
     assert done.stderr.startswith(f"systemtap-service: {archive}: {why}")
     assert len(done.stderr.splitlines()) == 1
     assert not list((hosts.target.root / "cache").iterdir())
+
+
+@pytest.mark.parametrize("case", sorted(HOSTILE_CONF))
+def test_conf_file_setting_more_than_the_scripts_options_is_refused(
+    hosts: Hosts, packed: dict[str, bytes], case: str
+) -> None:
+    text, why = HOSTILE_CONF[case]
+    archive = hosts.root / "hostile.tar.gz"
+    write_tar(archive, with_conf(text)(packed, hosts.root))
+    done = hosts.target.run("unpack", "-y", str(archive))
+    assert done.returncode == 1
+    assert done.stderr.startswith(f"systemtap-service: {archive}: {why}"), done.stderr
+    assert done.stderr.endswith("; nothing installed\n")
+    assert not (hosts.target.root / "conf.d" / "zz.conf").exists()
+    assert not hosts.target.cache_dir().exists()
+    # The target still works: nothing it reads was changed.
+    assert hosts.target.run("status").returncode == 3
+
+
+def test_conf_file_with_options_and_requirements_of_carried_scripts_is_accepted(
+    hosts: Hosts, packed: dict[str, bytes]
+) -> None:
+    archive = hosts.root / "options.tar.gz"
+    conf = "# tick's settings\nexport tick_OPT='--runtime=bpf'\ntick_REQ=\"\"\n"
+    write_tar(archive, with_conf(conf)(packed, hosts.root))
+    done = hosts.target.run("unpack", "-y", str(archive))
+    assert done.returncode == 0, done.stderr
+    assert (hosts.target.root / "conf.d" / "zz.conf").read_text() == conf

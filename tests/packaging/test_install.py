@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import re
+import shlex
 import shutil
 import stat
 import subprocess
@@ -16,7 +17,8 @@ from stapinit.service.bashvars import parse_assignments
 from stapinit.service.cli import COMMANDS
 from stapinit.service.settings import DEFAULTS, settings_from_assignments
 from tests.packaging.conftest import REPO, SYSTEM_PATH, Installed, make_install
-from tests.support.prefix import RELEASE, Prefix
+from tests.service.conftest import FakeTools
+from tests.support.prefix import RELEASE, SUPPORT, Prefix
 
 SCRIPT_FILES = {
     "usr/sbin/systemtap-service": 0o755,
@@ -182,6 +184,9 @@ def test_systemd_unit_is_an_early_oneshot_and_verifies(relocated: Installed) -> 
     assert single["Service", "ExecStart"] == f"{command} start"
     assert single["Service", "ExecStop"] == f"{command} stop"
     assert single["Service", "ExecReload"] == f"{command} reload"
+    # Stopping is left to the command, also after a failed start (see below).
+    assert single["Service", "KillMode"] == "process"
+    assert single["Service", "ExecStopPost"].startswith("-")
     assert single["Unit", "DefaultDependencies"] == "no"
     before = " ".join(v for s, k, v in entries if (s, k) == ("Unit", "Before")).split()
     after = " ".join(v for s, k, v in entries if (s, k) == ("Unit", "After")).split()
@@ -193,6 +198,112 @@ def test_systemd_unit_is_an_early_oneshot_and_verifies(relocated: Installed) -> 
         ["systemd-analyze", "verify", "--man=no", str(unit)], capture_output=True, text=True
     )
     assert (done.returncode, done.stderr) == (0, "")
+
+
+def exec_line(value: str) -> list[str]:
+    """An Exec*= value as systemd runs it: ``-`` prefix dropped, ``$$`` unescaped, split."""
+    return shlex.split(value.removeprefix("-").replace("$$", "$"))
+
+
+def test_unit_stops_the_scripts_a_failed_start_left_running(
+    relocated: Installed, tmp_path: Path
+) -> None:
+    """PASSALL=yes: one script fails, start exits 1 and the unit fails, so ExecStop
+    never runs; ExecStopPost must then stop what did start. After a clean stop it does
+    nothing more."""
+    unit = relocated.path(relocated.prefix / "lib/systemd/system/systemtap.service")
+    post = {k: v for s, k, v in unit_entries(unit.read_text()) if s == "Service"}["ExecStopPost"]
+    tools = FakeTools(tmp_path)
+    prefix = Prefix(
+        tmp_path / "prefix",
+        {
+            "STAP": str(SUPPORT / "fake_stap.py"),
+            "STAPRUN": str(SUPPORT / "fake_staprun.py"),
+            "MODULES_LIST": str(tools.modules),
+        },
+        env=tools.env,
+    )
+    prefix.add_script("first", "probe begin { }\n")
+    prefix.add_script("second", "probe begin { }\n", options="-s 9999")  # staprun refuses
+    command = str(relocated.command)
+    # The unit's command reads /etc/systemtap/config; point it at this prefix instead.
+    argv = [
+        word.replace(f"{command} stop", f"{command} stop -c {prefix.config}")
+        for word in exec_line(post)
+    ]
+    assert argv != exec_line(post)
+
+    def service(*args: str, result: str = "") -> subprocess.CompletedProcess[str]:
+        env = {**os.environ, **tools.env, "SERVICE_RESULT": result}
+        run = list(args) or argv
+        return subprocess.run(run, capture_output=True, text=True, env=env, check=False)
+
+    started = service(command, "start", "-c", str(prefix.config))
+    assert started.returncode == 1 and tools.loaded() == ["first"], started.stderr
+    assert service(result="exit-code").returncode == 0
+    assert tools.loaded() == []
+    assert [p.name for p in prefix.stat.iterdir() if not p.name.startswith(".")] == []
+    # After a successful start and ExecStop, the second stop is not even run.
+    prefix.write_config(DEFAULT_START="first")
+    assert service(command, "start", "-c", str(prefix.config)).returncode == 0
+    calls = len(tools.calls_of("staprun"))
+    assert service(result="success").returncode == 0
+    assert tools.loaded() == ["first"] and len(tools.calls_of("staprun")) == calls
+    assert service(command, "stop", "-c", str(prefix.config)).returncode == 0
+    assert tools.loaded() == []
+
+
+FAKE_SYSTEMCTL = """#!/bin/sh
+echo "$*" >> {calls}
+[ "$1" = -p ] && exit 0
+echo "fake systemctl $*"
+"""
+
+
+def test_init_script_status_reports_the_scripts_not_the_unit(
+    relocated: Installed, tmp_path: Path
+) -> None:
+    """Under systemd, Debian's init-functions send "service systemtap start" to
+    systemctl; "status" must still ask systemtap-service, since the oneshot unit
+    stays "active (exited)" after every script died.
+
+    Run in a private mount namespace that looks like a systemd host to
+    /lib/lsb/init-functions: /run/systemd/system exists, the script is
+    /etc/init.d/systemtap and systemctl (first on its PATH) records its calls.
+    """
+    calls = tmp_path / "systemctl.calls"
+    fake_bin = tmp_path / "sbin"
+    fake_bin.mkdir()
+    (fake_bin / "systemctl").write_text(FAKE_SYSTEMCTL.format(calls=calls))
+    (fake_bin / "systemctl").chmod(0o755)
+    init_d = tmp_path / "init.d"
+    init_d.mkdir()
+    shutil.copy(relocated.path(relocated.sysconfdir / "init.d" / "systemtap"), init_d)
+    setup = (
+        "mount -t tmpfs tmpfs /run && mkdir -p /run/systemd/system"
+        f" && mount --bind {fake_bin} /usr/local/sbin && mount --bind {init_d} /etc/init.d"
+        ' && exec /etc/init.d/systemtap "$1"'
+    )
+
+    def init(action: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            ["unshare", "-m", "--propagation", "private", "sh", "-c", setup, "sh", action],
+            capture_output=True,
+            text=True,
+            stdin=subprocess.DEVNULL,
+            check=False,
+        )
+
+    started = init("start")
+    assert "fake systemctl --no-pager start systemtap.service" in started.stdout, started.stderr
+    calls.unlink()
+    status = init("status")
+    assert "fake systemctl" not in status.stdout
+    # What systemtap-service says of this host's own configuration, whatever it is.
+    assert status.returncode in (0, 1, 3, 4, 6), status.stderr
+    assert status.stdout or status.stderr.startswith("systemtap-service: ")
+    assert "Traceback" not in status.stderr
+    assert not calls.exists() or "status" not in calls.read_text()
 
 
 def test_man_page_renders_without_warnings_and_covers_everything(staged: Installed) -> None:

@@ -26,6 +26,7 @@ from stapinit.service.commands import (
 from stapinit.service.lock import LockError
 from stapinit.service.log import Log, LogError
 from stapinit.service.names import is_valid_name
+from stapinit.service.ownership import UntrustedPathError, check_root_ownership
 from stapinit.service.settings import load_settings
 
 COMMANDS = (
@@ -205,7 +206,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_USAGE
     try:
         settings = load_settings(config)
-    except ConfigError as error:
+        check_root_ownership(settings, request.release)
+    except (ConfigError, UntrustedPathError) as error:
         print(f"systemtap-service: {error}", file=sys.stderr)
         return EXIT_NOT_CONFIGURED
     if command in _NEEDS_ROOT and os.geteuid() != 0:

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import os
+import stat
 import time
 from pathlib import Path
 from types import TracebackType
@@ -12,7 +14,7 @@ LOCK_NAME = ".lock"
 
 
 class LockError(Exception):
-    """The lock could not be taken in time; str() names who holds it."""
+    """The lock could not be taken in time (str() names who holds it) or is no plain file."""
 
 
 class ServiceLock:
@@ -24,8 +26,26 @@ class ServiceLock:
         self.command = command
         self._fd: int | None = None
 
+    def _open(self) -> int:
+        """Open (or create) the lock file itself, never what a symlink there points to.
+
+        ``STAT_PATH`` may sit where others could plant a link; following it
+        would truncate the file it names. O_NONBLOCK keeps a FIFO from hanging us.
+        """
+        flags = os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NONBLOCK
+        try:
+            fd = os.open(self.path, flags, 0o644)
+        except OSError as error:
+            if error.errno == errno.ELOOP:
+                raise LockError(f"refusing lock file {self.path}: it is a symbolic link") from None
+            raise LockError(f"cannot open lock file {self.path}: {error.strerror}") from None
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            os.close(fd)
+            raise LockError(f"refusing lock file {self.path}: it is not a regular file")
+        return fd
+
     def __enter__(self) -> ServiceLock:
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        fd = self._open()
         deadline = time.monotonic() + self.timeout
         while True:
             try:

@@ -23,15 +23,15 @@ import io
 import os
 import re
 import tarfile
-import tempfile
 import time
 import zlib
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from stapinit.fsutil import atomic_write
+from stapinit.fsutil import atomic_write, stage_write
 from stapinit.service import cache
+from stapinit.service.bashvars import ConfigError, parse_assignments
 from stapinit.service.cache import CacheRecord, running_kernel, target_kernel
 from stapinit.service.commands import EXIT_OK, CommandError, Request, Service
 from stapinit.service.names import NAME_PATTERN
@@ -165,11 +165,35 @@ def check_cache_files(release: str, cache_files: Mapping[str, bytes]) -> None:
         raise PackError(f"{orphans[0]}{RECORD_SUFFIX} comes without a module")
 
 
+def check_conf_file(path: str, data: bytes, scripts: Collection[str]) -> None:
+    """A ``conf.d`` file may only set options and requirements of ``scripts``.
+
+    It is parsed as the service will parse it (a command, ``$(...)`` or
+    anything but an assignment is refused with ``PATH:LINE``), and every
+    assignment must be ``NAME_OPT`` or ``NAME_REQ`` of a script the archive
+    carries: an archive must not change global parameters such as the tool
+    paths, nor the options of scripts it does not ship.
+    """
+    text = data.decode("utf-8", errors="surrogateescape")
+    try:
+        assignments = parse_assignments(text, path, {})
+    except ConfigError as error:
+        raise PackError(str(error)) from None
+    for assignment in assignments:
+        script, _, suffix = assignment.name.rpartition("_")
+        if suffix not in ("OPT", "REQ") or script not in scripts:
+            raise PackError(
+                f"{path}:{assignment.line}: {assignment.name} is not NAME_OPT or NAME_REQ "
+                f"of a script in the archive ({', '.join(sorted(scripts))})"
+            )
+
+
 def check_members(members: Mapping[str, bytes]) -> tuple[Manifest, dict[str, bytes]]:
     """Check an archive's files against its manifest; the manifest and the other files.
 
     Every file must be listed, every listed file present, every checksum
-    right, and the cache files must form complete module/record pairs.
+    right, the cache files must form complete module/record pairs, and the
+    ``conf.d`` files may only configure the scripts carried.
     """
     if MANIFEST_NAME not in members:
         raise PackError("the archive has no MANIFEST")
@@ -188,6 +212,10 @@ def check_members(members: Mapping[str, bytes]) -> tuple[Manifest, dict[str, byt
         if path not in files:
             raise PackError(f"MANIFEST lists {path!r}, which the archive lacks")
     check_cache_files(manifest.release, cache_files)
+    scripts = {filename.rpartition(".")[0] for filename in cache_files}
+    for path in sorted(files):
+        if classify(path, manifest.release)[0] == "conf":
+            check_conf_file(path, files[path], scripts)
     return manifest, files
 
 
@@ -295,21 +323,6 @@ def _differs(placement: Placement) -> bool:
         return True
 
 
-def _stage(destination: Path, data: bytes) -> Path:
-    """Write ``data`` to a temp file beside ``destination``; return its path."""
-    fd, temp = tempfile.mkstemp(dir=destination.parent, prefix=f".{destination.name}.")
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.chmod(temp, 0o644)
-    except BaseException:
-        Path(temp).unlink(missing_ok=True)
-        raise
-    return Path(temp)
-
-
 def _make_parents(directory: Path, created: list[Path]) -> None:
     missing = []
     while not directory.exists():
@@ -335,7 +348,7 @@ def install(placements: Sequence[Placement]) -> None:
     try:
         for placement in placements:
             _make_parents(placement.destination.parent, created)
-            staged.append(_stage(placement.destination, placement.data))
+            staged.append(stage_write(placement.destination, placement.data))
     except OSError as error:
         for temp in staged:
             temp.unlink(missing_ok=True)
