@@ -221,17 +221,7 @@ def test_missing_stapbpf_is_one_clear_line(bpf_prefix: Prefix) -> None:
 
 def test_start_needs_root(bpf_prefix: Prefix) -> None:
     add_ticker(bpf_prefix, "ticker")
-    bpf_prefix.root.chmod(0o755)
-    for parent in bpf_prefix.root.parents:
-        if parent == Path("/"):
-            break
-        parent.chmod(parent.stat().st_mode | 0o005)
-    done = subprocess.run(
-        ["runuser", "-u", "nobody", "--", COMMAND, "start", "-c", str(bpf_prefix.config)],
-        capture_output=True,
-        text=True,
-        check=False,
-    )
+    done = bpf_prefix.run_as("nobody", "start")
     assert done.returncode == 4
     assert done.stderr.strip() == "systemtap-service: start must be run as root"
 

@@ -90,6 +90,19 @@ class Prefix:
             env={**os.environ, **self.env, **(env or {})},
         )
 
+    def run_as(self, user: str, *args: str) -> subprocess.CompletedProcess[str]:
+        """Run the installed command as ``user``, who is given read access to the prefix."""
+        for path in (self.root, *self.root.parents):
+            if path == Path("/"):
+                break
+            path.chmod(path.stat().st_mode | 0o005)
+        return subprocess.run(
+            ["runuser", "-u", user, "--", COMMAND, *args, "-c", str(self.config)],
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+
     def status_json(self) -> dict[str, dict[str, Any]]:
         done = self.run("status", "--json")
         return {s["name"]: s for s in json.loads(done.stdout)["scripts"]}
