@@ -32,7 +32,8 @@ PYTHON ?= /usr/bin/python3
 
 INSTALL ?= install
 # What systemtap-service imports: its package and the helpers it shares.
-PACKAGE_FILES := src/stapinit/__init__.py src/stapinit/fsutil.py src/stapinit/py.typed \
+PACKAGE_FILES := src/stapinit/__init__.py src/stapinit/fsutil.py src/stapinit/lsb.py \
+	src/stapinit/py.typed \
 	$(shell find src/stapinit/service -name '*.py' | sort)
 # What every server and client command shares: the top-level modules
 # (version, protocol, atomic writes, config files) and the trust code.

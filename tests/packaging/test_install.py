@@ -37,7 +37,7 @@ EMPTY_DIRS = ("etc/systemtap/script.d", "etc/systemtap/conf.d", "var/cache/syste
 def python_sources() -> set[str]:
     """What systemtap-service imports: the service package and the shared helpers."""
     src = REPO / "src"
-    files = {src / "stapinit" / name for name in ("__init__.py", "fsutil.py", "py.typed")}
+    files = {src / "stapinit" / name for name in ("__init__.py", "fsutil.py", "lsb.py", "py.typed")}
     files |= set((src / "stapinit" / "service").rglob("*.py"))
     return {f"usr/lib/systemtap-initscript/{p.relative_to(src)}" for p in files}
 

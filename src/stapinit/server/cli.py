@@ -22,6 +22,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import NoReturn
 
+from stapinit import lsb
 from stapinit.server import service
 from stapinit.server.config import DEFAULT_CONFIG, BadConfig, ServerConfig, load_config
 from stapinit.server.service import ServiceError
@@ -75,13 +76,13 @@ def _dispatch(args: argparse.Namespace) -> int:
         return code
     if command == "stop":
         print(service.stop(config))
-        return service.EXIT_OK
+        return lsb.EXIT_OK
     if command in ("start", "run"):
         return _start(config, args.allow_root, foreground=command == "run")
-    if command != "restart" and service.status(config)[0] != service.EXIT_OK:
+    if command != "restart" and service.status(config)[0] != lsb.EXIT_OK:
         # condrestart, try-restart, force-reload: only a running server is restarted.
         print("stap-server is not running; nothing to restart")
-        return service.EXIT_OK
+        return lsb.EXIT_OK
     print(service.stop(config))
     return _start(config, args.allow_root, foreground=False)
 
@@ -93,7 +94,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _dispatch(args)
     except BadConfig as exc:
         print(f"stap-server: {exc}", file=sys.stderr)
-        return service.EXIT_NOT_CONFIGURED
+        return lsb.EXIT_NOT_CONFIGURED
     except ServiceError as exc:
         print(f"stap-server: {exc}", file=sys.stderr)
         return exc.code
@@ -102,4 +103,4 @@ def main(argv: Sequence[str] | None = None) -> int:
     except Exception as exc:
         # Last resort: the one-line promise holds even for what we did not foresee.
         print(f"stap-server: internal error: {type(exc).__name__}: {exc}", file=sys.stderr)
-        return service.EXIT_FAILED
+        return lsb.EXIT_FAILED

@@ -22,7 +22,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from stapinit import __version__
+from stapinit import __version__, lsb
 from stapinit.protocol import ServerInfo
 from stapinit.server import service
 from stapinit.server.app import CompileService, CompileSlots
@@ -53,14 +53,14 @@ def _releases(config: ServerConfig) -> tuple[str, ...]:
             raise ServiceError(
                 f"no kernel build tree under {MODULES_DIR}/*/build: nothing to compile for "
                 "(install linux-headers, or set RELEASES)",
-                service.EXIT_NOT_CONFIGURED,
+                lsb.EXIT_NOT_CONFIGURED,
             )
         return found
     for release in config.releases:
         if not (MODULES_DIR / release / "build").exists():
             raise ServiceError(
                 f"RELEASES names {release}, but {MODULES_DIR / release / 'build'} does not exist",
-                service.EXIT_NOT_CONFIGURED,
+                lsb.EXIT_NOT_CONFIGURED,
             )
     return config.releases
 
@@ -96,16 +96,16 @@ def _endpoint(config: ServerConfig) -> _Endpoint:
         identity = load_or_create(config.cert_dir, config.cert_days)
         ssl_context = make_ssl_context(identity)
     except IdentityError as exc:
-        raise ServiceError(str(exc), service.EXIT_NOT_CONFIGURED) from None
+        raise ServiceError(str(exc), lsb.EXIT_NOT_CONFIGURED) from None
     except OSError as exc:
         raise ServiceError(
             f"cannot use the server identity in {config.cert_dir}: {exc.strerror or exc}",
-            service.EXIT_PRIVILEGE,
+            lsb.EXIT_PRIVILEGE,
         ) from None
     try:
         sock = listen(config.listen_address, config.port)
     except OSError as exc:
-        code = service.EXIT_PRIVILEGE if isinstance(exc, PermissionError) else service.EXIT_FAILED
+        code = lsb.EXIT_PRIVILEGE if isinstance(exc, PermissionError) else lsb.EXIT_FAILED
         raise ServiceError(
             f"cannot listen on {_where(config)}: {exc.strerror or exc}", code
         ) from None
@@ -126,7 +126,7 @@ def _build(
         )
         stap_version = compiler.version()
     except CompilerSetupError as exc:
-        raise ServiceError(str(exc), service.EXIT_NOT_INSTALLED) from None
+        raise ServiceError(str(exc), lsb.EXIT_NOT_INSTALLED) from None
     except OSError as exc:
         raise path_error("prepare", tmp_root, exc) from None
     short = re.search(r"version ([^\s,)]+)", stap_version)
@@ -175,7 +175,7 @@ def _set_up_as_root(
         # Scripts must never be compiled as root, --allow-root or not.
         raise ServiceError(
             f"USER={config.user} is root; set USER to an unprivileged account such as stap-server",
-            service.EXIT_NOT_CONFIGURED,
+            lsb.EXIT_NOT_CONFIGURED,
         )
     service.prepare_paths(config, user, keep_root=allow_root)
     endpoint = _endpoint(config)
@@ -191,10 +191,10 @@ def _set_up_as_root(
 def start(config: ServerConfig, allow_root: bool, foreground: bool) -> int:
     """Start the server (in the background unless ``foreground``); the exit status."""
     code, message = service.status(config)
-    if code == service.EXIT_OK:
+    if code == lsb.EXIT_OK:
         print(message)
-        return service.EXIT_OK
-    if code == service.EXIT_DEAD:
+        return lsb.EXIT_OK
+    if code == lsb.STATUS_DEAD_WITH_PIDFILE:
         service.stop(config)  # clears the stale pid file
     releases = _releases(config)
     warning = None
@@ -220,7 +220,7 @@ def start(config: ServerConfig, allow_root: bool, foreground: bool) -> int:
         child = service.daemonize(config.pid_file)
         if child is not None:
             print(f"stap-server (pid {child}) started on https://{_where(config)}")
-            return service.EXIT_OK
+            return lsb.EXIT_OK
     LOG.info(
         "started: stap-server %s, %s, listening on %s, releases %s, certificate %s, "
         "%d compile workers, running as uid %d",
@@ -255,7 +255,7 @@ def start(config: ServerConfig, allow_root: bool, foreground: bool) -> int:
 
     clean = service.serve(server.httpd.serve_forever, shutdown)
     service.remove_pid_file(config.pid_file, os.getpid())
-    return service.EXIT_OK if clean else service.EXIT_FAILED
+    return lsb.EXIT_OK if clean else lsb.EXIT_FAILED
 
 
 def _where(config: ServerConfig) -> str:

@@ -25,17 +25,19 @@ from pathlib import Path
 from typing import Final
 
 from stapinit.fsutil import atomic_write
+from stapinit.lsb import (
+    EXIT_FAILED,
+    EXIT_NOT_CONFIGURED,
+    EXIT_NOT_INSTALLED,
+    EXIT_OK,
+    EXIT_PRIVILEGE,
+    STATUS_DEAD_WITH_PIDFILE,
+    STATUS_NOT_RUNNING,
+)
 from stapinit.server.config import ServerConfig
 
 LOG: Final = logging.getLogger("stap-server")
 
-EXIT_OK: Final = 0
-EXIT_FAILED: Final = 1
-EXIT_DEAD: Final = 1
-EXIT_STOPPED: Final = 3
-EXIT_PRIVILEGE: Final = 4
-EXIT_NOT_INSTALLED: Final = 5
-EXIT_NOT_CONFIGURED: Final = 6
 STOP_TIMEOUT: Final = 15.0
 
 
@@ -105,11 +107,14 @@ def status(config: ServerConfig) -> tuple[int, str]:
     """LSB status code and a one-line description."""
     pid = read_pid(config.pid_file)
     if pid is None:
-        return EXIT_STOPPED, "stap-server is stopped"
+        return STATUS_NOT_RUNNING, "stap-server is stopped"
     if pid and is_running(pid):
         where = f"https://{config.listen_address}:{config.port}"
         return EXIT_OK, f"stap-server (pid {pid}) is running on {where}"
-    return EXIT_DEAD, f"stap-server is dead but its pid file {config.pid_file} exists"
+    return (
+        STATUS_DEAD_WITH_PIDFILE,
+        f"stap-server is dead but its pid file {config.pid_file} exists",
+    )
 
 
 def stop(config: ServerConfig) -> str:

@@ -14,15 +14,9 @@ from pathlib import Path
 from types import FrameType
 
 from stapinit import __version__
+from stapinit.lsb import EXIT_NOT_CONFIGURED, EXIT_PRIVILEGE, EXIT_USAGE
 from stapinit.service.bashvars import ConfigError
-from stapinit.service.commands import (
-    EXIT_NOT_CONFIGURED,
-    EXIT_PRIVILEGE,
-    EXIT_USAGE,
-    CommandError,
-    Request,
-    Service,
-)
+from stapinit.service.commands import CommandError, Request, Service
 from stapinit.service.lock import LockError
 from stapinit.service.log import Log, LogError
 from stapinit.service.names import is_valid_name

@@ -9,6 +9,16 @@ from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
 from typing import NamedTuple, TextIO
 
+from stapinit.lsb import (
+    EXIT_FAILED,
+    EXIT_NOT_CONFIGURED,
+    EXIT_NOT_INSTALLED,
+    EXIT_OK,
+    EXIT_PRIVILEGE,
+    STATUS_DEAD_WITH_PIDFILE,
+    STATUS_NOT_RUNNING,
+    STATUS_UNKNOWN,
+)
 from stapinit.service import cache, deps, processes, status
 from stapinit.service.cache import KernelIdentity, running_kernel, target_kernel
 from stapinit.service.compiler import CompileResult, compile_many, wanted_record
@@ -18,17 +28,6 @@ from stapinit.service.runtimes import Runtime, RuntimeFailure, Tools, runtime_fo
 from stapinit.service.scripts import Script, ScriptError, cache_dir, find_scripts, requirements_map
 from stapinit.service.settings import Settings
 from stapinit.service.status import StatusRecord
-
-# LSB exit codes.
-EXIT_OK = 0
-EXIT_FAILED = 1
-EXIT_USAGE = 2
-EXIT_PRIVILEGE = 4
-EXIT_NOT_INSTALLED = 5
-EXIT_NOT_CONFIGURED = 6
-STATUS_DEAD_WITH_PIDFILE = 1
-STATUS_NOT_RUNNING = 3
-STATUS_UNKNOWN = 4
 
 
 class CommandError(Exception):

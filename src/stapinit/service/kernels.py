@@ -9,8 +9,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from stapinit.lsb import EXIT_OK
 from stapinit.service.cache import target_kernel
-from stapinit.service.commands import EXIT_OK, CommandError, Request, Service
+from stapinit.service.commands import CommandError, Request, Service
 from stapinit.service.scripts import cache_dir
 
 MODULES_DIR = Path("/lib/modules")

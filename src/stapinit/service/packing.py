@@ -30,10 +30,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from stapinit.fsutil import atomic_write, stage_write
+from stapinit.lsb import EXIT_OK
 from stapinit.service import cache
 from stapinit.service.bashvars import ConfigError, parse_assignments
 from stapinit.service.cache import CacheRecord, running_kernel, target_kernel
-from stapinit.service.commands import EXIT_OK, CommandError, Request, Service
+from stapinit.service.commands import CommandError, Request, Service
 from stapinit.service.names import NAME_PATTERN
 from stapinit.service.scripts import MODULE_SUFFIXES, cache_dir
 
