@@ -123,6 +123,8 @@ install-server:
 	$(INSTALL) -d -m 755 "$(DESTDIR)$(SYSCONFDIR)/logrotate.d"
 	$(INSTALL) -m 644 data/logrotate/stap-server "$(DESTDIR)$(SYSCONFDIR)/logrotate.d/stap-server"
 	$(INSTALL) -D -m 644 README.md "$(DESTDIR)$(DOCDIR)/systemtap-compile-server/README.md"
+	$(INSTALL) -d -m 755 "$(DESTDIR)$(MANDIR)/man8"
+	$(INSTALL) -m 644 doc/stap-server.8 "$(DESTDIR)$(MANDIR)/man8/stap-server.8"
 # Into the live system as root, the service user comes with it; staged
 # installs leave that to the package's maintainer scripts.
 	@if [ -z "$(DESTDIR)" ] && [ "$$(id -u)" = 0 ]; then \
@@ -166,3 +168,10 @@ install-client:
 		chmod 644 "$(DESTDIR)$(SYSTEMDUNITDIR)/$$unit" || exit 1; \
 	done
 	$(INSTALL) -D -m 644 README.md "$(DESTDIR)$(DOCDIR)/systemtap-compile-client/README.md"
+	$(INSTALL) -d -m 755 "$(DESTDIR)$(MANDIR)/man1" "$(DESTDIR)$(MANDIR)/man8"
+	for page in stap-client.1 stap-authorize-server-cert.1; do \
+		$(INSTALL) -m 644 "doc/$$page" "$(DESTDIR)$(MANDIR)/man1/$$page" || exit 1; \
+	done
+	for page in stap-authorize-signing-cert.8 stap-loader.8; do \
+		$(INSTALL) -m 644 "doc/$$page" "$(DESTDIR)$(MANDIR)/man8/$$page" || exit 1; \
+	done

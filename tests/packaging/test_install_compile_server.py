@@ -25,6 +25,7 @@ SERVER_FILES = {
     "usr/lib/systemd/system/stap-server.service": 0o644,
     "etc/logrotate.d/stap-server": 0o644,
     "usr/share/doc/systemtap-compile-server/README.md": 0o644,
+    "usr/share/man/man8/stap-server.8": 0o644,
 }
 CLIENT_FILES = {
     "usr/bin/stap-client": 0o755,
@@ -36,6 +37,10 @@ CLIENT_FILES = {
     "usr/lib/systemd/system/stap-loader.socket": 0o644,
     "usr/lib/systemd/system/stap-loader.service": 0o644,
     "usr/share/doc/systemtap-compile-client/README.md": 0o644,
+    "usr/share/man/man1/stap-client.1": 0o644,
+    "usr/share/man/man1/stap-authorize-server-cert.1": 0o644,
+    "usr/share/man/man8/stap-authorize-signing-cert.8": 0o644,
+    "usr/share/man/man8/stap-loader.8": 0o644,
 }
 TRUST_STORES = ("etc/systemtap/ssl/client", "etc/systemtap/staprun")
 
