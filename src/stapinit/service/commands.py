@@ -408,7 +408,10 @@ class Service:
                 return STATUS_UNKNOWN
         names = list(request.scripts) or sorted(scripts)
         directory = cache_dir(self.settings, kernel.release)
-        reports = [self._report(scripts[name], scripts, directory, kernel) for name in names]
+        running: dict[str, bool] = {}  # each script's state is looked up once
+        reports = [
+            self._report(scripts[name], scripts, directory, kernel, running) for name in names
+        ]
         if request.json:
             import json  # only monitoring asks for JSON
 
@@ -429,9 +432,11 @@ class Service:
         scripts: dict[str, Script],
         directory: Path,
         kernel: KernelIdentity,
+        known: dict[str, bool],
     ) -> dict[str, object]:
         record = status.read(self.settings.stat_path, script.name)
         running = self._runtime(script, record).is_running(script.name, record)
+        known[script.name] = running
         if running and record is not None:
             state = "running"
         elif running:
@@ -441,9 +446,10 @@ class Service:
         else:
             state = "stopped"
         stale = self.stale_scripts([script], kernel, directory).get(script.name)
-        not_running = [
-            req for req in script.requires if req in scripts and not self._is_running(scripts[req])
-        ]
+        for req in script.requires:
+            if req in scripts and req not in known:
+                known[req] = self._is_running(scripts[req])
+        not_running = [req for req in script.requires if req in scripts and not known[req]]
         return {
             "name": script.name,
             "state": state,
