@@ -18,7 +18,7 @@ from stapinit.service.cli import COMMANDS
 from stapinit.service.settings import DEFAULTS, settings_from_assignments
 from tests.packaging.conftest import REPO, SYSTEM_PATH, Installed, make_install
 from tests.service.conftest import FakeTools
-from tests.support.prefix import RELEASE, SUPPORT, Prefix
+from tests.support.prefix import RELEASE, Prefix
 
 SCRIPT_FILES = {
     "usr/sbin/systemtap-service": 0o755,
@@ -214,15 +214,7 @@ def test_unit_stops_the_scripts_a_failed_start_left_running(
     unit = relocated.path(relocated.prefix / "lib/systemd/system/systemtap.service")
     post = {k: v for s, k, v in unit_entries(unit.read_text()) if s == "Service"}["ExecStopPost"]
     tools = FakeTools(tmp_path)
-    prefix = Prefix(
-        tmp_path / "prefix",
-        {
-            "STAP": str(SUPPORT / "fake_stap.py"),
-            "STAPRUN": str(SUPPORT / "fake_staprun.py"),
-            "MODULES_LIST": str(tools.modules),
-        },
-        env=tools.env,
-    )
+    prefix = tools.prefix(tmp_path / "prefix")
     prefix.add_script("first", "probe begin { }\n")
     prefix.add_script("second", "probe begin { }\n", options="-s 9999")  # staprun refuses
     command = str(relocated.command)

@@ -38,6 +38,18 @@ class FakeTools:
     def loaded(self) -> list[str]:
         return [line.split()[0] for line in self.modules.read_text().splitlines() if line.strip()]
 
+    def prefix(self, root: Path) -> Prefix:
+        """A prefix whose stap/staprun are these stand-ins and MODULES_LIST their file."""
+        return Prefix(
+            root,
+            {
+                "STAP": str(SUPPORT / "fake_stap.py"),
+                "STAPRUN": str(SUPPORT / "fake_staprun.py"),
+                "MODULES_LIST": str(self.modules),
+            },
+            env=self.env,
+        )
+
 
 @pytest.fixture
 def fake_tools(tmp_path: Path) -> FakeTools:
@@ -47,14 +59,6 @@ def fake_tools(tmp_path: Path) -> FakeTools:
 @pytest.fixture
 def kmod_prefix(tmp_path: Path, fake_tools: FakeTools) -> Iterator[Prefix]:
     """A prefix whose stap/staprun are stand-ins and MODULES_LIST a file."""
-    prefix = Prefix(
-        tmp_path / "prefix",
-        {
-            "STAP": str(SUPPORT / "fake_stap.py"),
-            "STAPRUN": str(SUPPORT / "fake_staprun.py"),
-            "MODULES_LIST": str(fake_tools.modules),
-        },
-        env=fake_tools.env,
-    )
+    prefix = fake_tools.prefix(tmp_path / "prefix")
     yield prefix
     prefix.kill_leftovers()
