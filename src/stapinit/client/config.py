@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Final
 
 from stapinit.client.options import ServerAddress, UsageError, parse_server
-from stapinit.inifile import IniError, read_section
+from stapinit.core.inifile import IniError, read_section
 from stapinit.loader.config import DEFAULT_SOCKET
 from stapinit.protocol import Runtime
 from stapinit.trust.stores import StorePaths

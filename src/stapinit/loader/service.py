@@ -32,6 +32,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Final
 
+from stapinit.core.system import SYSTEM_PATH
 from stapinit.loader import wire
 from stapinit.loader.config import ConfigError, LoaderConfig, resolve_tool
 from stapinit.loader.policy import (
@@ -46,7 +47,6 @@ from stapinit.loader.policy import (
     ordinary_refusal,
 )
 from stapinit.protocol import MAX_MODULE_BYTES
-from stapinit.system import SYSTEM_PATH
 from stapinit.trust.bpfelf import user_space_probes
 from stapinit.trust.signing import Manifest, SignatureError, verify_module
 from stapinit.trust.stores import TrustStore, signer_store_at

@@ -13,7 +13,7 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import NamedTuple
 
-from stapinit.service.bashvars import Assignment, ConfigError, parse_assignments
+from stapinit.core.bashvars import Assignment, ConfigError, parse_assignments
 
 DEFAULT_CONFIG_FILE = Path("/etc/systemtap/config")
 

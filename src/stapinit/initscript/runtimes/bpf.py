@@ -7,11 +7,11 @@ import subprocess
 import time
 from pathlib import Path
 
-from stapinit.service import processes
-from stapinit.service.log import Log
-from stapinit.service.options import StartOptions
-from stapinit.service.runtimes.base import RuntimeFailure, Tools
-from stapinit.service.status import StatusRecord
+from stapinit.core import process as processes
+from stapinit.initscript.log import Log
+from stapinit.initscript.options import StartOptions
+from stapinit.initscript.runtimes.base import RuntimeFailure, Tools
+from stapinit.initscript.status import StatusRecord
 
 # A program that fails to load exits within this; one that lives longer is up.
 LOAD_GRACE_SECONDS = 0.3

@@ -4,8 +4,8 @@ from pathlib import Path
 
 import pytest
 
-from stapinit.service.bashvars import Assignment, ConfigError
-from stapinit.service.settings import load_settings, settings_from_assignments
+from stapinit.core.bashvars import Assignment, ConfigError
+from stapinit.initscript.settings import load_settings, settings_from_assignments
 
 
 def assign(**values: str) -> list[Assignment]:
