@@ -473,7 +473,7 @@ class Service:
     @staticmethod
     def _pid_alive(record: StatusRecord) -> bool:
         """A recorded pid is shown only while that very process lives."""
-        return record.pid > 0 and processes.is_same_process(record.pid, record.start_time)
+        return record.pid > 0 and processes.Process(record.pid, record.start_time).alive()
 
     def _verdict(self, command: str, failures: Sequence[str]) -> int:
         """PASSALL decides whether failures fail the command (spec §4.1.7)."""
