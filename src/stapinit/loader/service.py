@@ -32,6 +32,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Final
 
+from stapinit.core.runtime import KIND_OF_SUFFIX
 from stapinit.core.system import SYSTEM_PATH
 from stapinit.loader import wire
 from stapinit.loader.config import ConfigError, LoaderConfig, resolve_tool
@@ -445,7 +446,7 @@ class Service:
         if not decision.allowed:
             _refuse(conn, decision.reason)
             return
-        runtime = wire.RUNTIME_BY_SUFFIX[Path(req.module_name).suffix]
+        runtime = KIND_OF_SUFFIX[Path(req.module_name).suffix]
         try:
             tool = resolve_tool(self.config.stapbpf if runtime == "bpf" else self.config.staprun)
         except ConfigError as exc:
