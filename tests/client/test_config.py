@@ -41,7 +41,9 @@ def test_user_settings_override_system_ones(tmp_path: Path) -> None:
     (home / ".systemtap/client.conf").write_text(
         "[client]\nruntime = bpf  # this host\nloader_socket = /tmp/l.sock\n"
     )
-    config = read_client_config(StorePaths.default({"STAP_TRUST_ROOT": str(root)}, home), 9740)
+    config = read_client_config(
+        StorePaths.default({"STAP_TRUST_ROOT": str(root)}, home), 9740, True, print
+    )
     assert config == ClientConfig(
         servers=(ServerAddress("a", 1), ServerAddress("2001:db8::1", 9740)),
         runtime="bpf",
@@ -53,15 +55,15 @@ def test_user_settings_override_system_ones(tmp_path: Path) -> None:
 
 def test_no_files_means_defaults(tmp_path: Path) -> None:
     paths = StorePaths.default({"STAP_TRUST_ROOT": str(tmp_path)}, home=tmp_path)
-    assert read_client_config(paths, 9740) == ClientConfig()
+    assert read_client_config(paths, 9740, True, print) == ClientConfig()
 
 
 @pytest.mark.parametrize(
     ("text", "match"),
     [
         ("[client]\nserver = a\n", "f.conf: unknown setting\\(s\\) server"),
-        ("[client]\nservers = a:b\n", "f.conf: invalid port"),
-        ("[client]\nruntime = dyninst\n", "f.conf: runtime must be bpf or kmod"),
+        ("[client]\nservers = a:b\n", "f.conf:2: invalid port"),
+        ("[client]\nruntime = dyninst\n", "f.conf:2: runtime must be bpf or kmod"),
         ("servers = a\n", "f.conf: File contains no section headers"),
     ],
 )

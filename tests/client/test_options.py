@@ -8,8 +8,8 @@ from hypothesis import strategies as st
 
 from stapinit.client.options import (
     ClientOptions,
+    ClientUsageError,
     ServerAddress,
-    UsageError,
     parse_args,
     parse_server,
 )
@@ -84,7 +84,7 @@ def test_p5_is_the_default_run() -> None:
     ],
 )
 def test_usage_errors(argv: list[str], match: str) -> None:
-    with pytest.raises(UsageError, match=match):
+    with pytest.raises(ClientUsageError, match=match):
         parse(*argv)
 
 
@@ -110,7 +110,7 @@ def test_server_addresses(text: str, expected: ServerAddress) -> None:
     "text", ["", ":5", "h:", "h:x", "h:65536", "::1", "[::1", "[nothost]:5", "[::1]x", "h:-1"]
 )
 def test_bad_server_addresses(text: str) -> None:
-    with pytest.raises(UsageError):
+    with pytest.raises(ValueError):
         parse_server(text, 9740)
 
 

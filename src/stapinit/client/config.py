@@ -8,26 +8,40 @@ Section ``[client]``::
     loader_socket = /run/stap-loader.sock          # stap-loader, for non-root users
     stapbpf = stapbpf                              # what root runs .bo modules with
     staprun = staprun                              # what root runs .ko modules with
+
+Run as root, the client reads only files that root alone can change
+(:func:`stapinit.core.tools.root_only_problem`): with ``sudo -E`` the home
+directory, and ``$STAP_TRUST_ROOT``, may be a user's, and a user's file must
+never choose what root runs. Others are skipped with a warning.
 """
 
 from __future__ import annotations
 
+import os
+import stat
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Final
 
-from stapinit.client.options import ServerAddress, UsageError, parse_server
-from stapinit.core.inifile import IniError, read_section
-from stapinit.core.runtime import RuntimeKind
-from stapinit.loader.config import DEFAULT_SOCKET
+from stapinit.client.options import ServerAddress, parse_server
+from stapinit.core import values
+from stapinit.core.errors import StapinitError
+from stapinit.core.inifile import IniError, read_section, setting_line
+from stapinit.core.runtime import RuntimeKind, parse_kind
+from stapinit.core.tools import root_only_problem
+from stapinit.loader.wire import DEFAULT_SOCKET
 from stapinit.trust.stores import StorePaths
 
 CONFIG_NAME: Final = "client.conf"
+SECTION: Final = "client"
 _KEYS: Final = frozenset({"servers", "runtime", "loader_socket", "stapbpf", "staprun"})
+#: Largest configuration file read; anything bigger is not a configuration file.
+MAX_CONFIG_BYTES: Final = 1 << 20
 
 
-class ClientConfigError(Exception):
-    """A configuration file is unusable; ``str()`` is one line."""
+class ClientConfigError(StapinitError):
+    """A configuration file is unusable; ``str()`` is ``FILE[:LINE]: why``."""
 
 
 @dataclass(frozen=True)
@@ -49,44 +63,84 @@ def config_files(paths: StorePaths) -> list[Path]:
     return files
 
 
+def _apply(config: ClientConfig, key: str, value: str, default_port: int) -> ClientConfig:
+    """``config`` with one setting in place; ValueError (one line) for a bad value."""
+    if key == "servers":
+        return replace(config, servers=tuple(parse_server(s, default_port) for s in value.split()))
+    if key == "runtime":
+        try:
+            return replace(config, runtime=parse_kind(value))
+        except ValueError:
+            raise ValueError("runtime must be bpf or kmod") from None
+    if key == "loader_socket":
+        return replace(config, loader_socket=Path(values.absolute_path(value)))
+    if key == "stapbpf":
+        return replace(config, stapbpf=values.tool(value))
+    return replace(config, staprun=values.tool(value))
+
+
 def apply_config_text(
     base: ClientConfig, text: str, origin: str, default_port: int
 ) -> ClientConfig:
-    """``base`` updated by the settings in ``text`` (pure)."""
+    """``base`` updated by the settings in ``text`` (pure); ClientConfigError names FILE:LINE."""
     try:
-        section = read_section(text, origin, "client", _KEYS)
+        section = read_section(text, origin, SECTION, _KEYS)
     except IniError as exc:
         raise ClientConfigError(str(exc)) from None
     config = base
-    try:
-        if "servers" in section:
-            servers = tuple(parse_server(s, default_port) for s in section["servers"].split())
-            config = replace(config, servers=servers)
-    except UsageError as exc:
-        raise ClientConfigError(f"{origin}: {exc}") from None
-    if "runtime" in section:
-        runtime = section["runtime"].strip()
-        if runtime not in ("bpf", "kmod"):
-            raise ClientConfigError(f"{origin}: runtime must be bpf or kmod")
-        config = replace(config, runtime="bpf" if runtime == "bpf" else "kmod")
-    if "loader_socket" in section:
-        config = replace(config, loader_socket=Path(section["loader_socket"].strip()))
-    if "stapbpf" in section:
-        config = replace(config, stapbpf=section["stapbpf"].strip())
-    if "staprun" in section:
-        config = replace(config, staprun=section["staprun"].strip())
+    for key, value in section.items():
+        try:
+            config = _apply(config, key, value.strip(), default_port)
+        except ValueError as exc:
+            line = setting_line(text, SECTION, key)
+            where = f"{origin}:{line}" if line else origin
+            raise ClientConfigError(f"{where}: {exc}") from None
     return config
 
 
-def read_client_config(paths: StorePaths, default_port: int) -> ClientConfig:
-    """Read every configuration file that exists."""
+def _read_bounded(file: Path) -> bytes | None:
+    """The bytes of regular file ``file``; None if it does not exist.
+
+    Opened without blocking (a FIFO in its place must not hang the client),
+    checked to be a regular file of at most :data:`MAX_CONFIG_BYTES`.
+    """
+    try:
+        fd = os.open(file, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        raise ClientConfigError(f"{file}: {exc.strerror}") from None
+    with os.fdopen(fd, "rb") as handle:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise ClientConfigError(f"{file}: not a regular file")
+        data = handle.read(MAX_CONFIG_BYTES + 1)
+    if len(data) > MAX_CONFIG_BYTES:
+        raise ClientConfigError(f"{file}: larger than {MAX_CONFIG_BYTES} bytes")
+    return data
+
+
+def read_client_config(
+    paths: StorePaths, default_port: int, as_root: bool, warn: Callable[[str], None]
+) -> ClientConfig:
+    """Read every configuration file that exists.
+
+    With ``as_root``, a file that others could change is skipped (``warn`` says
+    why) before it is opened. Raises ClientConfigError for a file that cannot
+    be read or parsed.
+    """
     config = ClientConfig()
     for file in config_files(paths):
-        try:
-            text = file.read_text(encoding="utf-8")
-        except FileNotFoundError:
+        if as_root and os.path.lexists(file):
+            reason = root_only_problem(file)
+            if reason:
+                warn(f"ignoring {file}: root reads only files that root alone can change: {reason}")
+                continue
+        data = _read_bounded(file)
+        if data is None:
             continue
-        except OSError as exc:
-            raise ClientConfigError(f"{file}: {exc.strerror}") from None
+        try:
+            text = data.decode("utf-8")
+        except UnicodeDecodeError:
+            raise ClientConfigError(f"{file}: not UTF-8 text") from None
         config = apply_config_text(config, text, str(file), default_port)
     return config

@@ -17,6 +17,7 @@ from typing import Final
 from cryptography import x509
 
 from stapinit.client.options import ServerAddress
+from stapinit.core.errors import StapinitError
 from stapinit.protocol import (
     COMPILE_PATH,
     CONTENT_TYPE,
@@ -38,7 +39,7 @@ COMPILE_TIMEOUT: Final = 600.0
 MAX_RESPONSE: Final = (MAX_MODULE_BYTES + 2) // 3 * 4 + 16 * 1024 * 1024
 
 
-class ServerError(Exception):
+class ServerError(StapinitError):
     """A server could not be used; ``str()`` is one line."""
 
 
@@ -111,17 +112,28 @@ def compile_remote(
     if len(data) > MAX_RESPONSE:
         raise ServerError(f"server {address} sent an answer over {MAX_RESPONSE} bytes")
     if response.status != 200:
-        raise ServerError(f"server {address} refused the request: {decode_error(data)}")
+        raise ServerError(f"server {address} refused the request: {_error_text(data)}")
     try:
         answer = decode_compile_response(data)
-    except ProtocolError as exc:
-        raise ServerError(f"server {address} sent a bad answer: {exc}") from None
+    except (ValueError, RecursionError) as exc:
+        # ProtocolError is a ValueError; so are integers beyond Python's digit
+        # limit, which the JSON parser raises before any field is checked.
+        why = exc if isinstance(exc, ProtocolError) else "not JSON within the protocol's limits"
+        raise ServerError(f"server {address} sent a bad answer: {why}") from None
     if answer.module is not None and len(answer.module.data) > MAX_MODULE_BYTES:
         raise ServerError(
             f"server {address} sent a module over {MAX_MODULE_BYTES} bytes, "
             "more than stap-loader accepts"
         )
     return answer
+
+
+def _error_text(data: bytes) -> str:
+    """The message of a server's error body, whatever the body holds (one line)."""
+    try:
+        return decode_error(data)
+    except (ValueError, RecursionError):
+        return "(an unreadable error body)"
 
 
 def _why(exc: BaseException) -> str:

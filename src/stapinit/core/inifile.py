@@ -25,3 +25,21 @@ def read_section(text: str, origin: str, section: str, keys: Set[str]) -> Mappin
     if unknown:
         raise IniError(f"{origin}: unknown setting(s) {', '.join(sorted(unknown))}")
     return dict(values)
+
+
+def setting_line(text: str, section: str, key: str) -> int:
+    """The line number (from 1) where ``key`` is set in ``[section]`` of ``text``; 0 if unseen.
+
+    For ``FILE:LINE`` in messages about a value :func:`read_section` returned
+    (which refuses a key set twice in one section).
+    """
+    found, current = 0, ""
+    for number, line in enumerate(text.splitlines(), start=1):
+        stripped = line.strip()
+        if stripped.startswith("[") and stripped.endswith("]"):
+            current = stripped[1:-1].strip()
+        elif current == section and not line[:1].isspace():
+            name = stripped.partition("=")[0].partition(":")[0].strip().lower()
+            if name == key:
+                found = number
+    return found

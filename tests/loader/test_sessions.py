@@ -241,7 +241,7 @@ def test_loader_refuses_to_run_as_non_root(users: dict[str, User]) -> None:
         {},
         Path("/"),
     )
-    assert result.returncode == 1
+    assert result.returncode == 4  # LSB: insufficient privilege
     assert result.stderr == "stap-loader: must run as root (loading modules needs it)\n"
 
 
