@@ -14,6 +14,7 @@ import pytest
 from stapinit.loader import wire
 from stapinit.trust.certs import fingerprint, load_certificate
 from tests.client.conftest import HELLO, Site
+from tests.trust.bpfmodules import build_victim, process_probe_script
 from tests.trust.people import SYSTEM_PATH, VENV_BIN
 
 
@@ -228,3 +229,17 @@ def test_without_a_loader_the_user_is_told_so(site: Site) -> None:
         f"stap-client: cannot reach stap-loader at {site.base / 'none.sock'}: "
         "No such file or directory; non-root users load modules through the stap-loader service\n"
     )
+
+
+def test_a_refused_compile_prints_nothing_on_stdout(site: Site) -> None:
+    # Issue 13: the server refuses to sign a BPF module that probes user space
+    # for stapusr; stap had printed the module's name, and nothing was produced.
+    site.authorize_server()
+    victim = build_victim(site.base / "victim")
+    script = process_probe_script(victim)
+    for extra in (["-p4"], []):
+        result = site.client("sttest_usr", "--unprivileged", *extra, "-e", script)
+        assert result.returncode == 1
+        assert result.stdout == "", result.stdout
+        assert "user-space probes" in result.stderr
+        assert not list(site.homes["sttest_usr"].glob("*.bo"))

@@ -16,7 +16,7 @@ from typing import Final
 
 from stapinit.client.config import ClientConfig, read_client_config
 from stapinit.client.connection import ServerError, compile_remote, connect_pinned
-from stapinit.client.load import run_directly, run_via_loader
+from stapinit.client.load import root_runner, run_directly, run_via_loader
 from stapinit.client.options import (
     USAGE,
     ClientOptions,
@@ -202,6 +202,12 @@ def _run(argv: Sequence[str]) -> int:
         _warn(f"kernel release {req.release} is not this host's: compiling only (-p4)")
         compile_only = True
 
+    # Root runs the module itself: the tool is checked before a server does any work.
+    tool = (
+        None
+        if compile_only or not as_root
+        else root_runner(req.runtime, config.stapbpf, config.staprun)
+    )
     resp = compile_on_servers(opts, config, req)
     _print_messages(resp)
     if resp.status != 0:
@@ -219,10 +225,8 @@ def _run(argv: Sequence[str]) -> int:
             raise ClientError(f"cannot save {module.name}: {exc.strerror}") from None
         print(module.name)
         return 0
-    if as_root:
-        return run_directly(
-            module.name, module.data, opts.output_file, config.stapbpf, config.staprun
-        )
+    if tool is not None:
+        return run_directly(req.runtime, tool, module.name, module.data, opts.output_file)
     return run_via_loader(
         config.loader_socket, module.name, module.data, resp.signature, opts.output_file
     )

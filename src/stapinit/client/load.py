@@ -19,7 +19,7 @@ from typing import BinaryIO, Final
 
 from stapinit.core.errors import StapinitError
 from stapinit.core.process import stop_child
-from stapinit.core.runtime import foreground_command, kind_of_module
+from stapinit.core.runtime import RuntimeKind, foreground_command, kind_of_module
 from stapinit.core.tools import private_workdir, tool_for_root
 from stapinit.loader import wire
 
@@ -31,23 +31,30 @@ class LoadError(StapinitError):
     """The module could not be loaded; ``str()`` is one line."""
 
 
-def run_directly(
-    module_name: str, module: bytes, output_file: str | None, stapbpf: str, staprun: str
-) -> int:
-    """Run the module with ``stapbpf``/``staprun`` as this (root) process; its status.
+def root_runner(kind: RuntimeKind, stapbpf: str, staprun: str) -> str:
+    """The tool root runs ``kind`` modules with, checked fit for root before anything is done.
 
-    The tool must be root's alone (:func:`stapinit.core.tools.tool_for_root`)
-    and the module is written to a directory only root can change. Ctrl-C
-    stops the module with :func:`stop_child` (SIGTERM, so its ``end`` probes
-    run; SIGKILL after :data:`STOP_TIMEOUT`); a second Ctrl-C kills it at once.
+    It must be root's alone (:func:`stapinit.core.tools.tool_for_root`);
+    raises LoadError otherwise.
     """
-    kind = kind_of_module(module_name)
-    if kind is None:
-        raise LoadError(f"{module_name} is neither a .ko nor a .bo module")
     try:
-        tool = tool_for_root(stapbpf if kind == "bpf" else staprun)
+        return tool_for_root(stapbpf if kind == "bpf" else staprun)
     except ValueError as exc:
         raise LoadError(str(exc)) from None
+
+
+def run_directly(
+    kind: RuntimeKind, tool: str, module_name: str, module: bytes, output_file: str | None
+) -> int:
+    """Run the module with ``tool`` (from :func:`root_runner`) as this (root) process.
+
+    Returns its exit status. The module is written to a directory only root
+    can change. Ctrl-C stops the module with :func:`stop_child` (SIGTERM, so
+    its ``end`` probes run; SIGKILL after :data:`STOP_TIMEOUT`); a second
+    Ctrl-C kills it at once.
+    """
+    if kind_of_module(module_name) != kind:
+        raise LoadError(f"the server sent {module_name}, not a module for the {kind} runtime")
     workdir = private_workdir("stap-client-")
     try:
         path = workdir / module_name
