@@ -115,7 +115,7 @@ def check_module_file_name(name: str) -> str:
     """Return ``name`` if it is ``<stap module name>.bo`` or ``.ko``, else raise WireError."""
     stem, dot, suffix = name.rpartition(".")
     if not dot or f".{suffix}" not in KIND_OF_SUFFIX:
-        raise WireError(f"module file {name!r} does not end in .bo or .ko")
+        raise WireError(f"module file {name[:80]!r} does not end in .bo or .ko")
     try:
         check_module_name(stem)
     except ProtocolError as exc:
