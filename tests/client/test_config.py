@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import threading
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -70,3 +73,46 @@ def test_no_files_means_defaults(tmp_path: Path) -> None:
 def test_bad_settings_name_the_file(text: str, match: str) -> None:
     with pytest.raises(ClientConfigError, match=match):
         apply_config_text(ClientConfig(), text, "f.conf", 9740)
+
+
+def read_in_time(paths: StorePaths) -> ClientConfig | Exception:
+    """``read_client_config`` run in a thread: what it returned or raised within 5 s."""
+    outcome: list[ClientConfig | Exception] = []
+
+    def read() -> None:
+        try:
+            outcome.append(read_client_config(paths, 9740, False, print))
+        except Exception as exc:
+            outcome.append(exc)
+
+    thread = threading.Thread(target=read, daemon=True)
+    thread.start()
+    thread.join(5)
+    assert outcome, "reading the configuration hung"
+    return outcome[0]
+
+
+@pytest.mark.parametrize(
+    ("make", "message"),
+    [
+        (lambda path: os.mkfifo(path), "client.conf: not a regular file"),
+        (lambda path: path.mkdir(), "client.conf: not a regular file"),
+        (lambda path: path.symlink_to("/dev/zero"), "client.conf: not a regular file"),
+        (lambda path: path.write_bytes(b"#" * (2 << 20)), "client.conf: larger than 1048576"),
+        (lambda path: path.write_bytes(b"[client]\n\xff\n"), "client.conf: not UTF-8 text"),
+        (
+            lambda path: path.write_text("[client]\nservers = a:" + "9" * 5000 + "\n"),
+            "client.conf:2: invalid port in server address",
+        ),
+    ],
+)
+def test_odd_files_are_one_line_errors_not_hangs(
+    tmp_path: Path, make: Callable[[Path], object], message: str
+) -> None:
+    (tmp_path / ".systemtap").mkdir()
+    make(tmp_path / ".systemtap" / "client.conf")
+    paths = StorePaths.default({"STAP_TRUST_ROOT": str(tmp_path / "none")}, home=tmp_path)
+    outcome = read_in_time(paths)
+    assert isinstance(outcome, ClientConfigError)
+    assert str(outcome).startswith(str(tmp_path / ".systemtap" / message.split(":")[0]))
+    assert message.split(": ", 1)[1] in str(outcome)

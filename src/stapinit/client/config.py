@@ -18,7 +18,6 @@ never choose what root runs. Others are skipped with a warning.
 from __future__ import annotations
 
 import os
-import stat
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -27,7 +26,7 @@ from typing import Final
 from stapinit.client.options import ServerAddress, parse_server
 from stapinit.core import values
 from stapinit.core.errors import StapinitError
-from stapinit.core.inifile import IniError, read_section, setting_line
+from stapinit.core.inifile import IniError, read_ini_file, read_section, setting_line
 from stapinit.core.runtime import RuntimeKind, parse_kind
 from stapinit.core.tools import root_only_problem
 from stapinit.loader.wire import DEFAULT_SOCKET
@@ -36,8 +35,6 @@ from stapinit.trust.stores import StorePaths
 CONFIG_NAME: Final = "client.conf"
 SECTION: Final = "client"
 _KEYS: Final = frozenset({"servers", "runtime", "loader_socket", "stapbpf", "staprun"})
-#: Largest configuration file read; anything bigger is not a configuration file.
-MAX_CONFIG_BYTES: Final = 1 << 20
 
 
 class ClientConfigError(StapinitError):
@@ -98,27 +95,6 @@ def apply_config_text(
     return config
 
 
-def _read_bounded(file: Path) -> bytes | None:
-    """The bytes of regular file ``file``; None if it does not exist.
-
-    Opened without blocking (a FIFO in its place must not hang the client),
-    checked to be a regular file of at most :data:`MAX_CONFIG_BYTES`.
-    """
-    try:
-        fd = os.open(file, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
-    except FileNotFoundError:
-        return None
-    except OSError as exc:
-        raise ClientConfigError(f"{file}: {exc.strerror}") from None
-    with os.fdopen(fd, "rb") as handle:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
-            raise ClientConfigError(f"{file}: not a regular file")
-        data = handle.read(MAX_CONFIG_BYTES + 1)
-    if len(data) > MAX_CONFIG_BYTES:
-        raise ClientConfigError(f"{file}: larger than {MAX_CONFIG_BYTES} bytes")
-    return data
-
-
 def read_client_config(
     paths: StorePaths, default_port: int, as_root: bool, warn: Callable[[str], None]
 ) -> ClientConfig:
@@ -135,12 +111,11 @@ def read_client_config(
             if reason:
                 warn(f"ignoring {file}: root reads only files that root alone can change: {reason}")
                 continue
-        data = _read_bounded(file)
-        if data is None:
-            continue
         try:
-            text = data.decode("utf-8")
-        except UnicodeDecodeError:
-            raise ClientConfigError(f"{file}: not UTF-8 text") from None
+            text = read_ini_file(file)
+        except IniError as exc:
+            raise ClientConfigError(str(exc)) from None
+        if text is None:
+            continue
         config = apply_config_text(config, text, str(file), default_port)
     return config

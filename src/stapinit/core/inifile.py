@@ -3,11 +3,47 @@
 from __future__ import annotations
 
 import configparser
+import os
+import stat
 from collections.abc import Mapping, Set
+from pathlib import Path
+from typing import Final
+
+#: Largest configuration file read; anything bigger is not a configuration file.
+MAX_INI_BYTES: Final = 1 << 20
 
 
 class IniError(Exception):
     """The file is not usable; ``str()`` is one line naming it."""
+
+
+def read_ini_file(path: Path) -> str | None:
+    """The text of configuration file ``path``; ``None`` if it does not exist.
+
+    Opened without blocking (a FIFO in its place must not hang the reader) and
+    checked to be a regular file of at most :data:`MAX_INI_BYTES` of UTF-8;
+    anything else raises :class:`IniError` naming the file.
+    """
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        raise IniError(f"{path}: cannot read: {exc.strerror}") from None
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise IniError(f"{path}: not a regular file")
+        data = b""
+        while len(data) <= MAX_INI_BYTES and (chunk := os.read(fd, MAX_INI_BYTES + 1)):
+            data += chunk
+    finally:
+        os.close(fd)
+    if len(data) > MAX_INI_BYTES:
+        raise IniError(f"{path}: larger than {MAX_INI_BYTES} bytes")
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError:
+        raise IniError(f"{path}: not UTF-8 text") from None
 
 
 def read_section(text: str, origin: str, section: str, keys: Set[str]) -> Mapping[str, str]:

@@ -21,6 +21,7 @@ choose what root runs.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,7 +29,7 @@ from typing import Final, TypeVar
 
 from stapinit.core import values
 from stapinit.core.errors import ConfigFileError
-from stapinit.core.inifile import IniError, read_section, setting_line
+from stapinit.core.inifile import IniError, read_ini_file, read_section, setting_line
 from stapinit.core.tools import root_only_problem
 from stapinit.loader.wire import DEFAULT_SOCKET
 from stapinit.trust.stores import StorePaths
@@ -120,16 +121,16 @@ def read_config(path: Path | None, paths: StorePaths) -> LoaderConfig:
     """
     explicit = path is not None
     file = path if path is not None else default_config_file(paths)
+    if os.path.lexists(file):
+        reason = root_only_problem(file)
+        if reason:
+            raise ConfigFileError(str(file), 0, f"not used, since others could change it: {reason}")
     try:
-        text = file.read_text(encoding="utf-8")
-    except FileNotFoundError:
+        text = read_ini_file(file)
+    except IniError as exc:
+        raise ConfigFileError(str(file), 0, str(exc).removeprefix(f"{file}: ")) from None
+    if text is None:
         if explicit:
-            raise ConfigFileError(str(file), 0, "no such configuration file") from None
-        return parse_config("", str(file), paths)
-    except (OSError, UnicodeDecodeError) as exc:
-        why = exc.strerror if isinstance(exc, OSError) else "not UTF-8 text"
-        raise ConfigFileError(str(file), 0, f"cannot read: {why}") from None
-    reason = root_only_problem(file)
-    if reason:
-        raise ConfigFileError(str(file), 0, f"not used, since others could change it: {reason}")
+            raise ConfigFileError(str(file), 0, "no such configuration file")
+        text = ""
     return parse_config(text, str(file), paths)

@@ -163,7 +163,12 @@ class Sessions:
             self._log_refusal(f"{who}: refused: in none of the stap groups")
             _refuse(conn, ordinary_refusal(caller.name))
             return
-        workdir = private_workdir("stap-loader-")  # mode 0700, root's: nobody can swap the module
+        try:
+            workdir = private_workdir("stap-loader-")  # 0700, root's: nobody can swap the module
+        except OSError as exc:
+            LOG.error("%s: cannot make a private directory: %s", who, exc.strerror)
+            _refuse(conn, f"stap-loader cannot store the module: {exc.strerror}")
+            return
         holding = Holding(self.spool)
         try:
             req = self._receive(conn, who, deadline, workdir, holding)

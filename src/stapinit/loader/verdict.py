@@ -55,20 +55,20 @@ def check_signature(signature: bytes | None, module: bytes, store: TrustStore) -
 def judge(caller: Caller, req: SpooledRequest, store: TrustStore) -> Decision:
     """The policy's verdict on ``caller`` loading ``req`` on this host.
 
-    The module is read into memory only when its signature matters: for a
-    caller below stapdev who sent one.
+    The module is looked at only when its signature matters: for a caller
+    below stapdev who sent one.
     """
     level = caller_level(caller.uid, caller.groups)
     check = SignatureCheck("unsigned")
     probes: list[str] = []
     if level is not None and level < Level.STAPDEV and req.signature is not None:
-        module = req.module_bytes()
-        check = check_signature(req.signature, module, store)
-        if check.status == "valid" and must_check_user_space(caller, req.module_name):
-            try:
-                probes = user_space_probes(module)
-            except ValueError as exc:
-                return Decision(False, f"module {req.module_name} cannot be examined: {exc}")
+        with req.module_bytes() as module:
+            check = check_signature(req.signature, module, store)
+            if check.status == "valid" and must_check_user_space(caller, req.module_name):
+                try:
+                    probes = user_space_probes(module)
+                except ValueError as exc:
+                    return Decision(False, f"module {req.module_name} cannot be examined: {exc}")
     return may_load(
         caller,
         req.module_name,
