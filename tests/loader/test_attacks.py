@@ -69,6 +69,11 @@ def release(proc: subprocess.Popen[str]) -> list[str]:
     return answers
 
 
+def unique(stem: str) -> str:
+    """A module file name no other run's leftovers share: ``STEM_PID_NS.bo``."""
+    return f"{stem}_{os.getpid()}_{time.monotonic_ns() % 10**12}.bo"
+
+
 def spooled(name: str) -> list[Path]:
     """The loader's private copies of a module called ``name`` (as root sees them)."""
     places = {tempfile.gettempdir(), "/tmp"}
@@ -106,11 +111,12 @@ def test_announced_modules_that_never_come_cost_no_memory(
 
     # Issue 10 #7: the largest module announced and one byte of it sent, on six
     # connections (the stapusr member's four, the per-user limit, and two more).
-    attack = announce(MAX_MODULE_BYTES) + b"x"
+    big = unique("big")
+    attack = announce(MAX_MODULE_BYTES, big) + b"x"
     holders = [hold(loader, users["sttest_usr"], 4, attack)]
     holders.append(hold(loader, users["sttest_dev"], 2, attack))
     try:
-        wait_for(lambda: len(spooled("big.bo")) >= 6, "the loader did not take the bytes")
+        wait_for(lambda: len(spooled(big)) >= 6, "the loader did not take the bytes")
         time.sleep(0.2)
         grown = rss_kib(loader.proc.pid) - before
     finally:
@@ -120,7 +126,7 @@ def test_announced_modules_that_never_come_cost_no_memory(
     assert answers == [["_none"] * 4, ["_none"] * 2]  # still waiting for the rest, as they may
 
     # What is held goes when the sessions go, and the loader still serves.
-    wait_for(lambda: not spooled("big.bo"), "the private copies were not removed")
+    wait_for(lambda: not spooled(big), "the private copies were not removed")
     frames = loader.request(users["sttest_usr"], announce(1, "after.ko") + b"m")
     assert [f.type for f in frames] == ["refused"]
     assert "unsigned module after.ko" in frames[0].header["reason"]
@@ -129,18 +135,19 @@ def test_announced_modules_that_never_come_cost_no_memory(
 def test_module_bytes_held_at_once_are_bounded_in_total(users: dict[str, User]) -> None:
     base = shared_tmpdir("sttest-attack-")
     loader = start_loader(base, settings={"spool_limit": "1M"})
+    first_name, second_name = unique("first"), unique("second")
     try:
         # A stapdev member is sending a module of 900 KiB; 800 KiB have arrived.
         first = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         first.connect(str(loader.socket))
-        first.sendall(announce(900 << 10, "first.bo") + b"t" * (800 << 10))
+        first.sendall(announce(900 << 10, first_name) + b"t" * (800 << 10))
         wait_for(
-            lambda: any(p.stat().st_size == 800 << 10 for p in spooled("first.bo")),
+            lambda: any(p.stat().st_size == 800 << 10 for p in spooled(first_name)),
             "the first module's bytes did not arrive",
         )
         # A stapusr member's module would go past the limit as its bytes arrive.
         frames = loader.request(
-            users["sttest_usr"], announce(900 << 10, "second.bo") + b"s" * (900 << 10)
+            users["sttest_usr"], announce(900 << 10, second_name) + b"s" * (900 << 10)
         )
         assert [f.type for f in frames] == ["refused"]
         reason = frames[0].header["reason"]
@@ -151,12 +158,14 @@ def test_module_bytes_held_at_once_are_bounded_in_total(users: dict[str, User]) 
         started = wire.read_frame(first, 1 << 20)
         assert started is not None and started.type == "started"
         first.close()
-        wait_for(lambda: not spooled("first.bo"), "the first module's copy was not removed")
+        wait_for(lambda: not spooled(first_name), "the first module's copy was not removed")
         # Its bytes were given back: the same module is welcome now.
         frames = loader.request(
-            users["sttest_dev"], announce(900 << 10, "second.bo") + b"s" * (900 << 10)
+            users["sttest_dev"],
+            announce(900 << 10, second_name) + b"tick" + b"s" * ((900 << 10) - 4),
+            mode="close",  # the stand-in ticks until the client goes
         )
-        assert frames[0].type == "started"
+        assert [f.type for f in frames] == ["started", "output"]
     finally:
         stop_loader(loader)
         shutil.rmtree(base)
@@ -214,3 +223,18 @@ def test_a_hostile_signature_file_gets_a_refusal(loader: Loader, users: dict[str
     log = loader.log.read_text()
     assert "session failed" not in log and "Traceback" not in log
     assert os.path.exists(loader.socket)
+
+
+def test_a_loader_stopped_mid_request_leaves_no_module_behind(users: dict[str, User]) -> None:
+    base = shared_tmpdir("sttest-attack-")
+    loader = start_loader(base)
+    name = unique("half")
+    try:
+        holder = hold(loader, users["sttest_usr"], 1, announce(1 << 20, name) + b"h" * 1000)
+        wait_for(lambda: bool(spooled(name)), "the loader did not take the bytes")
+        stop_loader(loader)
+        assert loader.proc.returncode == 0
+        assert not spooled(name)
+        release(holder)
+    finally:
+        shutil.rmtree(base)

@@ -83,7 +83,7 @@ def _serve(args: argparse.Namespace) -> int:
     try:
         sessions.serve(listener)
     finally:
-        sessions.children.stop_all(config.stop_timeout)
+        sessions.close()
         listener.close()
         if bound:
             config.socket_path.unlink(missing_ok=True)

@@ -65,6 +65,7 @@ class Sessions:
         self.spool = SpoolBudget(config.spool_limit)
         self._sessions: dict[int, int] = {}
         self._lock = threading.Lock()
+        self._workdirs: set[Path] = set()
         self._last_refusal_log = 0.0
         self._unlogged_refusals = 0
         # A pipe, so that a signal handler can wake the accept loop at once.
@@ -170,11 +171,15 @@ class Sessions:
             _refuse(conn, f"stap-loader cannot store the module: {exc.strerror}")
             return
         holding = Holding(self.spool)
+        with self._lock:
+            self._workdirs.add(workdir)
         try:
             req = self._receive(conn, who, deadline, workdir, holding)
             if req is not None:
                 self._load(conn, who, caller, req)
         finally:
+            with self._lock:
+                self._workdirs.discard(workdir)
             shutil.rmtree(workdir, ignore_errors=True)
             holding.release()
 
@@ -252,3 +257,16 @@ class Sessions:
     def stop(self) -> None:
         """Make :meth:`serve` return; safe to call from a signal handler."""
         os.write(self._wake_w, b"x")
+
+    def close(self) -> None:
+        """After :meth:`serve`: stop every module and remove what sessions still hold.
+
+        Session threads do not outlive the process, so their private
+        directories (a module half received, or one still running) go here.
+        """
+        self.children.stop_all(self.config.stop_timeout)
+        with self._lock:
+            workdirs = list(self._workdirs)
+            self._workdirs.clear()
+        for workdir in workdirs:
+            shutil.rmtree(workdir, ignore_errors=True)
