@@ -243,3 +243,28 @@ def test_a_refused_compile_prints_nothing_on_stdout(site: Site) -> None:
         assert result.stdout == "", result.stdout
         assert "user-space probes" in result.stderr
         assert not list(site.homes["sttest_usr"].glob("*.bo"))
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM, signal.SIGHUP])
+def test_a_signal_stops_roots_module_cleanly(site: Site, signum: int) -> None:
+    # Root runs the module itself, in its own session: the client passes the stop on.
+    site.authorize_server()
+    script = 'probe timer.ms(50) { printf("tick\\n") } probe end { printf("bye\\n") }'
+    proc = subprocess.Popen(
+        ["stap-client", "-e", script],
+        env={
+            "PATH": f"{VENV_BIN}:{SYSTEM_PATH}",
+            "STAP_TRUST_ROOT": str(site.trust_root),
+            "HOME": str(site.homes["root"]),
+        },
+        cwd=site.homes["root"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    assert proc.stdout is not None
+    assert proc.stdout.readline() == "tick\n"
+    proc.send_signal(signum)
+    out, err = proc.communicate(timeout=20)
+    assert proc.returncode == 0, err
+    assert out.rstrip().endswith("bye")

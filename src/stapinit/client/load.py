@@ -25,6 +25,8 @@ from stapinit.loader import wire
 
 #: How long a stopped module may take to finish before it is killed / given up on.
 STOP_TIMEOUT: Final = 10.0
+#: Signals that stop a module root runs directly, besides SIGINT.
+_STOPPING: Final = (signal.SIGTERM, signal.SIGHUP)
 
 
 class LoadError(StapinitError):
@@ -50,8 +52,8 @@ def run_directly(
 
     Returns its exit status. The module is written to a directory only root
     can change. Ctrl-C stops the module with :func:`stop_child` (SIGTERM, so
-    its ``end`` probes run; SIGKILL after :data:`STOP_TIMEOUT`); a second
-    Ctrl-C kills it at once.
+    its ``end`` probes run; SIGKILL after :data:`STOP_TIMEOUT`), and so do
+    SIGTERM and SIGHUP; a second one kills it at once.
     """
     if kind_of_module(module_name) != kind:
         raise LoadError(f"the server sent {module_name}, not a module for the {kind} runtime")
@@ -69,6 +71,9 @@ def run_directly(
             )
         except OSError as exc:
             raise LoadError(f"cannot run {tool}: {exc.strerror}") from None
+        # SIGTERM and SIGHUP (a closed terminal) stop it as Ctrl-C does: in its
+        # own session, it would not get them otherwise.
+        previous = {sig: signal.signal(sig, signal.default_int_handler) for sig in _STOPPING}
         try:
             try:
                 proc.wait()
@@ -76,6 +81,9 @@ def run_directly(
                 stop_child(proc, STOP_TIMEOUT)
         except KeyboardInterrupt:
             stop_child(proc, 0)
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
         returncode = proc.poll()
         return wire.exit_status(returncode if returncode is not None else -signal.SIGKILL)
     finally:
