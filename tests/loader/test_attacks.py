@@ -238,3 +238,18 @@ def test_a_loader_stopped_mid_request_leaves_no_module_behind(users: dict[str, U
         release(holder)
     finally:
         shutil.rmtree(base)
+
+
+def test_a_flood_of_bad_requests_does_not_flood_the_log(quiet_loader: Loader) -> None:
+    bad = header_frame(b'{"type":"load","size":' + b"9" * 5000 + b"}")
+    started = time.monotonic()
+    for _ in range(50):
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+            sock.settimeout(5)
+            sock.connect(str(quiet_loader.socket))
+            sock.sendall(bad)
+            frame = wire.read_frame(sock, 1 << 20)
+            assert frame is not None and frame.type == "refused"
+    elapsed = time.monotonic() - started
+    lines = [line for line in quiet_loader.log.read_text().splitlines() if "bad request" in line]
+    assert 1 <= len(lines) <= elapsed + 2, lines  # about one a second, the rest counted

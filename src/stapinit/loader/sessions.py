@@ -92,10 +92,11 @@ class Sessions:
                 del self._sessions[uid]
 
     def _log_refusal(self, message: str) -> None:
-        """Log a refusal that costs a caller nothing, at most about once a second.
+        """Log a refusal that costs a caller little, at most about once a second.
 
-        Over-limit connections and users in none of the stap groups can be made
-        in a loop; the lines left out are counted in the next one.
+        Over-limit connections, users in none of the stap groups and malformed
+        requests can be made in a loop; the lines left out are counted in the
+        next one, so nobody can flood the journal.
         """
         with self._lock:
             now = time.monotonic()
@@ -196,10 +197,10 @@ class Sessions:
             return receive_request(conn, deadline, workdir, holding, MAX_MODULE_BYTES)
         except TimeoutError:
             limit = f"{self.config.io_timeout:g}"
-            LOG.info("%s: refused: request not complete within %s s", who, limit)
+            self._log_refusal(f"{who}: refused: request not complete within {limit} s")
             _refuse(conn, f"bad request: not complete within {limit} seconds")
         except wire.WireError as exc:
-            LOG.info("%s: bad request: %s", who, exc)
+            self._log_refusal(f"{who}: bad request: {exc}")
             _refuse(conn, f"bad request: {exc}")
         except SpoolFull as exc:
             LOG.warning("%s: refused: %s", who, exc)
