@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import subprocess
 import time
 from pathlib import Path
 
@@ -14,8 +13,9 @@ import pytest
 from stapinit.loader import wire
 from stapinit.trust.certs import fingerprint, load_certificate
 from tests.client.conftest import HELLO, Site
+from tests.loader.conftest import popen_as
 from tests.trust.bpfmodules import build_victim, process_probe_script
-from tests.trust.people import SYSTEM_PATH, VENV_BIN
+from tests.trust.people import VENV_BIN
 
 
 def untrusted_line(site: Site) -> str:
@@ -156,35 +156,34 @@ def test_stap_messages_and_status_come_through(site: Site) -> None:
     assert (site.homes["sttest_dev"] / "out.txt").read_text() == "word-42\n"
 
 
-def test_ctrl_c_stops_the_module_cleanly(site: Site) -> None:
+TICKING = 'probe timer.ms(50) { printf("tick\\n") } probe end { printf("bye\\n") }'
+
+
+@pytest.mark.parametrize(
+    ("who", "signum"),
+    [
+        ("sttest_dev", signal.SIGINT),  # through stap-loader
+        ("root", signal.SIGINT),  # root runs it itself, in its own session
+        ("root", signal.SIGTERM),
+        ("root", signal.SIGHUP),
+    ],
+)
+def test_a_signal_stops_the_module_cleanly(site: Site, who: str, signum: int) -> None:
     site.authorize_server()
-    script = 'probe timer.ms(50) { printf("tick\\n") } probe end { printf("bye\\n") }'
-    user = site.users["sttest_dev"]
-    proc = subprocess.Popen(
-        ["stap-client", "-e", script],
-        env={
-            "PATH": f"{VENV_BIN}:{SYSTEM_PATH}",
-            "STAP_TRUST_ROOT": str(site.trust_root),
-            "HOME": str(site.homes["sttest_dev"]),
-        },
-        cwd=site.homes["sttest_dev"],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        user=user.uid,
-        group=user.gid,
-        extra_groups=list(user.groups),
-    )
+    user = None if who == "root" else site.users[who]
+    env = {"STAP_TRUST_ROOT": str(site.trust_root), "HOME": str(site.homes[who])}
+    proc = popen_as(user, ["stap-client", "-e", TICKING], env, site.homes[who])
     assert proc.stdout is not None
     assert proc.stdout.readline() == "tick\n"
-    proc.send_signal(signal.SIGINT)
+    proc.send_signal(signum)
     out, err = proc.communicate(timeout=20)
     assert proc.returncode == 0, err
     assert out.rstrip().endswith("bye")
-    deadline = time.monotonic() + 5
-    while "exited with status" not in site.loader.log.read_text():
-        assert time.monotonic() < deadline
-        time.sleep(0.05)
+    if user is not None:
+        deadline = time.monotonic() + 5
+        while "exited with status" not in site.loader.log.read_text():
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
 
 
 def test_root_output_file_and_tapsets(site: Site) -> None:
@@ -243,28 +242,3 @@ def test_a_refused_compile_prints_nothing_on_stdout(site: Site) -> None:
         assert result.stdout == "", result.stdout
         assert "user-space probes" in result.stderr
         assert not list(site.homes["sttest_usr"].glob("*.bo"))
-
-
-@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM, signal.SIGHUP])
-def test_a_signal_stops_roots_module_cleanly(site: Site, signum: int) -> None:
-    # Root runs the module itself, in its own session: the client passes the stop on.
-    site.authorize_server()
-    script = 'probe timer.ms(50) { printf("tick\\n") } probe end { printf("bye\\n") }'
-    proc = subprocess.Popen(
-        ["stap-client", "-e", script],
-        env={
-            "PATH": f"{VENV_BIN}:{SYSTEM_PATH}",
-            "STAP_TRUST_ROOT": str(site.trust_root),
-            "HOME": str(site.homes["root"]),
-        },
-        cwd=site.homes["root"],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    assert proc.stdout is not None
-    assert proc.stdout.readline() == "tick\n"
-    proc.send_signal(signum)
-    out, err = proc.communicate(timeout=20)
-    assert proc.returncode == 0, err
-    assert out.rstrip().endswith("bye")

@@ -13,7 +13,7 @@ import pytest
 
 from stapinit.loader import wire
 from tests.trust.bpfmodules import HELLO_SCRIPT, build_victim, compile_bo, process_probe_script
-from tests.trust.people import VENV_BIN, User, ensure_users, run_as, shared_tmpdir
+from tests.trust.people import SYSTEM_PATH, VENV_BIN, User, ensure_users, run_as, shared_tmpdir
 
 PROBE = Path(__file__).with_name("probe_client.py")
 
@@ -60,6 +60,24 @@ class Loader:
             wire.Frame(f["header"], f["payload"].encode("latin-1"))
             for f in json.loads(result.stdout)
         ]
+
+
+def popen_as(
+    user: User | None, argv: list[str], env: dict[str, str], cwd: Path, stdin: int | None = None
+) -> subprocess.Popen[str]:
+    """Start ``argv`` as ``user`` (None: root) with exactly ``env``, its output piped (text)."""
+    return subprocess.Popen(
+        argv,
+        env={"PATH": f"{VENV_BIN}:{SYSTEM_PATH}", **env},
+        cwd=cwd,
+        stdin=stdin,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        user=None if user is None else user.uid,
+        group=None if user is None else user.gid,
+        extra_groups=None if user is None else list(user.groups),
+    )
 
 
 @pytest.fixture(scope="session")

@@ -14,15 +14,14 @@ import socket
 import subprocess
 import tempfile
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from stapinit.loader import wire
 from stapinit.protocol import MAX_MODULE_BYTES
-from tests.loader.conftest import Loader, start_loader, stop_loader
-from tests.trust.people import SYSTEM_PATH, VENV_BIN, User, shared_tmpdir
+from tests.loader.conftest import Loader, popen_as, start_loader, stop_loader
+from tests.trust.people import VENV_BIN, User, shared_tmpdir
 
 HOLD = Path(__file__).with_name("hold_client.py")
 
@@ -46,17 +45,8 @@ def hold(loader: Loader, user: User, count: int, data: bytes) -> subprocess.Pope
     request = loader.base / f"hold-{user.name}"
     request.write_bytes(data)
     request.chmod(0o644)
-    proc = subprocess.Popen(
-        [str(VENV_BIN / "python"), str(HOLD), str(loader.socket), str(count), str(request)],
-        env={"PATH": f"{VENV_BIN}:{SYSTEM_PATH}"},
-        cwd=loader.base,
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        text=True,
-        user=user.uid,
-        group=user.gid,
-        extra_groups=list(user.groups),
-    )
+    argv = [str(VENV_BIN / "python"), str(HOLD), str(loader.socket), str(count), str(request)]
+    proc = popen_as(user, argv, {}, loader.base, stdin=subprocess.PIPE)
     assert proc.stdout is not None
     assert proc.stdout.readline() == "sent\n"
     return proc
@@ -87,20 +77,9 @@ def wait_for(condition: object, what: str, timeout: float = 10) -> None:
         time.sleep(0.05)
 
 
-@pytest.fixture
-def quiet_loader() -> Iterator[Loader]:
-    """A loader of its own, so that other tests' requests do not blur its memory figures."""
-    base = shared_tmpdir("sttest-attack-")
-    running = start_loader(base)
-    yield running
-    stop_loader(running)
-    shutil.rmtree(base)
-
-
 def test_announced_modules_that_never_come_cost_no_memory(
-    quiet_loader: Loader, users: dict[str, User]
+    loader: Loader, users: dict[str, User]
 ) -> None:
-    loader = quiet_loader
     # Warm up: one whole request, so that what any session loads is loaded.
     frames = loader.request(users["sttest_dev"], wire.encode_frame(
         {"type": "load", "module_name": "warm.bo", "module_size": 4, "signature_size": None},
@@ -240,16 +219,16 @@ def test_a_loader_stopped_mid_request_leaves_no_module_behind(users: dict[str, U
         shutil.rmtree(base)
 
 
-def test_a_flood_of_bad_requests_does_not_flood_the_log(quiet_loader: Loader) -> None:
+def test_a_flood_of_bad_requests_does_not_flood_the_log(loader: Loader) -> None:
     bad = header_frame(b'{"type":"load","size":' + b"9" * 5000 + b"}")
     started = time.monotonic()
     for _ in range(50):
         with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
             sock.settimeout(5)
-            sock.connect(str(quiet_loader.socket))
+            sock.connect(str(loader.socket))
             sock.sendall(bad)
             frame = wire.read_frame(sock, 1 << 20)
             assert frame is not None and frame.type == "refused"
     elapsed = time.monotonic() - started
-    lines = [line for line in quiet_loader.log.read_text().splitlines() if "bad request" in line]
+    lines = [line for line in loader.log.read_text().splitlines() if "bad request" in line]
     assert 1 <= len(lines) <= elapsed + 2, lines  # about one a second, the rest counted
