@@ -77,7 +77,7 @@ class CompileRequest:
     with dedicated fields (``-e -I -r -p -m --privilege --unprivileged``) are not
     repeated there.  ``runtime`` is the runtime field; ``--runtime=bpf`` or ``--bpf``
     among the options select BPF as well, which only the server's option parser
-    (:func:`stapinit.server.policy.parse_options`) decides.
+    (:func:`stapinit.server.policy.parse_compile_options`) decides.
     """
 
     script_text: str

@@ -12,7 +12,7 @@ from stapinit.server.policy import (
     PolicyError,
     check_request,
     module_file_name,
-    parse_options,
+    parse_compile_options,
     stap_command,
 )
 
@@ -49,11 +49,11 @@ def test_accepted_options_are_canonical(
     options: tuple[str, ...], expected: tuple[str, ...]
 ) -> None:
     for stapusr in (False, True):
-        assert parse_options(options, stapusr, "kmod").options == expected
+        assert parse_compile_options(options, stapusr, "kmod").options == expected
 
 
 def test_script_arguments_are_kept_apart() -> None:
-    parsed = parse_options(("-v", "arg1", "second arg"), False, "kmod")
+    parsed = parse_compile_options(("-v", "arg1", "second arg"), False, "kmod")
     assert parsed.options == ("-v",)
     assert parsed.script_args == ("arg1", "second arg")
 
@@ -77,12 +77,14 @@ def test_script_arguments_are_kept_apart() -> None:
 )
 def test_stapusr_refusals_use_stap_wording(options: tuple[str, ...], named: str) -> None:
     with pytest.raises(PolicyError) as err:
-        parse_options(options, True, "bpf")
+        parse_compile_options(options, True, "bpf")
     assert str(err.value) == _usr(named)
 
 
 def test_stapdev_may_use_guru_mode_and_defines() -> None:
-    parsed = parse_options(("-g", "-D", "MAXACTION=10000", "--suppress-time-limits"), False, "kmod")
+    parsed = parse_compile_options(
+        ("-g", "-D", "MAXACTION=10000", "--suppress-time-limits"), False, "kmod"
+    )
     assert parsed.options == ("-g", "-DMAXACTION=10000", "--suppress-time-limits")
 
 
@@ -113,19 +115,19 @@ def test_stapdev_may_use_guru_mode_and_defines() -> None:
 )
 def test_refused_for_everyone(options: tuple[str, ...], message: str) -> None:
     with pytest.raises(PolicyError, match=message):
-        parse_options(options, False, "kmod")
+        parse_compile_options(options, False, "kmod")
 
 
 def test_value_that_looks_like_an_option_stays_a_value() -> None:
     # getopt reads "-D -g" as -D with value "-g"; re-emitted attached, stap agrees.
     with pytest.raises(PolicyError, match="invalid value '-g'"):
-        parse_options(("-D", "-g"), False, "kmod")
-    assert parse_options(("-E", "-g"), True, "kmod").options == ("-E-g",)
+        parse_compile_options(("-D", "-g"), False, "kmod")
+    assert parse_compile_options(("-E", "-g"), True, "kmod").options == ("-E-g",)
 
 
 @pytest.mark.parametrize("options", [("--runtime=bpf",), ("--runtime", "bpf"), ("--bpf",)])
 def test_runtime_option_selects_bpf(options: tuple[str, ...]) -> None:
-    parsed = parse_options(options, False, "kmod")
+    parsed = parse_compile_options(options, False, "kmod")
     assert parsed == ParsedOptions((), (), "bpf")
 
 

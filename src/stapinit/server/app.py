@@ -1,6 +1,6 @@
 """What the server does with a request, independent of HTTP and TLS.
 
-:class:`CompileService` turns a request body into an :class:`Outcome` (HTTP status,
+:class:`CompileApp` turns a request body into an :class:`Outcome` (HTTP status,
 JSON body, extra headers, fields for the request log): decode, apply the policy,
 answer from the cache, else wait for a compile slot, compile, sign, store.
 
@@ -29,7 +29,7 @@ from stapinit.protocol import (
     encode_server_info,
 )
 from stapinit.server.cache import CachedResult, CompileCache, cache_key
-from stapinit.server.compiler import Compiler, CompileResult
+from stapinit.server.compiler import CompileOutcome, Compiler
 from stapinit.server.identity import Identity
 from stapinit.server.policy import ParsedOptions, PolicyError, check_request
 from stapinit.trust.bpfelf import user_space_probes
@@ -169,7 +169,7 @@ def request_log_fields(req: CompileRequest, runtime: RuntimeKind | None = None) 
     return fields
 
 
-class CompileService:
+class CompileApp:
     """The server's behaviour, one call per request (thread-safe)."""
 
     def __init__(
@@ -283,7 +283,7 @@ class CompileService:
         req: CompileRequest,
         parsed: ParsedOptions,
         key: str,
-        result: CompileResult,
+        result: CompileOutcome,
         log: dict[str, str],
     ) -> CompileResponse:
         signature = None

@@ -111,7 +111,9 @@ def _check_value(option: str, spec: _Spec, value: str) -> str:
     return value
 
 
-def parse_options(options: Sequence[str], stapusr: bool, runtime: RuntimeKind) -> ParsedOptions:
+def parse_compile_options(
+    options: Sequence[str], stapusr: bool, runtime: RuntimeKind
+) -> ParsedOptions:
     """Check client options as stap's getopt would read them; raise PolicyError.
 
     ``runtime`` is the request's field; ``--runtime=bpf`` or ``--bpf`` among the
@@ -191,7 +193,7 @@ def check_request(req: CompileRequest, releases: Sequence[str], arch: str) -> Pa
         # stap trusts "/* unprivileged */" embedded C in tapset files, so a client's
         # own tapsets would lift the safety check (stap refuses -I likewise).
         raise PolicyError(stapusr_refusal("-I"))
-    return parse_options(req.options, stapusr, req.runtime)
+    return parse_compile_options(req.options, stapusr, req.runtime)
 
 
 def stap_command(

@@ -1,14 +1,16 @@
-"""Assembling and running the server: identity, compiler, cache, HTTPS, pid file.
+"""Assembling and running the server: identity, compiler, sandbox, cache, HTTPS.
 
-Everything is checked before the server goes to the background, so a bad key, a
-missing stap or a busy port is reported by ``stap-server start`` itself.
+Everything is checked before the server serves, and ``stap-server start`` waits
+for that (:mod:`stapinit.server.background`), so a bad key, a missing stap, a
+sandbox that cannot work or a busy port is reported by ``start`` itself.
 
 Started as root, the server prepares its directories, reads its identity (which
-belongs to root: see :func:`stapinit.server.service.prepare_paths`) and binds its
-port -- below 1024 too -- and only then becomes the service user, which every
-compile runs as.  A compile can make gcc open any file that user may read; the key
-is not one of them.  Started by another user (development), everything runs as
-that user, key included, and a warning says so.
+belongs to root: see :func:`stapinit.server.directories.prepare_paths`) and binds
+its port -- below 1024 too -- and only then becomes the service user, which every
+compile runs as.  Each compile runs in a sandbox that shows it nothing of the
+server's state (:mod:`stapinit.server.sandbox`); even without it (``SANDBOX=no``)
+the key is not readable by the service user.  Started by another user
+(development), everything runs as that user, key included, and a warning says so.
 """
 
 from __future__ import annotations
@@ -25,17 +27,29 @@ from pathlib import Path
 from stapinit import __version__
 from stapinit.core import lsb
 from stapinit.protocol import ServerInfo
-from stapinit.server import service
-from stapinit.server.app import CompileService, CompileSlots
+from stapinit.server import control
+from stapinit.server.account import drop_privileges, lookup_user
+from stapinit.server.app import CompileApp, CompileSlots
+from stapinit.server.background import Readiness, detach
 from stapinit.server.cache import CompileCache
-from stapinit.server.compiler import Compiler, CompilerSetupError, Limits, RunAs
+from stapinit.server.compiler import Compiler, Limits, RunAs
 from stapinit.server.config import ServerConfig
-from stapinit.server.httpd import LOG, StapHTTPServer, listen, make_ssl_context
+from stapinit.server.directories import prepare_paths
+from stapinit.server.errors import StapServerError, path_error
+from stapinit.server.httpd import ConnectionLimits, StapHTTPServer, listen, make_ssl_context
 from stapinit.server.identity import Identity, IdentityError, expires_soon, load_or_create
-from stapinit.server.service import ServiceError, path_error
+from stapinit.server.logfile import LOG, setup_logging
+from stapinit.server.pidfile import remove_pid_file, write_pid_file
+from stapinit.server.sandbox import find_sandbox
+from stapinit.server.serving import serve
 from stapinit.trust.certs import not_valid_after
 
 MODULES_DIR = Path("/lib/modules")
+#: Said at every start with SANDBOX=no.
+NO_SANDBOX_WARNING = (
+    "warning: SANDBOX=no: compiles are not sandboxed and can read every file USER may "
+    "read (the server's log and cache among them)"
+)
 
 
 def installed_releases(modules_dir: Path = MODULES_DIR) -> tuple[str, ...]:
@@ -51,7 +65,7 @@ def _releases(config: ServerConfig) -> tuple[str, ...]:
     if not config.releases:
         found = installed_releases()
         if not found:
-            raise ServiceError(
+            raise StapServerError(
                 f"no kernel build tree under {MODULES_DIR}/*/build: nothing to compile for "
                 "(install linux-headers, or set RELEASES)",
                 lsb.EXIT_NOT_CONFIGURED,
@@ -59,7 +73,7 @@ def _releases(config: ServerConfig) -> tuple[str, ...]:
         return found
     for release in config.releases:
         if not (MODULES_DIR / release / "build").exists():
-            raise ServiceError(
+            raise StapServerError(
                 f"RELEASES names {release}, but {MODULES_DIR / release / 'build'} does not exist",
                 lsb.EXIT_NOT_CONFIGURED,
             )
@@ -97,9 +111,9 @@ def _endpoint(config: ServerConfig) -> _Endpoint:
         identity = load_or_create(config.cert_dir, config.cert_days)
         ssl_context = make_ssl_context(identity)
     except IdentityError as exc:
-        raise ServiceError(str(exc), lsb.EXIT_NOT_CONFIGURED) from None
+        raise StapServerError(str(exc), lsb.EXIT_NOT_CONFIGURED) from None
     except OSError as exc:
-        raise ServiceError(
+        raise StapServerError(
             f"cannot use the server identity in {config.cert_dir}: {exc.strerror or exc}",
             lsb.EXIT_PRIVILEGE,
         ) from None
@@ -107,8 +121,8 @@ def _endpoint(config: ServerConfig) -> _Endpoint:
         sock = listen(config.listen_address, config.port)
     except OSError as exc:
         code = lsb.EXIT_PRIVILEGE if isinstance(exc, PermissionError) else lsb.EXIT_FAILED
-        raise ServiceError(
-            f"cannot listen on {_where(config)}: {exc.strerror or exc}", code
+        raise StapServerError(
+            f"cannot listen on {control.listen_where(config)}: {exc.strerror or exc}", code
         ) from None
     return _Endpoint(identity, ssl_context, sock)
 
@@ -116,20 +130,28 @@ def _endpoint(config: ServerConfig) -> _Endpoint:
 def _build(
     config: ServerConfig, releases: tuple[str, ...], endpoint: _Endpoint, run_as: RunAs | None
 ) -> _Server:
-    """Everything else the server needs, checked before going to the background."""
+    """Everything else the server needs, checked before it serves."""
     tmp_root = config.state_dir / "tmp"
+    sandbox = None
+    if config.sandbox:
+        sandbox = find_sandbox(releases, [config.stap])
+        if sandbox is None:
+            raise StapServerError(
+                "cannot find bwrap, which sandboxes every compile; install bubblewrap "
+                "(or set SANDBOX=no to compile without a sandbox)",
+                lsb.EXIT_NOT_INSTALLED,
+            )
     try:
         compiler = Compiler(
             config.stap,
             tmp_root,
             Limits(config.compile_timeout, config.compile_memory),
             run_as,
+            sandbox,
         )
-        stap_version = compiler.version()
-    except CompilerSetupError as exc:
-        raise ServiceError(str(exc), lsb.EXIT_NOT_INSTALLED) from None
     except OSError as exc:
         raise path_error("prepare", tmp_root, exc) from None
+    stap_version = compiler.version()
     short = re.search(r"version ([^\s,)]+)", stap_version)
     info = ServerInfo(
         version=__version__,
@@ -143,7 +165,7 @@ def _build(
         cache = CompileCache(cache_dir, config.cache_size) if config.cache_size > 0 else None
     except OSError as exc:
         raise path_error("prepare", cache_dir, exc) from None
-    app = CompileService(
+    app = CompileApp(
         info,
         endpoint.identity,
         compiler,
@@ -152,88 +174,119 @@ def _build(
         stap_version,
         config.queue_timeout,
     )
-    httpd = StapHTTPServer(
-        endpoint.sock,
-        app,
-        endpoint.ssl_context,
-        config.io_timeout,
-        config.max_connections,
-        config.max_request_size,
+    limits = ConnectionLimits(
+        handshake_timeout=min(config.handshake_timeout, config.io_timeout),
+        io_timeout=config.io_timeout,
+        max_connections=config.max_connections,
+        per_client=config.max_connections_per_client,
+        max_request_size=config.max_request_size,
     )
+    httpd = StapHTTPServer(endpoint.sock, app, endpoint.ssl_context, limits)
     return _Server(httpd, compiler, info, endpoint.identity)
 
 
 def _set_up_as_root(
     config: ServerConfig, allow_root: bool, foreground: bool
-) -> tuple[_Endpoint, RunAs | None, bool]:
+) -> tuple[_Endpoint, RunAs | None]:
     """Directories, identity, port and (in the foreground) pid file; then drop root.
 
-    Returns the endpoint, whom stap is to run as when the server keeps root, and
-    whether the pid file was written.
+    Returns the endpoint and whom stap is to run as when the server keeps root.
     """
-    user = service.lookup_user(config.user)
+    user = lookup_user(config.user)
     if user.uid == 0:
         # Scripts must never be compiled as root, --allow-root or not.
-        raise ServiceError(
+        raise StapServerError(
             f"USER={config.user} is root; set USER to an unprivileged account such as stap-server",
             lsb.EXIT_NOT_CONFIGURED,
         )
-    service.prepare_paths(config, user, keep_root=allow_root)
+    prepare_paths(config, user, keep_root=allow_root)
     endpoint = _endpoint(config)
     if foreground:
         # Written as root: under systemd its directory (RuntimeDirectory=) is root's.
-        service.write_pid_file(config.pid_file, os.getpid())
+        write_pid_file(config.pid_file, os.getpid())
     if allow_root:
-        return endpoint, RunAs(user.uid, user.gid), foreground
-    service.drop_privileges(user)
-    return endpoint, None, foreground
+        return endpoint, RunAs(user.uid, user.gid)
+    drop_privileges(user)
+    return endpoint, None
 
 
 def start(config: ServerConfig, allow_root: bool, foreground: bool) -> int:
     """Start the server (in the background unless ``foreground``); the exit status."""
-    code, message = service.status(config)
+    code, message = control.status(config)
     if code == lsb.EXIT_OK:
         print(message)
         return lsb.EXIT_OK
     if code == lsb.STATUS_DEAD_WITH_PIDFILE:
-        service.stop(config)  # clears the stale pid file
+        control.stop(config)  # clears the stale pid file
     releases = _releases(config)
-    warning = None
+    if foreground:
+        return _run(config, allow_root, releases, Readiness(None), foreground=True)
+    return detach(
+        lambda readiness: _run(config, allow_root, releases, readiness, foreground=False),
+        config.pid_file,
+        lambda pid: f"stap-server (pid {pid}) started on {control.listen_url(config)}",
+    )
+
+
+def _run(
+    config: ServerConfig,
+    allow_root: bool,
+    releases: tuple[str, ...],
+    readiness: Readiness,
+    foreground: bool,
+) -> int:
+    """Set up, report readiness, serve until SIGTERM; the exit status."""
+    warnings = []
+    pid_written = False
     if os.geteuid() == 0:
-        endpoint, run_as, pid_written = _set_up_as_root(config, allow_root, foreground)
+        endpoint, run_as = _set_up_as_root(config, allow_root, foreground)
+        pid_written = foreground
     else:
-        warning = _unprivileged_warning(config)
-        endpoint, run_as, pid_written = _endpoint(config), None, False
+        warnings.append(_unprivileged_warning(config))
+        endpoint, run_as = _endpoint(config), None
+    if not config.sandbox:
+        warnings.append(NO_SANDBOX_WARNING)
     try:
         server = _build(config, releases, endpoint, run_as)
-        service.setup_logging(config.log_file)
+        setup_logging(config.log_file)
         if foreground and not pid_written:
-            service.write_pid_file(config.pid_file, os.getpid())
+            write_pid_file(config.pid_file, os.getpid())
+            pid_written = True
     except BaseException:
         endpoint.sock.close()
         if pid_written:
-            service.remove_pid_file(config.pid_file, os.getpid())
+            remove_pid_file(config.pid_file, os.getpid())
         raise
-    if warning is not None:
+    for warning in warnings:
         print(f"stap-server: {warning}", file=sys.stderr)
-    if not foreground:
-        service.check_pid_file_writable(config.pid_file)
-        child = service.daemonize(config.pid_file)
-        if child is not None:
-            print(f"stap-server (pid {child}) started on https://{_where(config)}")
-            return lsb.EXIT_OK
+    readiness.ready()
+    _log_start(config, server, warnings)
+
+    def shutdown() -> None:
+        server.httpd.shutdown()
+        server.httpd.server_close()
+        server.compiler.kill_all()
+        LOG.info("stopped")
+
+    clean = serve(server.httpd.serve_forever, shutdown)
+    remove_pid_file(config.pid_file, os.getpid())
+    return lsb.EXIT_OK if clean else lsb.EXIT_FAILED
+
+
+def _log_start(config: ServerConfig, server: _Server, warnings: list[str]) -> None:
     LOG.info(
         "started: stap-server %s, %s, listening on %s, releases %s, certificate %s, "
-        "%d compile workers, running as uid %d",
+        "%d compile workers, running as uid %d, compiles %s",
         __version__,
         server.info.stap_version,
-        _where(config),
+        control.listen_where(config),
         " ".join(server.info.releases),
         server.info.fingerprint,
         config.workers,
         os.getuid(),
+        "sandboxed" if server.compiler.sandbox is not None else "NOT sandboxed",
     )
-    if warning is not None:
+    for warning in warnings:
         LOG.warning(warning)
     if server.compiler.stale_removed:
         LOG.info(
@@ -247,18 +300,3 @@ def start(config: ServerConfig, allow_root: bool, foreground: bool) -> int:
             server.identity.cert_path,
             f"{not_valid_after(server.identity.cert):%Y-%m-%d}",
         )
-
-    def shutdown() -> None:
-        server.httpd.shutdown()
-        server.httpd.server_close()
-        server.compiler.kill_all()
-        LOG.info("stopped")
-
-    clean = service.serve(server.httpd.serve_forever, shutdown)
-    service.remove_pid_file(config.pid_file, os.getpid())
-    return lsb.EXIT_OK if clean else lsb.EXIT_FAILED
-
-
-def _where(config: ServerConfig) -> str:
-    host = config.listen_address
-    return f"[{host}]:{config.port}" if ":" in host else f"{host}:{config.port}"

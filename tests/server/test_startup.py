@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 
-from stapinit.server.daemon import installed_releases
+from stapinit.server.startup import installed_releases
 from tests.server.conftest import ServerFactory
 from tests.server.helpers import HOST, STAP_SERVER, Server, ensure_service_user
 
