@@ -38,6 +38,8 @@ class ServerConfig:
     releases: tuple[str, ...] = ()
     #: Compile in the bubblewrap sandbox (see :mod:`stapinit.server.sandbox`).
     sandbox: bool = True
+    #: More host paths compiles may read (programs to probe, say).
+    sandbox_paths: tuple[Path, ...] = ()
     max_request_size: int = 8 * 1024 * 1024
     #: Concurrent compiles; 0 means the number of CPUs.
     max_compiles: int = 0
@@ -85,6 +87,10 @@ def _word(text: str) -> str:
     return text
 
 
+def _paths(text: str) -> tuple[Path, ...]:
+    return tuple(_path(word) for word in text.split())
+
+
 def _releases(text: str) -> tuple[str, ...]:
     return tuple(values.release(word) for word in text.split())
 
@@ -100,6 +106,7 @@ _KEYS: Final[Mapping[str, tuple[str, Callable[[str], Any]]]] = {
     "STAP": ("stap", values.tool),
     "RELEASES": ("releases", _releases),
     "SANDBOX": ("sandbox", values.boolean),
+    "SANDBOX_PATHS": ("sandbox_paths", _paths),
     "MAX_REQUEST_SIZE": ("max_request_size", values.size),
     "MAX_COMPILES": ("max_compiles", _count(0, 4096)),
     "QUEUE_SIZE": ("queue_size", _count(0, 100000)),
@@ -138,7 +145,16 @@ def parse_config(text: str, filename: str) -> ServerConfig:
             raise ConfigFileError(
                 filename, assignment.line, f"{assignment.name}={assignment.value!r}: {exc}"
             ) from None
-    return ServerConfig(**settings)
+    config = ServerConfig(**settings)
+    for path in config.sandbox_paths:
+        for setting, private in (("STATE_DIR", config.state_dir), ("LOG_FILE", config.log_file)):
+            if path == private or path in private.parents or private in path.parents:
+                raise ConfigFileError(
+                    filename,
+                    0,
+                    f"SANDBOX_PATHS names {path}, which would show compiles {setting} {private}",
+                )
+    return config
 
 
 def load_config(path: Path | None) -> ServerConfig:

@@ -100,13 +100,14 @@ def sandbox_command(
         "--new-session",
         "--hostname",
         "stap-compile",
-        *mounts,
+        # The private trees first: a host path bound below /tmp stays visible.
         "--proc",
         "/proc",
         "--dev",
         "/dev",
         "--tmpfs",
         "/tmp",
+        *mounts,
         "--bind",
         workdir,
         INSIDE_WORKDIR,
@@ -127,13 +128,16 @@ def _entry(path: str) -> HostEntry | None:
     return HostEntry(path)
 
 
-def host_entries(releases: Sequence[str], executables: Sequence[str]) -> list[HostEntry]:
+def host_entries(
+    releases: Sequence[str], executables: Sequence[str], extra: Sequence[str] = ()
+) -> list[HostEntry]:
     """What of this host a compile for ``releases`` with ``executables`` sees.
 
     The system trees and ``/etc`` entries that exist; each release's
     ``/lib/modules/REL`` with the real locations of its ``build`` and ``source``
     links (they may lie outside ``/usr``) and its ``/boot`` files; the real
-    locations of ``executables`` (stap, which may be a wrapper elsewhere).
+    locations of ``executables`` (stap, which may be a wrapper elsewhere); the
+    ``extra`` paths the administrator added (``SANDBOX_PATHS``).
     """
     candidates = [*SYSTEM_TREES, *ETC_ENTRIES]
     for release in releases:
@@ -142,6 +146,7 @@ def host_entries(releases: Sequence[str], executables: Sequence[str]) -> list[Ho
         candidates += [os.path.realpath(f"{modules}/{link}") for link in ("build", "source")]
         candidates += [f"/boot/{name.format(release)}" for name in BOOT_FILES]
     candidates += [os.path.realpath(path) for path in executables]
+    candidates += extra
     entries = []
     for path in candidates:
         entry = _entry(path)
@@ -162,9 +167,11 @@ class Sandbox:
         return sandbox_command(self.bwrap, self.mounts, workdir, argv)
 
 
-def find_sandbox(releases: Sequence[str], executables: Sequence[str]) -> Sandbox | None:
-    """The sandbox for this host, or None when bwrap is not installed."""
+def find_sandbox(
+    releases: Sequence[str], executables: Sequence[str], extra: Sequence[str] = ()
+) -> Sandbox | None:
+    """The sandbox for this host (see :func:`host_entries`), or None without bwrap."""
     bwrap = shutil.which("bwrap")
     if bwrap is None:
         return None
-    return Sandbox(bwrap, tuple(mount_arguments(host_entries(releases, executables))))
+    return Sandbox(bwrap, tuple(mount_arguments(host_entries(releases, executables, extra))))

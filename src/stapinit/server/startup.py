@@ -134,7 +134,9 @@ def _build(
     tmp_root = config.state_dir / "tmp"
     sandbox = None
     if config.sandbox:
-        sandbox = find_sandbox(releases, [config.stap])
+        sandbox = find_sandbox(
+            releases, [config.stap], [str(path) for path in config.sandbox_paths]
+        )
         if sandbox is None:
             raise StapServerError(
                 "cannot find bwrap, which sandboxes every compile; install bubblewrap "
