@@ -220,6 +220,9 @@ class Handler(BaseHTTPRequestHandler):
         self.http_status = outcome.status
         self.log_fields.update(outcome.log)
         self.close_connection = True
+        # http.server answers what it takes for HTTP/0.9 with a bare body; this
+        # server speaks HTTP/1.1 only, so every answer gets its status line.
+        self.request_version = "HTTP/1.1"
         self.send_response(outcome.status)
         self.send_header("Content-Type", CONTENT_TYPE)
         self.send_header("Content-Length", str(len(outcome.body)))
