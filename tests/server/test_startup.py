@@ -15,9 +15,10 @@ from typing import Any
 
 import pytest
 
+from stapinit.protocol import decode_compile_response
 from stapinit.server.startup import installed_releases
 from tests.server.conftest import ServerFactory
-from tests.server.helpers import HOST, STAP_SERVER, Server, ensure_service_user
+from tests.server.helpers import HELLO, HOST, STAP_SERVER, Server, bpf_request, ensure_service_user
 
 UNIT = Path(__file__).resolve().parents[2] / "data" / "server" / "stap-server.service"
 
@@ -134,7 +135,8 @@ def test_start_as_root_with_only_the_unit_capabilities_on_a_low_port(
 ) -> None:
     """The unit's hardening still lets the server bind a port below 1024 and become USER.
 
-    The directories are as systemd and the install step leave them: the state
+    It compiles in its sandbox.  The directories are as systemd and the install
+    step leave them: the state
     directory root's (StateDirectory=, here with a cache turned over to root), the
     log directory the service user's (0750), the runtime directory root's.
     """
@@ -149,9 +151,22 @@ def test_start_as_root_with_only_the_unit_capabilities_on_a_low_port(
     server.pid_file.parent.mkdir(mode=0o755)
     caps = ["-all", *(f"+{cap.lower().removeprefix('cap_')}" for cap in _unit_capabilities())]
     setpriv = ["setpriv", "--no-new-privs", "--bounding-set=" + ",".join(caps)]
-    proc = _serve_in_foreground(server, setpriv)
+    # ProtectKernelTunables=: /proc/sys read-only (in a mount namespace of the test's own).
+    read_only_sysctl = [
+        "unshare",
+        "-m",
+        "sh",
+        "-c",
+        'mount --bind /proc/sys /proc/sys && mount -o remount,bind,ro /proc/sys && exec "$@"',
+        "sh",
+    ]
+    proc = _serve_in_foreground(server, [*read_only_sysctl, *setpriv])
     try:
         assert _uid_of(proc.pid) == user.pw_uid
+        # The compile sandbox works under the unit's restrictions.
+        reply = server.compile(bpf_request(f"# {time.time_ns()}\n" + HELLO))
+        assert reply.status == 200, reply.body
+        assert decode_compile_response(reply.body).status == 0
         assert f"listening on {HOST}:{port}," in server.log_text()
         assert server.key_path.stat().st_uid == 0
         cache = (server.state_dir / "cache").stat()
@@ -171,6 +186,9 @@ def test_systemd_unit_is_valid_and_starts_the_server_as_root(tmp_path: Path) -> 
     [caps] = [value.split() for name, _, value in settings if name == "CapabilityBoundingSet"]
     assert set(caps) == {"CAP_SETUID", "CAP_SETGID", "CAP_CHOWN", "CAP_NET_BIND_SERVICE"}
     assert "NoNewPrivileges=yes" in text
+    # The compile sandbox (bwrap --unshare-all) makes namespaces of these kinds.
+    [kinds] = [value.split() for name, _, value in settings if name == "RestrictNamespaces"]
+    assert {"user", "mnt", "pid", "ipc", "net", "uts"} <= set(kinds)
     assert " run\n" in text
     analyze = shutil.which("systemd-analyze")
     if analyze is None:

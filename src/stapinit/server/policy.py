@@ -226,7 +226,7 @@ def header_refusal(req: CompileRequest, parsed: ParsedOptions) -> str | None:
     for text in [*strings, *parsed.script_args]:
         if _HEADER_START.search(text):
             return (
-                "header files (@cast(..., \"<file>\") or \"kernel<file>\") are not allowed "
+                'header files (@cast(..., "<file>") or "kernel<file>") are not allowed '
                 f"under --privilege=stapusr; refused for the string {text[:80]!r} "
                 "('<' followed by a file name)"
             )

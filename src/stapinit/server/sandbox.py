@@ -94,8 +94,10 @@ def sandbox_command(
     return [
         bwrap,
         "--unshare-all",
-        "--unshare-user",  # explicit, so that --disable-userns applies even when run as root
-        "--disable-userns",
+        # Explicit: a user namespace even when run as root.  Not --disable-userns:
+        # it must write /proc/sys, which systemd's ProtectKernelTunables= makes
+        # read-only, and USER may make user namespaces outside the sandbox anyway.
+        "--unshare-user",
         "--die-with-parent",
         "--new-session",
         "--hostname",

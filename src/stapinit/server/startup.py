@@ -37,7 +37,7 @@ from stapinit.server.config import ServerConfig
 from stapinit.server.directories import prepare_paths
 from stapinit.server.errors import StapServerError, path_error
 from stapinit.server.httpd import ConnectionLimits, StapHTTPServer, listen, make_ssl_context
-from stapinit.server.identity import Identity, IdentityError, expires_soon, load_or_create
+from stapinit.server.identity import Identity, expires_soon, load_or_create
 from stapinit.server.logfile import LOG, setup_logging
 from stapinit.server.pidfile import remove_pid_file, write_pid_file
 from stapinit.server.sandbox import find_sandbox
@@ -110,8 +110,6 @@ def _endpoint(config: ServerConfig) -> _Endpoint:
     try:
         identity = load_or_create(config.cert_dir, config.cert_days)
         ssl_context = make_ssl_context(identity)
-    except IdentityError as exc:
-        raise StapServerError(str(exc), lsb.EXIT_NOT_CONFIGURED) from None
     except OSError as exc:
         raise StapServerError(
             f"cannot use the server identity in {config.cert_dir}: {exc.strerror or exc}",
