@@ -402,7 +402,10 @@ def decode_compile_response(data: bytes) -> CompileResponse:
     module = None
     if module_obj is not None:
         name = check_file_name(_get(module_obj, "name", str, "module"), "module file name")
-        module = Module(name, _b64decode(_get(module_obj, "data", str, "module"), "module data"))
+        text = _get(module_obj, "data", str, "module")
+        if len(text) > (MAX_MODULE_BYTES + 2) // 3 * 4:
+            raise ProtocolError(f"{what}: module larger than {MAX_MODULE_BYTES} bytes")
+        module = Module(name, _b64decode(text, "module data"))
     sig_text = _get(obj, "signature", (str, type(None)), what)
     status = _get(obj, "status", int, what)
     if not 0 <= status <= 255:

@@ -11,6 +11,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from stapinit.protocol import (
+    MAX_MODULE_BYTES,
     PRIVILEGES,
     CompileRequest,
     CompileResponse,
@@ -295,3 +296,10 @@ def test_server_info_names_releases_and_arch_safely() -> None:
     wire["releases"] = ["../../etc"]
     with pytest.raises(ProtocolError, match="invalid kernel release"):
         decode_server_info(json.dumps(wire).encode())
+
+
+def test_response_module_size_is_bounded_before_decoding() -> None:
+    wire = json.loads(encode_compile_response(CompileResponse(0, "", "", Module("a.ko", b"x"))))
+    wire["module"]["data"] = "A" * (MAX_MODULE_BYTES // 3 * 4 + 8)
+    with pytest.raises(ProtocolError, match="module larger than"):
+        decode_compile_response(json.dumps(wire).encode())

@@ -13,7 +13,7 @@ import stat
 from pathlib import Path
 
 from stapinit.core.fsutil import atomic_write
-from stapinit.core.process import command_line
+from stapinit.core.process import command_line, start_time
 from stapinit.server.errors import StapServerError, path_error
 
 #: A pid file holds a number and a newline; anything longer is not one.
@@ -72,12 +72,8 @@ def remove_pid_file(pid_file: Path, pid: int) -> None:
 
 def is_server(pid: int) -> bool:
     """Whether ``pid`` is a live stap-server process (not a recycled pid)."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
+    if start_time(pid) is None:  # gone, or a zombie
         return False
-    except PermissionError:
-        pass  # alive, owned by someone else
     argv = command_line(pid)
     # Guards against a recycled pid after a crash; zombies have no command line.
     return any("stap-server" in arg for arg in argv)
