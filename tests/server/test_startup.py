@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import random
 import shutil
@@ -16,7 +17,9 @@ from typing import Any
 import pytest
 
 from stapinit.protocol import decode_compile_response
-from stapinit.server.startup import installed_releases
+from stapinit.server.config import ServerConfig
+from stapinit.server.errors import StapServerError
+from stapinit.server.startup import check_sandbox_paths, installed_releases
 from tests.server.conftest import ServerFactory
 from tests.server.helpers import HELLO, HOST, STAP_SERVER, Server, bpf_request, ensure_service_user
 
@@ -207,3 +210,16 @@ def test_systemd_unit_is_valid_and_starts_the_server_as_root(tmp_path: Path) -> 
     )
     assert proc.returncode == 0, proc.stderr
     assert "stap-server.service" not in proc.stderr, proc.stderr
+
+
+def test_sandbox_paths_must_not_show_the_servers_state_or_log(tmp_path: Path) -> None:
+    state, logs = tmp_path / "var" / "state", tmp_path / "var" / "log"
+    state.mkdir(parents=True)
+    logs.mkdir()
+    (tmp_path / "link").symlink_to(tmp_path / "var")
+    base = ServerConfig(state_dir=state, log_file=logs / "stap-server.log")
+    check_sandbox_paths(dataclasses.replace(base, sandbox_paths=(tmp_path / "opt",)))
+    for shown in (tmp_path / "var", state / "cache", logs, tmp_path / "link"):
+        with pytest.raises(StapServerError, match="would show compiles") as err:
+            check_sandbox_paths(dataclasses.replace(base, sandbox_paths=(shown,)))
+        assert err.value.exit_code == 6

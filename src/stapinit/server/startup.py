@@ -125,6 +125,26 @@ def _endpoint(config: ServerConfig) -> _Endpoint:
     return _Endpoint(identity, ssl_context, sock)
 
 
+def check_sandbox_paths(config: ServerConfig) -> None:
+    """Refuse ``SANDBOX_PATHS`` that would show compiles the server's state or log.
+
+    Judged by real locations (symlinks resolved): a path that is, contains or lies
+    inside ``STATE_DIR`` or the directory of ``LOG_FILE``.
+    """
+    private = {
+        "STATE_DIR": Path(os.path.realpath(config.state_dir)),
+        "LOG_FILE": Path(os.path.realpath(config.log_file.parent)),
+    }
+    for path in config.sandbox_paths:
+        real = Path(os.path.realpath(path))
+        for setting, place in private.items():
+            if real == place or real in place.parents or place in real.parents:
+                raise StapServerError(
+                    f"SANDBOX_PATHS names {path}, which would show compiles {setting} ({place})",
+                    lsb.EXIT_NOT_CONFIGURED,
+                )
+
+
 def _build(
     config: ServerConfig, releases: tuple[str, ...], endpoint: _Endpoint, run_as: RunAs | None
 ) -> _Server:
@@ -132,6 +152,7 @@ def _build(
     tmp_root = config.state_dir / "tmp"
     sandbox = None
     if config.sandbox:
+        check_sandbox_paths(config)
         sandbox = find_sandbox(
             releases, [config.stap], [str(path) for path in config.sandbox_paths]
         )
