@@ -75,10 +75,11 @@ def check_pid_directory(pid_file: Path) -> None:
     while not directory.exists() and directory != directory.parent:
         directory = directory.parent
     if not os.access(directory, os.W_OK | os.X_OK):
+        uid = os.geteuid()
+        fix = "start the server as root, or " if uid else ""
         raise StapServerError(
-            f"cannot write pid file {pid_file}: {directory} is not writable by uid "
-            f"{os.geteuid()}; start the server as root, or set PID_FILE to a file in a "
-            "directory this user can write",
+            f"cannot write pid file {pid_file}: {directory} is not writable by uid {uid}; "
+            f"{fix}set PID_FILE to a file in a directory this user can write",
             EXIT_PRIVILEGE,
         )
 
