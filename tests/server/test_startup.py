@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import platform
 import random
 import shutil
 import signal
@@ -133,12 +134,36 @@ def _unit_capabilities() -> list[str]:
     return value.split()
 
 
+def _unit_families() -> str:
+    """The unit's RestrictAddressFamilies= as numbers, for ``restrict_af``."""
+    lines = [line for line in UNIT.read_text().splitlines() if not line.startswith("#")]
+    [value] = [
+        line.partition("=")[2] for line in lines if line.startswith("RestrictAddressFamilies=")
+    ]
+    return ",".join(str(int(socket.AddressFamily[name])) for name in value.split())
+
+
+@pytest.fixture(scope="module")
+def restrict_af(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A program that runs a command under the unit's address-family restriction."""
+    gcc = shutil.which("gcc")
+    if gcc is None or platform.machine() != "x86_64":
+        pytest.skip("needs gcc on x86-64")
+    program = tmp_path_factory.mktemp("restrict-af") / "restrict_af"
+    source = Path(__file__).with_name("restrict_af.c")
+    subprocess.run([gcc, "-O2", "-o", str(program), str(source)], check=True, timeout=60)
+    program.chmod(0o755)
+    program.parent.chmod(0o755)
+    return program
+
+
 def test_start_as_root_with_only_the_unit_capabilities_on_a_low_port(
-    server_factory: ServerFactory,
+    server_factory: ServerFactory, restrict_af: Path
 ) -> None:
     """The unit's hardening still lets the server bind a port below 1024 and become USER.
 
-    It compiles in its sandbox.  The directories are as systemd and the install
+    It compiles in its sandbox under the unit's RestrictAddressFamilies= and
+    ProtectKernelTunables=.  The directories are as systemd and the install
     step leave them: the state
     directory root's (StateDirectory=, here with a cache turned over to root), the
     log directory the service user's (0750), the runtime directory root's.
@@ -163,7 +188,9 @@ def test_start_as_root_with_only_the_unit_capabilities_on_a_low_port(
         'mount --bind /proc/sys /proc/sys && mount -o remount,bind,ro /proc/sys && exec "$@"',
         "sh",
     ]
-    proc = _serve_in_foreground(server, [*read_only_sysctl, *setpriv])
+    proc = _serve_in_foreground(
+        server, [*read_only_sysctl, *setpriv, str(restrict_af), _unit_families()]
+    )
     try:
         assert _uid_of(proc.pid) == user.pw_uid
         # The compile sandbox works under the unit's restrictions.
