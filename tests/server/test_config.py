@@ -89,3 +89,19 @@ def test_bad_values_name_file_and_line(text: str, message: str) -> None:
 def test_unreadable_file(tmp_path: Path) -> None:
     with pytest.raises(ConfigFileError, match="cannot read config file"):
         load_config(tmp_path / "missing.conf")
+
+
+@pytest.mark.parametrize(
+    ("name", "reason"),
+    [("fifo", "not a regular file"), ("dev", "not a regular file"), ("big", "larger than")],
+)
+def test_only_a_small_regular_file_is_read(tmp_path: Path, name: str, reason: str) -> None:
+    path = tmp_path / name
+    if name == "fifo":
+        os.mkfifo(path)  # nobody writes: reading it would block for ever
+    elif name == "dev":
+        path = Path("/dev/zero")  # would never end
+    else:
+        path.write_text("# x\n" * 300_000)
+    with pytest.raises(ConfigFileError, match=f"cannot read config file: {reason}"):
+        load_config(path)

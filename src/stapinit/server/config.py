@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ipaddress
 import os
+import stat
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -148,14 +149,31 @@ def parse_config(text: str, filename: str) -> ServerConfig:
     return ServerConfig(**settings)
 
 
+#: A configuration file is a few kilobytes; anything much larger is not one.
+MAX_CONFIG_BYTES: Final = 1 << 20
+
+
 def load_config(path: Path | None) -> ServerConfig:
-    """Read the config file; the default file may be absent (then defaults apply)."""
+    """Read the config file; the default file may be absent (then defaults apply).
+
+    Only a regular file of at most :data:`MAX_CONFIG_BYTES` is read (never a FIFO
+    or a device, which could block or never end); raises ConfigFileError.
+    """
     if path is None:
         if not DEFAULT_CONFIG.exists():
             return ServerConfig()
         path = DEFAULT_CONFIG
     try:
-        text = path.read_text(encoding="utf-8")
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+        with os.fdopen(fd, "rb") as handle:
+            if not stat.S_ISREG(os.fstat(handle.fileno()).st_mode):
+                raise ConfigFileError(str(path), 0, "cannot read config file: not a regular file")
+            data = handle.read(MAX_CONFIG_BYTES + 1)
+        if len(data) > MAX_CONFIG_BYTES:
+            raise ConfigFileError(
+                str(path), 0, f"cannot read config file: larger than {MAX_CONFIG_BYTES} bytes"
+            )
+        text = data.decode("utf-8")
     except (OSError, UnicodeDecodeError) as exc:
         reason = exc.strerror if isinstance(exc, OSError) else "not UTF-8 text"
         raise ConfigFileError(str(path), 0, f"cannot read config file: {reason}") from None
