@@ -27,7 +27,9 @@ SIGNED = Manifest(
     module_name="hello.bo",
     release=HOST.release,
     arch=HOST.arch,
+    runtime="bpf",
     privilege="stapusr",
+    options=(),
     signer_fingerprint="SHA256:" + "11" * 32,
     signed_at="2025-01-01T00:00:00Z",
 )
