@@ -1,5 +1,7 @@
 """Talking to a stap-server over TLS, pinned to the certificates the user trusts.
 
+Used by ``stap-client`` and by systemtap-service's ``COMPILE_SERVER``.
+
 Server certificates are self-signed, so neither a CA nor the host name says
 anything.  Instead the TLS handshake proves the server holds the key of the
 certificate it shows, and that certificate's fingerprint must be in a trust
@@ -16,7 +18,6 @@ from typing import Final
 
 from cryptography import x509
 
-from stapinit.client.options import ServerAddress
 from stapinit.protocol import (
     COMPILE_PATH,
     CONTENT_TYPE,
@@ -28,6 +29,7 @@ from stapinit.protocol import (
     decode_error,
     encode_compile_request,
 )
+from stapinit.trust.address import ServerAddress
 from stapinit.trust.certs import fingerprint as cert_fingerprint
 
 CONNECT_TIMEOUT: Final = 10.0
