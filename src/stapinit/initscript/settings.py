@@ -11,9 +11,12 @@ import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from types import MappingProxyType
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
 from stapinit.core.bashvars import Assignment, ConfigError, parse_assignments
+
+if TYPE_CHECKING:
+    from stapinit.trust.address import ServerAddress
 
 DEFAULT_CONFIG_FILE = Path("/etc/systemtap/config")
 
@@ -40,6 +43,8 @@ DEFAULTS: Mapping[str, str] = {
     "MODULES_LIST": "/proc/modules",
     "LOCK_TIMEOUT": "30",
     "STOP_TIMEOUT": "10",
+    "COMPILE_SERVER": "",
+    "REQUIRE_SIGNED": "no",
 }
 _PATH_KEYS = ("SCRIPT_PATH", "CONFIG_PATH", "CACHE_PATH", "TEMP_PATH", "STAT_PATH", "LOG_FILE")
 
@@ -68,6 +73,10 @@ class Settings(NamedTuple):
     # where they were set so that errors can point there.
     script_vars: Mapping[str, Assignment] = MappingProxyType({})
     files_read: tuple[Path, ...] = ()
+    # Compile through these stap-servers instead of a local stap (issue 14).
+    compile_servers: tuple[ServerAddress, ...] = ()
+    # Load only caches whose signature verifies against the trusted signers.
+    require_signed: bool = False
 
     def script_var(self, script: str, suffix: str) -> Assignment | None:
         """The ``<script>_<suffix>`` assignment, if any file made one."""
@@ -117,6 +126,19 @@ def settings_from_assignments(
             raise ConfigError(*where(key), f"{key}={value!r} is not a positive number")
         return number
 
+    def servers(key: str) -> tuple[ServerAddress, ...]:
+        words = raw(key).split()
+        if not words:
+            return ()
+        # Imported only when used: most hosts compile locally.
+        from stapinit.protocol import DEFAULT_PORT
+        from stapinit.trust.address import AddressError, parse_address
+
+        try:
+            return tuple(parse_address(word, DEFAULT_PORT) for word in words)
+        except AddressError as error:
+            raise ConfigError(*where(key), f"{key}: {error}") from None
+
     paths = {key: path(key) for key in _PATH_KEYS}
     script_vars = {
         name: assignment
@@ -143,6 +165,8 @@ def settings_from_assignments(
         stop_timeout=seconds("STOP_TIMEOUT"),
         script_vars=script_vars,
         files_read=tuple(files_read),
+        compile_servers=servers("COMPILE_SERVER"),
+        require_signed=boolean("REQUIRE_SIGNED"),
     )
 
 
