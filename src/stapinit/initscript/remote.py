@@ -23,15 +23,17 @@ from __future__ import annotations
 import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Final, NamedTuple
+from typing import TYPE_CHECKING, Final, NamedTuple
 
 from stapinit.initscript import cache
 from stapinit.initscript.cache import KernelIdentity
 from stapinit.initscript.compiler import CompileResult, failure_line, wanted_record
 from stapinit.initscript.options import OptionError, parse_options
 from stapinit.initscript.scripts import Script
-from stapinit.protocol import CompileRequest, CompileResponse, Privilege, Tapset
-from stapinit.trust.address import ServerAddress
+
+if TYPE_CHECKING:  # the protocol is loaded only to compile: verify.py needs none of it
+    from stapinit.protocol import CompileRequest, CompileResponse, Privilege, Tapset
+    from stapinit.trust.address import ServerAddress
 
 #: Compiles sent at once: the servers queue and limit their own work.
 MAX_PARALLEL: Final = 4
@@ -93,6 +95,8 @@ def build_request(
     script: Script, text: str, tapsets: tuple[Tapset, ...], kernel: KernelIdentity
 ) -> CompileRequest:
     """The compile request for ``script`` whose source is ``text`` (pure)."""
+    from stapinit.protocol import CompileRequest
+
     assert script.source is not None
     split = server_options(script)
     return CompileRequest(
@@ -114,6 +118,8 @@ def read_tapsets(directories: Sequence[str]) -> tuple[Tapset, ...]:
     Raises RemoteError for an unreadable directory or file, a file in two
     directories with different text, or more than the bounds allow.
     """
+    from stapinit.protocol import Tapset
+
     found: dict[str, Tapset] = {}
     total = 0
     for name in directories:
