@@ -8,6 +8,7 @@ real stapbpf (with the test-only memlock shim).
 from __future__ import annotations
 
 import datetime as dt
+import io
 import json
 import os
 import shutil
@@ -18,6 +19,11 @@ from pathlib import Path
 
 import pytest
 
+from stapinit.initscript import cache, kernels
+from stapinit.initscript.cache import CacheRecord, KernelIdentity
+from stapinit.initscript.commands import CommandError, Request, Service
+from stapinit.initscript.log import Log
+from stapinit.initscript.settings import load_settings
 from stapinit.trust.certs import generate_identity, load_certificate
 from stapinit.trust.signing import sign_module
 from stapinit.trust.stores import StorePaths, signer_store, system_server_store
@@ -299,3 +305,62 @@ def test_an_expired_signer_no_longer_vouches(production: Production, tmp_path: P
     refused = prefix.run("start")
     assert refused.returncode == 1
     assert "signature refused: the signer's certificate has expired" in refused.stderr
+
+
+# --- kernel hooks -------------------------------------------------------------------
+
+
+def service_for(prefix: Prefix, monkeypatch: pytest.MonkeyPatch) -> tuple[Service, io.StringIO]:
+    """The service as the command builds it, in this process (to point it at a modules dir)."""
+    for key, value in prefix.env.items():
+        monkeypatch.setenv(key, value)
+    log = Log(prefix.log_file, io.StringIO())
+    log.open()
+    out = io.StringIO()
+    return Service(load_settings(prefix.config), log, lambda _question: True, out), out
+
+
+def test_a_new_kernel_without_build_tree_gets_its_caches_from_the_server(
+    production: Production, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    production.add_ticker("tick")
+    modules = tmp_path / "modules"
+    (modules / RELEASE / "kernel").mkdir(parents=True)  # installed: modules, no headers
+    service, _out = service_for(production.prefix, monkeypatch)
+    assert kernels.compile_all_kernels(service, Request(), modules) == 0
+    assert production.cache_file("tick.bo.sgn").is_file()
+    assert production.prefix.status_json()["tick"]["cache"] == "valid"
+
+    # The kernel is removed: the postrm hook's cleanup takes every cache file.
+    removed = production.prefix.run("cleanup", "-r", RELEASE, "-y")
+    assert removed.returncode == 0, removed.stderr
+    assert list(production.prefix.cache_dir().iterdir()) == []
+
+
+def test_a_kernel_nothing_can_compile_for_is_reported_loudly(
+    production: Production, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    production.add_ticker("tick")
+    production.prefix.write_config(COMPILE_SERVER="", REQUIRE_SIGNED="no")
+    modules = tmp_path / "modules"
+    (modules / "0.0.0-nobuild" / "kernel").mkdir(parents=True)
+    service, _out = service_for(production.prefix, monkeypatch)
+    with pytest.raises(CommandError, match="has a build tree"):
+        kernels.compile_all_kernels(service, Request(), modules)
+    warning = (
+        "kernel 0.0.0-nobuild has no build tree and COMPILE_SERVER is not set: the boot "
+        "scripts tick will not start on 0.0.0-nobuild"
+    )
+    assert warning in production.prefix.log()
+
+    # Caches brought by other means (unpack) are enough: no warning then.
+    module = tmp_path / "tick.bo"
+    module.write_bytes(b"\x7fELF")
+    record = CacheRecord(KernelIdentity("0.0.0-nobuild", "", ARCH), "bpf", ())
+    directory = production.prefix.cache_dir("0.0.0-nobuild")
+    cache.install(directory, "tick", ".bo", module, record)
+    production.prefix.log_file.unlink()
+    service, _out = service_for(production.prefix, monkeypatch)
+    with pytest.raises(CommandError, match="has a build tree"):
+        kernels.compile_all_kernels(service, Request(), modules)
+    assert "will not start" not in production.prefix.log()

@@ -205,4 +205,22 @@ def load_settings(
         assignments += more
         known.update((a.name, a.value) for a in more)
         files_read.append(conf)
-    return settings_from_assignments(assignments, files_read)
+    settings = settings_from_assignments(assignments, files_read)
+    if settings.require_signed or settings.compile_servers:
+        _need_cryptography(assignments)
+    return settings
+
+
+def _need_cryptography(assignments: Sequence[Assignment]) -> None:
+    """COMPILE_SERVER and REQUIRE_SIGNED need the ``cryptography`` package: say so, once.
+
+    Without it they would fail with a traceback, at boot; raises ConfigError.
+    """
+    import importlib.util
+
+    if importlib.util.find_spec("cryptography") is not None:
+        return
+    last = [a for a in assignments if a.name in ("COMPILE_SERVER", "REQUIRE_SIGNED")][-1]
+    raise ConfigError(
+        last.filename, last.line, f"{last.name} needs the python3-cryptography package"
+    )
