@@ -108,6 +108,31 @@ def run(config: Path, root: Path, *args: str, require_signed: bool = False) -> t
     return elapsed, _children_cpu() - cpu
 
 
+def import_cost(repeat: int) -> tuple[float, float]:
+    """Median wall and CPU seconds that importing the crypto library adds to an interpreter.
+
+    The part of the added cost that lies outside this project: what verifying
+    anything with ``cryptography`` costs before the first byte is read.
+    """
+    wall: dict[bool, list[float]] = {False: [], True: []}
+    cpu: dict[bool, list[float]] = {False: [], True: []}
+    code = {
+        False: "pass",
+        True: "import cryptography.x509, cryptography.hazmat.primitives.asymmetric.ec",
+    }
+    for _ in range(repeat):
+        for crypto in (False, True):
+            used = _children_cpu()
+            began = time.perf_counter()
+            subprocess.run([sys.executable, "-c", code[crypto]], check=True)
+            wall[crypto].append(time.perf_counter() - began)
+            cpu[crypto].append(_children_cpu() - used)
+    return (
+        statistics.median(wall[True]) - statistics.median(wall[False]),
+        statistics.median(cpu[True]) - statistics.median(cpu[False]),
+    )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--count", type=int, default=20)
@@ -138,6 +163,9 @@ def main() -> None:
         print(f"  {label:20} " + " ".join(f"{f * 1000:8.1f}" for f in figures))
     added = [statistics.median(d[True]) - statistics.median(d[False]) for d in (wall, cpu)]
     print(f"  {'added:':20} " + " ".join(f"{f * 1000:+8.1f}" for f in added))
+    floor = import_cost(args.repeat)
+    print(f"  {'of which importing':20} " + " ".join(f"{f * 1000:+8.1f}" for f in floor))
+    print("  cryptography.x509 and .ec alone")
 
 
 if __name__ == "__main__":
