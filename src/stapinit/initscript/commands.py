@@ -165,6 +165,7 @@ class Service:
                 kernel,
                 directory,
                 self.settings.temp_path,
+                self.settings.compile_timeout,
                 self.log.warning,
             )
         else:

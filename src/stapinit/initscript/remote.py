@@ -160,18 +160,20 @@ def check_response(script: Script, response: CompileResponse) -> tuple[bytes, by
 
 
 def ask_servers(
-    servers: Sequence[ServerAddress], trusted: set[str], req: CompileRequest
+    servers: Sequence[ServerAddress], trusted: set[str], req: CompileRequest, timeout: float
 ) -> tuple[ServerAddress, CompileResponse]:
     """The first answer of a trusted server, in order; raises RemoteError naming why none did.
 
-    ``trusted`` are the fingerprints of the trusted servers' certificates.
+    ``trusted`` are the fingerprints of the trusted servers' certificates;
+    ``timeout`` bounds each wait for a server's answer (seconds).
     """
     from stapinit.trust.connection import ServerError, compile_remote, connect_pinned
 
     errors: list[str] = []
     for address in servers:
         try:
-            return address, compile_remote(connect_pinned(address, trusted), address, req)
+            conn = connect_pinned(address, trusted, timeout)
+            return address, compile_remote(conn, address, req)
         except ServerError as error:
             errors.append(" ".join(str(error).split()))
     raise RemoteError("; ".join(errors))
@@ -184,6 +186,7 @@ def compile_one(
     kernel: KernelIdentity,
     cache_dir: Path,
     temp_path: Path,
+    timeout: float,
 ) -> CompileResult:
     """Compile one script through ``servers`` and install it into ``cache_dir``."""
     if script.source is None:
@@ -196,7 +199,7 @@ def compile_one(
     except RemoteError as error:
         return CompileResult(script.name, False, str(error))
     try:
-        address, response = ask_servers(servers, trusted, req)
+        address, response = ask_servers(servers, trusted, req, timeout)
     except RemoteError as error:
         return CompileResult(script.name, False, str(error))
     output = f"compiled by stap-server {address}\n{response.stdout}{response.stderr}"
@@ -242,9 +245,12 @@ def compile_many(
     kernel: KernelIdentity,
     cache_dir: Path,
     temp_path: Path,
+    timeout: float,
     warn: Warn,
 ) -> list[CompileResult]:
     """Compile ``scripts`` through ``servers``, a few at once; results in input order.
+
+    ``timeout`` (``COMPILE_TIMEOUT``) bounds each wait for a server's answer.
 
     The trusted servers are those of the system-wide client store and of the
     calling user's own (spec §6.2.1); ``warn`` hears about stores that are
@@ -260,6 +266,7 @@ def compile_many(
     with ThreadPoolExecutor(max_workers=min(len(scripts), MAX_PARALLEL)) as pool:
         return list(
             pool.map(
-                lambda s: compile_one(servers, trusted, s, kernel, cache_dir, temp_path), scripts
+                lambda s: compile_one(servers, trusted, s, kernel, cache_dir, temp_path, timeout),
+                scripts,
             )
         )

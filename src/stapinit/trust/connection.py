@@ -64,9 +64,12 @@ def _tls_context() -> ssl.SSLContext:
     return ctx
 
 
-def connect_pinned(address: ServerAddress, trusted: Collection[str]) -> http.client.HTTPSConnection:
+def connect_pinned(
+    address: ServerAddress, trusted: Collection[str], timeout: float = COMPILE_TIMEOUT
+) -> http.client.HTTPSConnection:
     """An HTTPS connection to ``address`` whose certificate is one of ``trusted``.
 
+    ``timeout`` bounds, in seconds, each wait for the server once connected.
     Raises ServerUntrustedError (nothing has been sent) or ServerError.
     """
     conn = http.client.HTTPSConnection(
@@ -90,7 +93,7 @@ def connect_pinned(address: ServerAddress, trusted: Collection[str]) -> http.cli
     if fingerprint not in trusted:
         conn.close()
         raise ServerUntrustedError(address, fingerprint)
-    sock.settimeout(COMPILE_TIMEOUT)
+    sock.settimeout(timeout)
     return conn
 
 
