@@ -5,6 +5,8 @@ from __future__ import annotations
 import datetime as dt
 import os
 import socket
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +30,7 @@ from stapinit.initscript.verify import Expected, check, expected_manifest, read_
 from stapinit.protocol import DEFAULT_PORT, CompileResponse, Module
 from stapinit.trust.address import ServerAddress
 from stapinit.trust.signing import sign_module
+from tests.support.prefix import Prefix
 from tests.trust.signers import make_signer
 
 KERNEL = KernelIdentity("6.1.0-test", "#1 SMP", "x86_64")
@@ -251,3 +254,33 @@ def test_installing_a_cache_keeps_a_signature_only_beside_its_own_module(tmp_pat
         "tick.bo.sgn",
         "tick.opts",
     ]
+
+
+# --- the boot path ------------------------------------------------------------------
+
+LOADED = """
+import sys
+from stapinit.initscript.cli import main
+code = main(sys.argv[1:])
+print(sorted({m.split('.')[0] for m in sys.modules} & {'cryptography', 'ssl'}), code)
+"""
+
+
+def test_crypto_and_tls_are_loaded_only_when_the_settings_ask(kmod_prefix: Prefix) -> None:
+    kmod_prefix.add_script("tick", "probe begin {}\n")
+    assert kmod_prefix.run("compile", "-y").returncode == 0
+
+    def loaded(**settings: str) -> str:
+        kmod_prefix.write_config(**settings)
+        done = subprocess.run(
+            [sys.executable, "-c", LOADED, "status", "-c", str(kmod_prefix.config)],
+            capture_output=True,
+            text=True,
+            env={**os.environ, **kmod_prefix.env},
+        )
+        return done.stdout.splitlines()[-1]
+
+    assert loaded() == "[] 3"
+    assert loaded(REQUIRE_SIGNED="yes") == "['cryptography'] 3"
+    # A compile server is only contacted to compile: status loads neither.
+    assert loaded(REQUIRE_SIGNED="no", COMPILE_SERVER="127.0.0.1:1") == "[] 3"
