@@ -21,7 +21,7 @@ import pytest
 
 from stapinit.initscript import cache, kernels
 from stapinit.initscript.cache import CacheRecord, KernelIdentity
-from stapinit.initscript.commands import CommandError, Request, Service
+from stapinit.initscript.commands import CommandError, Initscript, Request
 from stapinit.initscript.log import Log
 from stapinit.initscript.settings import load_settings
 from stapinit.trust.certs import generate_identity, load_certificate
@@ -310,14 +310,13 @@ def test_an_expired_signer_no_longer_vouches(production: Production, tmp_path: P
 # --- kernel hooks -------------------------------------------------------------------
 
 
-def service_for(prefix: Prefix, monkeypatch: pytest.MonkeyPatch) -> tuple[Service, io.StringIO]:
+def service_for(prefix: Prefix, monkeypatch: pytest.MonkeyPatch) -> Initscript:
     """The service as the command builds it, in this process (to point it at a modules dir)."""
     for key, value in prefix.env.items():
         monkeypatch.setenv(key, value)
-    log = Log(prefix.log_file, io.StringIO())
+    log = Log(prefix.log_file, io.StringIO(), io.StringIO())
     log.open()
-    out = io.StringIO()
-    return Service(load_settings(prefix.config), log, lambda _question: True, out), out
+    return Initscript(load_settings(prefix.config), log, lambda _question: True)
 
 
 def test_a_new_kernel_without_build_tree_gets_its_caches_from_the_server(
@@ -326,7 +325,7 @@ def test_a_new_kernel_without_build_tree_gets_its_caches_from_the_server(
     production.add_ticker("tick")
     modules = tmp_path / "modules"
     (modules / RELEASE / "kernel").mkdir(parents=True)  # installed: modules, no headers
-    service, _out = service_for(production.prefix, monkeypatch)
+    service = service_for(production.prefix, monkeypatch)
     assert kernels.compile_all_kernels(service, Request(), modules) == 0
     assert production.cache_file("tick.bo.sgn").is_file()
     assert production.prefix.status_json()["tick"]["cache"] == "valid"
@@ -344,7 +343,7 @@ def test_a_kernel_nothing_can_compile_for_is_reported_loudly(
     production.prefix.write_config(COMPILE_SERVER="", REQUIRE_SIGNED="no")
     modules = tmp_path / "modules"
     (modules / "0.0.0-nobuild" / "kernel").mkdir(parents=True)
-    service, _out = service_for(production.prefix, monkeypatch)
+    service = service_for(production.prefix, monkeypatch)
     with pytest.raises(CommandError, match="has a build tree"):
         kernels.compile_all_kernels(service, Request(), modules)
     warning = (
@@ -360,7 +359,7 @@ def test_a_kernel_nothing_can_compile_for_is_reported_loudly(
     directory = production.prefix.cache_dir("0.0.0-nobuild")
     cache.install(directory, "tick", ".bo", module, record)
     production.prefix.log_file.unlink()
-    service, _out = service_for(production.prefix, monkeypatch)
+    service = service_for(production.prefix, monkeypatch)
     with pytest.raises(CommandError, match="has a build tree"):
         kernels.compile_all_kernels(service, Request(), modules)
     assert "will not start" not in production.prefix.log()

@@ -13,6 +13,7 @@ from typing import Any
 import pytest
 
 from stapinit.core.bashvars import Assignment, ConfigError
+from stapinit.core.runtime import RuntimeKind
 from stapinit.initscript import cache
 from stapinit.initscript.cache import KernelIdentity
 from stapinit.initscript.options import parse_options, split_options
@@ -41,7 +42,7 @@ MODULE = b"\x7fELF a module"
 
 def script(options: str = "--runtime=bpf", name: str = "tick") -> Script:
     parsed = tuple(parse_options(split_options(options)))
-    runtime = "bpf" if "bpf" in options else "kmod"
+    runtime: RuntimeKind = "bpf" if "bpf" in options else "kmod"
     return Script(name, Path(f"/etc/systemtap/script.d/{name}.stp"), parsed, (), runtime)
 
 
