@@ -36,7 +36,10 @@ while [ $# -gt 0 ]; do [ "$1" = -m ] && name=$2; shift; done
 : > "$name.ko"; echo "$name.ko"
 """
 FAKE_STAPRUN = """#!/bin/sh
-# staprun -L MODULE.ko | staprun -d NAME, against the list in $MODULES
+# staprun -L MODULE.ko | staprun -d NAME, against the list in $MODULES; several
+# run at once (START_JOBS), so each holds a lock while it changes the list.
+exec 9>>"$MODULES.lock"
+flock 9
 case "$1" in
 -L) name=$(basename "$2" .ko); echo "$name 1 0 - Live 0x0" >> "$MODULES" ;;
 -d) grep -v "^$2 " "$MODULES" > "$MODULES.new"; mv "$MODULES.new" "$MODULES" ;;
