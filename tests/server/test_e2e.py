@@ -181,7 +181,12 @@ def test_bpf_module_is_byte_identical_to_local_stap(shared_server: Server, tmp_p
     assert resp.status == 0, resp.stderr
     assert resp.module is not None
     assert resp.module.name == "hello.bo"
-    assert resp.signature is None  # not asked for --unprivileged: not signed
+    # Every module is signed, for the privilege, options and runtime it was compiled for.
+    assert resp.signature is not None
+    manifest = verify_module(
+        resp.signature, resp.module.data, [load_certificate(shared_server.cert_path)]
+    )
+    assert (manifest.privilege, manifest.runtime, manifest.options) == ("stapdev", "bpf", ())
 
     (tmp_path / "hello.stp").write_text(script)
     subprocess.run(
@@ -302,11 +307,15 @@ def test_unprivileged_bpf_process_probe_is_not_signed(shared_server: Server, vic
     again = _compiled(shared_server, script_text=script, privilege="stapusr")
     assert (again.status, again.module, again.cached) == (1, None, False)
 
-    # The same probe for stapdev (root-equivalent anyway) compiles, unsigned as ever;
-    # and an unprivileged module without process probes is still signed.
+    # The same probe for stapdev (root-equivalent anyway) compiles, signed for stapdev
+    # only; and an unprivileged module without process probes is still signed.
     for_stapdev = _compiled(shared_server, script_text=script)
     assert for_stapdev.status == 0, for_stapdev.stderr
-    assert for_stapdev.module is not None and for_stapdev.signature is None
+    assert for_stapdev.module is not None and for_stapdev.signature is not None
+    cert = load_certificate(shared_server.cert_path)
+    assert verify_module(for_stapdev.signature, for_stapdev.module.data, [cert]).privilege == (
+        "stapdev"
+    )
     hello = _compiled(shared_server, script_text=_unique("still-signed"), privilege="stapusr")
     assert hello.status == 0, hello.stderr
     assert hello.module is not None and hello.signature is not None

@@ -175,6 +175,10 @@ class Initscript:
             state = cache.inspect(directory, script.name, script.module_suffix)
             source_mtime = _mtime(script.source) if script.source else None
             reason = cache.staleness(state, wanted_record(script, kernel), source_mtime)
+            if reason is None and self.settings.require_signed:
+                from stapinit.initscript.verify import signature_problem
+
+                reason = signature_problem(script, kernel, directory, self.log.warning)
             if reason is not None:
                 stale[script.name] = reason
         return stale
@@ -190,9 +194,22 @@ class Initscript:
             ) from None
         for script in scripts:
             self.log.info(f"Compiling {script.name} for {kernel.release}")
-        results = compile_many(
-            self.settings.stap, scripts, kernel, directory, self.settings.temp_path
-        )
+        if self.settings.compile_servers:
+            from stapinit.initscript import remote
+
+            results = remote.compile_many(
+                self.settings.compile_servers,
+                scripts,
+                kernel,
+                directory,
+                self.settings.temp_path,
+                self.settings.compile_timeout,
+                self.log.warning,
+            )
+        else:
+            results = compile_many(
+                self.settings.stap, scripts, kernel, directory, self.settings.temp_path
+            )
         self.check_interrupted()
         for result in results:
             if result.argv:
@@ -306,13 +323,20 @@ class Initscript:
             else:
                 to_start.append(name)
         stale = self.stale_scripts([scripts[n] for n in to_start], kernel, directory)
+        for name, why in stale.items():
+            self.log.info(f"The cache of {name} cannot be used: {why}")
         if stale and self.settings.autocompile:
             for result in self._compile([scripts[n] for n in stale], kernel, directory):
                 if not result.ok:
                     failed[result.name] = f"compile failed: {result.summary}"
+            if self.settings.require_signed:  # what was just compiled must verify too
+                compiled = [scripts[n] for n in stale if n not in failed]
+                for name, why in self.stale_scripts(compiled, kernel, directory).items():
+                    failed[name] = f"refused: {why}"
+                    self.log.error(f"{name} {failed[name]}")
         elif stale:
-            for name in stale:
-                failed[name] = f"no valid cache for {name}"
+            for name, why in stale.items():
+                failed[name] = f"no valid cache for {name}: {why}"
                 self.log.error(failed[name])
         requires = requirements_map(scripts)
         for level in deps.levels(to_start, requires):

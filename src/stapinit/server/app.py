@@ -37,8 +37,11 @@ from stapinit.trust.signing import sign_module
 
 #: Seconds a client is told to wait after a 503.
 RETRY_AFTER: Final = 5
-#: Why an unprivileged BPF module with a process probe is not signed: stapbpf has no
-#: per-user filter for uprobes, so it would let its loader probe everyone's processes.
+#: Why an unprivileged BPF module with a process probe is refused (neither returned
+#: nor signed): stapbpf has no per-user filter for uprobes, so a signature for
+#: ``stapusr`` would let any member of stapusr probe everyone's processes.  The same
+#: module compiled for stapdev is signed for ``stapdev``, which only root and stapdev
+#: members may load anyway.
 USER_SPACE_REFUSAL: Final = (
     "user-space probes (process.*) are not allowed in unprivileged BPF modules: "
     "stapbpf cannot limit them to the caller's processes"
@@ -294,7 +297,10 @@ class CompileApp:
                 message, log["refused"] = refusal
                 stderr = f"{result.stderr}stap-server: {message}\n"
                 result = dataclasses.replace(result, status=1, stderr=stderr, module=None)
-        if result.module is not None and req.privilege == "stapusr":
+        if result.module is not None:
+            # Every module is signed, for the privilege it was compiled for: the
+            # loader lets a caller run only what was signed for their level or
+            # below, and hosts with REQUIRE_SIGNED=yes load nothing unsigned.
             signature = sign_module(
                 self.identity.key,
                 self.identity.cert,
@@ -303,6 +309,8 @@ class CompileApp:
                 req.release,
                 req.arch,
                 req.privilege,
+                options=req.options,
+                runtime=parsed.runtime,
             )
         if result.status == 0 and result.module is not None and self.cache is not None:
             self.cache.put(
