@@ -11,14 +11,14 @@ from pathlib import Path
 
 import pytest
 
-from stapinit.client.connection import (
+from stapinit.trust.address import ServerAddress
+from stapinit.trust.certs import fingerprint, generate_identity
+from stapinit.trust.connection import (
     ServerError,
     ServerUntrustedError,
     compile_remote,
     connect_pinned,
 )
-from stapinit.client.options import ServerAddress
-from stapinit.trust.certs import fingerprint, generate_identity
 from tests.server.helpers import bpf_request
 
 

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
+from stapinit import loader_wire as wire
 from stapinit.client.load import LoadError, run_via_loader
-from stapinit.loader import wire
 
 Behaviour = Callable[[socket.socket], None]
 

@@ -9,10 +9,10 @@ from hypothesis import strategies as st
 from stapinit.client.options import (
     ClientOptions,
     ClientUsageError,
-    ServerAddress,
     parse_args,
     parse_server,
 )
+from stapinit.trust.address import ServerAddress
 
 HELLO = 'probe begin { printf ("Hello\\n"); exit (); }'
 
@@ -110,7 +110,7 @@ def test_server_addresses(text: str, expected: ServerAddress) -> None:
     "text", ["", ":5", "h:", "h:x", "h:65536", "::1", "[::1", "[nothost]:5", "[::1]x", "h:-1"]
 )
 def test_bad_server_addresses(text: str) -> None:
-    with pytest.raises(ValueError):
+    with pytest.raises(ClientUsageError):
         parse_server(text, 9740)
 
 

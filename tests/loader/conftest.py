@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from stapinit.loader import wire
+from stapinit import loader_wire as wire
 from tests.trust.bpfmodules import HELLO_SCRIPT, build_victim, compile_bo, process_probe_script
 from tests.trust.people import SYSTEM_PATH, VENV_BIN, User, ensure_users, run_as, shared_tmpdir
 

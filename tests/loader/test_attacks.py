@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from stapinit.loader import wire
+from stapinit import loader_wire as wire
 from stapinit.protocol import MAX_MODULE_BYTES
 from tests.loader.conftest import Loader, popen_as, start_loader, stop_loader
 from tests.trust.people import VENV_BIN, User, shared_tmpdir

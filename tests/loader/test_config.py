@@ -9,7 +9,7 @@ import pytest
 
 from stapinit.core.errors import ConfigFileError
 from stapinit.loader.config import parse_config, read_config
-from stapinit.loader.wire import DEFAULT_SOCKET
+from stapinit.loader_wire import DEFAULT_SOCKET
 from stapinit.trust.stores import StorePaths
 from tests.trust.people import User, ensure_users, shared_tmpdir
 

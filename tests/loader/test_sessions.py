@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from stapinit.loader import wire
+from stapinit import loader_wire as wire
 from stapinit.protocol import MAX_MODULE_BYTES
 from stapinit.trust.certs import generate_identity
 from stapinit.trust.signing import sign_module

@@ -13,7 +13,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from stapinit.loader import wire
+from stapinit import loader_wire as wire
 from stapinit.protocol import MAX_MODULE_BYTES
 
 

@@ -15,15 +15,8 @@ from pathlib import Path
 from typing import Final
 
 from stapinit.client.config import ClientConfig, read_client_config
-from stapinit.client.connection import ServerError, compile_remote, connect_pinned
 from stapinit.client.load import root_runner, run_directly, run_via_loader
-from stapinit.client.options import (
-    USAGE,
-    ClientOptions,
-    ClientUsageError,
-    ServerAddress,
-    parse_args,
-)
+from stapinit.client.options import USAGE, ClientOptions, ClientUsageError, parse_args
 from stapinit.core.errors import StapinitError
 from stapinit.core.fsutil import atomic_write
 from stapinit.core.lsb import EXIT_FAILED
@@ -36,6 +29,8 @@ from stapinit.protocol import (
     Tapset,
     check_module_name,
 )
+from stapinit.trust.address import ServerAddress
+from stapinit.trust.connection import ServerError, compile_remote, connect_pinned
 from stapinit.trust.signing import SIGNATURE_SUFFIX
 from stapinit.trust.stores import StorePaths, trusted_server_fingerprints
 

@@ -17,11 +17,11 @@ from pathlib import Path
 from types import FrameType
 from typing import BinaryIO, Final
 
+from stapinit import loader_wire as wire
 from stapinit.core.errors import StapinitError
 from stapinit.core.process import stop_child
 from stapinit.core.runtime import RuntimeKind, foreground_command, kind_of_module
 from stapinit.core.tools import private_workdir, tool_for_root
-from stapinit.loader import wire
 
 #: How long a stopped module may take to finish before it is killed / given up on.
 STOP_TIMEOUT: Final = 10.0

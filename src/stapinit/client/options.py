@@ -9,7 +9,6 @@ arguments.
 from __future__ import annotations
 
 import getopt
-import ipaddress
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from typing import Final
@@ -17,6 +16,7 @@ from typing import Final
 from stapinit.core.errors import StapinitError
 from stapinit.core.runtime import RuntimeKind
 from stapinit.protocol import Privilege, ProtocolError, check_module_name
+from stapinit.trust.address import AddressError, ServerAddress, parse_address
 
 _SHORT: Final = "e:p:m:o:vI:r:h"
 _LONG: Final = ("runtime=", "unprivileged", "privilege=", "server=", "help")
@@ -48,17 +48,6 @@ class ClientUsageError(StapinitError):
 
 
 @dataclass(frozen=True)
-class ServerAddress:
-    """A server named by the user or the client configuration."""
-
-    host: str
-    port: int
-
-    def __str__(self) -> str:
-        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
-
-
-@dataclass(frozen=True)
 class ClientOptions:
     """What the user asked ``stap-client`` to do."""
 
@@ -78,29 +67,13 @@ class ClientOptions:
 
 
 def parse_server(text: str, default_port: int) -> ServerAddress:
-    """Parse ``HOST``, ``HOST:PORT``, ``[V6]`` or ``[V6]:PORT``; else ValueError (one line)."""
-    host, port_text = text, None
-    if text.startswith("["):
-        close = text.find("]")
-        rest = text[close + 1 :] if close >= 0 else ""
-        if close < 0 or (rest and not rest.startswith(":")):
-            raise ValueError(f"invalid server address {text!r}")
-        host, port_text = text[1:close], (rest[1:] if rest else None)
-        try:
-            ipaddress.IPv6Address(host)
-        except ValueError:
-            raise ValueError(f"invalid IPv6 address in {text!r}") from None
-    elif text.count(":") == 1:
-        host, port_text = text.split(":")
-    elif ":" in text:
-        raise ValueError(f"invalid server address {text!r} (write IPv6 addresses as [ADDR]:PORT)")
-    if not host:
-        raise ValueError(f"invalid server address {text!r}: no host")
-    if port_text is None:
-        return ServerAddress(host, default_port)
-    if not port_text.isdigit() or len(port_text) > 5 or not 0 < int(port_text) < 65536:
-        raise ValueError(f"invalid port in server address {text!r}")
-    return ServerAddress(host, int(port_text))
+    """Parse ``HOST``, ``HOST:PORT``, ``[V6]`` or ``[V6]:PORT``; else ClientUsageError."""
+    try:
+        return parse_address(text, default_port)
+    except AddressError as error:
+        raise ClientUsageError(str(error)) from None
+    except ValueError:  # a port of thousands of digits, which int() refuses
+        raise ClientUsageError(f"invalid port in server address {text[:80]!r}") from None
 
 
 def _privilege(value: str) -> Privilege:
@@ -160,10 +133,7 @@ def parse_args(argv: Sequence[str], default_port: int) -> ClientOptions:
         elif opt == "--privilege":
             opts = replace(opts, privilege=_privilege(value))
         elif opt == "--server":
-            try:
-                servers.append(parse_server(value, default_port))
-            except ValueError as exc:
-                raise ClientUsageError(str(exc)) from None
+            servers.append(parse_server(value, default_port))
         else:  # -h, --help
             return ClientOptions(help=True)
     if opts.script_text is None:

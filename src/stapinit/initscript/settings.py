@@ -11,10 +11,13 @@ import os
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from types import MappingProxyType
-from typing import NamedTuple, TypeVar
+from typing import TYPE_CHECKING, NamedTuple, TypeVar
 
 from stapinit.core import values
 from stapinit.core.bashvars import Assignment, ConfigError, parse_assignments
+
+if TYPE_CHECKING:
+    from stapinit.trust.address import ServerAddress
 
 DEFAULT_CONFIG_FILE = Path("/etc/systemtap/config")
 
@@ -47,6 +50,8 @@ DEFAULTS: Mapping[str, str] = {
     "COMPILE_TIMEOUT": "900",
     # How many scripts start (or stop) at once; empty means one per CPU.
     "START_JOBS": "",
+    "COMPILE_SERVER": "",
+    "REQUIRE_SIGNED": "no",
 }
 T = TypeVar("T")
 _PATH_KEYS = ("SCRIPT_PATH", "CONFIG_PATH", "CACHE_PATH", "TEMP_PATH", "STAT_PATH", "LOG_FILE")
@@ -80,6 +85,10 @@ class Settings(NamedTuple):
     # where they were set so that errors can point there.
     script_vars: Mapping[str, Assignment] = MappingProxyType({})
     files_read: tuple[Path, ...] = ()
+    # Compile through these stap-servers instead of a local stap (issue 14).
+    compile_servers: tuple[ServerAddress, ...] = ()
+    # Load only caches whose signature verifies against the trusted signers.
+    require_signed: bool = False
 
     def script_var(self, script: str, suffix: str) -> Assignment | None:
         """The ``<script>_<suffix>`` assignment, if any file made one."""
@@ -87,11 +96,16 @@ class Settings(NamedTuple):
 
 
 def settings_from_assignments(
-    assignments: Sequence[Assignment], files_read: Sequence[Path] = ()
+    assignments: Sequence[Assignment],
+    files_read: Sequence[Path] = (),
+    on_error: Callable[[ConfigError], None] | None = None,
 ) -> Settings:
     """Build validated settings from every assignment, later ones winning.
 
-    Pure: no files are read, so the rules are tested directly.
+    Pure: no files are read, so the rules are tested directly. A bad value
+    raises :class:`ConfigError`, unless ``on_error`` is given (``stop`` and
+    ``status`` must work whatever else is broken): it gets the error and the
+    default is used instead.
     """
     last: dict[str, Assignment] = {}
     for assignment in assignments:
@@ -109,7 +123,11 @@ def settings_from_assignments(
         try:
             return converter(raw(key))
         except ValueError as error:
-            raise ConfigError(*where(key), f"{key}={error}") from None
+            problem = ConfigError(*where(key), f"{key}={error}")
+            if on_error is None:
+                raise problem from None
+            on_error(problem)
+            return converter(DEFAULTS[key] or "1")
 
     def boolean(key: str) -> bool:
         return convert(key, values.boolean)
@@ -122,6 +140,19 @@ def settings_from_assignments(
 
     def tool(key: str) -> str:
         return convert(key, values.tool)
+
+    def servers(key: str) -> tuple[ServerAddress, ...]:
+        words = raw(key).split()
+        if not words:
+            return ()
+        # Imported only when used: most hosts compile locally.
+        from stapinit.protocol import DEFAULT_PORT
+        from stapinit.trust.address import AddressError, parse_address
+
+        try:
+            return tuple(parse_address(word, DEFAULT_PORT) for word in words)
+        except AddressError as error:
+            raise ConfigError(*where(key), f"{key}: {error}") from None
 
     paths = {key: path(key) for key in _PATH_KEYS}
     script_vars = {
@@ -157,6 +188,8 @@ def settings_from_assignments(
         ),
         script_vars=script_vars,
         files_read=tuple(files_read),
+        compile_servers=servers("COMPILE_SERVER"),
+        require_signed=boolean("REQUIRE_SIGNED"),
     )
 
 
@@ -168,12 +201,15 @@ def _read_file(path: Path) -> str:
 
 
 def load_settings(
-    config_file: Path | None, environment: Mapping[str, str] | None = None
+    config_file: Path | None,
+    environment: Mapping[str, str] | None = None,
+    on_error: Callable[[ConfigError], None] | None = None,
 ) -> Settings:
     """Read the global file (``-c`` or the default) and then ``CONFIG_PATH/*.conf``.
 
     A missing default global file means all defaults; a missing file named
-    with ``-c`` is an error. Raises :class:`ConfigError`.
+    with ``-c`` is an error. Raises :class:`ConfigError`; ``on_error`` (see
+    :func:`settings_from_assignments`) only softens bad values, not bad syntax.
     """
     env = dict(os.environ if environment is None else environment)
     global_file = config_file or DEFAULT_CONFIG_FILE
@@ -195,4 +231,22 @@ def load_settings(
         assignments += more
         known.update((a.name, a.value) for a in more)
         files_read.append(conf)
-    return settings_from_assignments(assignments, files_read)
+    settings = settings_from_assignments(assignments, files_read, on_error)
+    if settings.require_signed or settings.compile_servers:
+        _need_cryptography(assignments)
+    return settings
+
+
+def _need_cryptography(assignments: Sequence[Assignment]) -> None:
+    """COMPILE_SERVER and REQUIRE_SIGNED need the ``cryptography`` package: say so, once.
+
+    Without it they would fail with a traceback, at boot; raises ConfigError.
+    """
+    import importlib.util
+
+    if importlib.util.find_spec("cryptography") is not None:
+        return
+    last = [a for a in assignments if a.name in ("COMPILE_SERVER", "REQUIRE_SIGNED")][-1]
+    raise ConfigError(
+        last.filename, last.line, f"{last.name} needs the python3-cryptography package"
+    )

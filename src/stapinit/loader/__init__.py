@@ -9,5 +9,5 @@ session per connection), :mod:`.callers` (who is asking, from the kernel),
 :mod:`.spool` (receiving a module into a private file within a shared
 budget), :mod:`.verdict` (signature check, then :mod:`.policy`, which is
 pure), :mod:`.runner` (running ``stapbpf``/``staprun`` and streaming its
-output), :mod:`.wire` (the protocol, shared with the client).
+output). The protocol it shares with the client is :mod:`stapinit.loader_wire`.
 """

@@ -31,7 +31,7 @@ from stapinit.core import values
 from stapinit.core.errors import ConfigFileError
 from stapinit.core.inifile import IniError, read_ini_file, read_section, setting_line
 from stapinit.core.tools import root_only_problem
-from stapinit.loader.wire import DEFAULT_SOCKET
+from stapinit.loader_wire import DEFAULT_SOCKET
 from stapinit.trust.stores import StorePaths
 
 CONFIG_NAME: Final = "stap-loader.conf"

@@ -18,11 +18,11 @@ import time
 from pathlib import Path
 from typing import Final
 
+from stapinit import loader_wire as wire
 from stapinit.core.errors import StapinitError
 from stapinit.core.process import stop_child
 from stapinit.core.runtime import RuntimeKind, foreground_command
 from stapinit.core.system import SYSTEM_PATH
-from stapinit.loader import wire
 from stapinit.loader.policy import Caller, Level, caller_level
 
 #: Environment of the tools we run: nothing inherited from whoever started us.

@@ -25,9 +25,9 @@ import time
 from pathlib import Path
 from typing import Final
 
+from stapinit import loader_wire as wire
 from stapinit.core.runtime import kind_of_module
 from stapinit.core.tools import private_workdir, tool_for_root
-from stapinit.loader import wire
 from stapinit.loader.callers import caller_from_uid, peer_uid
 from stapinit.loader.config import LoaderConfig
 from stapinit.loader.policy import Caller, caller_level, ordinary_refusal

@@ -20,8 +20,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import cast
 
+from stapinit import loader_wire as wire
 from stapinit.core.errors import StapinitError
-from stapinit.loader import wire
 
 
 class SpoolFull(StapinitError):

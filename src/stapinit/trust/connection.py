@@ -1,5 +1,7 @@
 """Talking to a stap-server over TLS, pinned to the certificates the user trusts.
 
+Used by ``stap-client`` and by systemtap-service's ``COMPILE_SERVER``.
+
 Server certificates are self-signed, so neither a CA nor the host name says
 anything.  Instead the TLS handshake proves the server holds the key of the
 certificate it shows, and that certificate's fingerprint must be in a trust
@@ -16,8 +18,6 @@ from typing import Final
 
 from cryptography import x509
 
-from stapinit.client.options import ServerAddress
-from stapinit.core.errors import StapinitError
 from stapinit.protocol import (
     COMPILE_PATH,
     CONTENT_TYPE,
@@ -29,6 +29,7 @@ from stapinit.protocol import (
     decode_error,
     encode_compile_request,
 )
+from stapinit.trust.address import ServerAddress
 from stapinit.trust.certs import fingerprint as cert_fingerprint
 
 CONNECT_TIMEOUT: Final = 10.0
@@ -39,7 +40,7 @@ COMPILE_TIMEOUT: Final = 600.0
 MAX_RESPONSE: Final = (MAX_MODULE_BYTES + 2) // 3 * 4 + 16 * 1024 * 1024
 
 
-class ServerError(StapinitError):
+class ServerError(Exception):
     """A server could not be used; ``str()`` is one line."""
 
 
@@ -63,9 +64,12 @@ def _tls_context() -> ssl.SSLContext:
     return ctx
 
 
-def connect_pinned(address: ServerAddress, trusted: Collection[str]) -> http.client.HTTPSConnection:
+def connect_pinned(
+    address: ServerAddress, trusted: Collection[str], timeout: float = COMPILE_TIMEOUT
+) -> http.client.HTTPSConnection:
     """An HTTPS connection to ``address`` whose certificate is one of ``trusted``.
 
+    ``timeout`` bounds, in seconds, each wait for the server once connected.
     Raises ServerUntrustedError (nothing has been sent) or ServerError.
     """
     conn = http.client.HTTPSConnection(
@@ -89,7 +93,7 @@ def connect_pinned(address: ServerAddress, trusted: Collection[str]) -> http.cli
     if fingerprint not in trusted:
         conn.close()
         raise ServerUntrustedError(address, fingerprint)
-    sock.settimeout(COMPILE_TIMEOUT)
+    sock.settimeout(timeout)
     return conn
 
 
@@ -112,28 +116,17 @@ def compile_remote(
     if len(data) > MAX_RESPONSE:
         raise ServerError(f"server {address} sent an answer over {MAX_RESPONSE} bytes")
     if response.status != 200:
-        raise ServerError(f"server {address} refused the request: {_error_text(data)}")
+        raise ServerError(f"server {address} refused the request: {decode_error(data)}")
     try:
         answer = decode_compile_response(data)
-    except (ValueError, RecursionError) as exc:
-        # ProtocolError is a ValueError; so are integers beyond Python's digit
-        # limit, which the JSON parser raises before any field is checked.
-        why = exc if isinstance(exc, ProtocolError) else "not JSON within the protocol's limits"
-        raise ServerError(f"server {address} sent a bad answer: {why}") from None
+    except ProtocolError as exc:
+        raise ServerError(f"server {address} sent a bad answer: {exc}") from None
     if answer.module is not None and len(answer.module.data) > MAX_MODULE_BYTES:
         raise ServerError(
             f"server {address} sent a module over {MAX_MODULE_BYTES} bytes, "
             "more than stap-loader accepts"
         )
     return answer
-
-
-def _error_text(data: bytes) -> str:
-    """The message of a server's error body, whatever the body holds (one line)."""
-    try:
-        return decode_error(data)
-    except (ValueError, RecursionError):
-        return "(an unreadable error body)"
 
 
 def _why(exc: BaseException) -> str:
