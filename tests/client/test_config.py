@@ -95,10 +95,10 @@ def read_in_time(paths: StorePaths) -> ClientConfig | Exception:
 @pytest.mark.parametrize(
     ("make", "message"),
     [
-        (lambda path: os.mkfifo(path), "client.conf: not a regular file"),
-        (lambda path: path.mkdir(), "client.conf: not a regular file"),
-        (lambda path: path.symlink_to("/dev/zero"), "client.conf: not a regular file"),
-        (lambda path: path.write_bytes(b"#" * (2 << 20)), "client.conf: larger than 1048576"),
+        (lambda path: os.mkfifo(path), "client.conf: is not a regular file"),
+        (lambda path: path.mkdir(), "client.conf: is not a regular file"),
+        (lambda path: path.symlink_to("/dev/zero"), "client.conf: is a symbolic link"),
+        (lambda path: path.write_bytes(b"#" * (2 << 20)), "client.conf: is larger than 1048576"),
         (lambda path: path.write_bytes(b"[client]\n\xff\n"), "client.conf: not UTF-8 text"),
         (
             lambda path: path.write_text("[client]\nservers = a:" + "9" * 5000 + "\n"),

@@ -23,13 +23,14 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Final
 
+from stapinit.client.options import parse_server
 from stapinit.core import values
 from stapinit.core.errors import StapinitError
 from stapinit.core.inifile import IniError, read_ini_file, read_section, setting_line
 from stapinit.core.runtime import RuntimeKind, parse_kind
 from stapinit.core.tools import root_only_problem
 from stapinit.loader_wire import DEFAULT_SOCKET
-from stapinit.trust.address import ServerAddress, parse_address
+from stapinit.trust.address import ServerAddress
 from stapinit.trust.stores import StorePaths
 
 CONFIG_NAME: Final = "client.conf"
@@ -63,7 +64,7 @@ def config_files(paths: StorePaths) -> list[Path]:
 def _apply(config: ClientConfig, key: str, value: str, default_port: int) -> ClientConfig:
     """``config`` with one setting in place; ValueError (one line) for a bad value."""
     if key == "servers":
-        return replace(config, servers=tuple(parse_address(s, default_port) for s in value.split()))
+        return replace(config, servers=tuple(parse_server(s, default_port) for s in value.split()))
     if key == "runtime":
         try:
             return replace(config, runtime=parse_kind(value))

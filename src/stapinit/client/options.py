@@ -67,13 +67,13 @@ class ClientOptions:
 
 
 def parse_server(text: str, default_port: int) -> ServerAddress:
-    """Parse ``HOST``, ``HOST:PORT``, ``[V6]`` or ``[V6]:PORT``; else ClientUsageError."""
+    """Parse ``HOST``, ``HOST:PORT``, ``[V6]`` or ``[V6]:PORT``; else ValueError (one line)."""
     try:
         return parse_address(text, default_port)
-    except AddressError as error:
-        raise ClientUsageError(str(error)) from None
+    except AddressError:
+        raise
     except ValueError:  # a port of thousands of digits, which int() refuses
-        raise ClientUsageError(f"invalid port in server address {text[:80]!r}") from None
+        raise AddressError(f"invalid port in server address {text[:80]!r}") from None
 
 
 def _privilege(value: str) -> Privilege:
@@ -133,7 +133,10 @@ def parse_args(argv: Sequence[str], default_port: int) -> ClientOptions:
         elif opt == "--privilege":
             opts = replace(opts, privilege=_privilege(value))
         elif opt == "--server":
-            servers.append(parse_server(value, default_port))
+            try:
+                servers.append(parse_server(value, default_port))
+            except ValueError as exc:
+                raise ClientUsageError(str(exc)) from None
         else:  # -h, --help
             return ClientOptions(help=True)
     if opts.script_text is None:

@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import configparser
-import os
-import stat
 from collections.abc import Mapping, Set
 from pathlib import Path
 from typing import Final
+
+from stapinit.core.safeio import read_regular
 
 #: Largest configuration file read; anything bigger is not a configuration file.
 MAX_INI_BYTES: Final = 1 << 20
@@ -20,26 +20,16 @@ class IniError(Exception):
 def read_ini_file(path: Path) -> str | None:
     """The text of configuration file ``path``; ``None`` if it does not exist.
 
-    Opened without blocking (a FIFO in its place must not hang the reader) and
-    checked to be a regular file of at most :data:`MAX_INI_BYTES` of UTF-8;
-    anything else raises :class:`IniError` naming the file.
+    Read with :func:`stapinit.core.safeio.read_regular` (no final symlink, no
+    blocking on a FIFO, a regular file of at most :data:`MAX_INI_BYTES`) and
+    decoded as UTF-8; anything else raises :class:`IniError` naming the file.
     """
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+        data = read_regular(path, MAX_INI_BYTES)
     except FileNotFoundError:
         return None
     except OSError as exc:
-        raise IniError(f"{path}: cannot read: {exc.strerror}") from None
-    try:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
-            raise IniError(f"{path}: not a regular file")
-        data = b""
-        while len(data) <= MAX_INI_BYTES and (chunk := os.read(fd, MAX_INI_BYTES + 1)):
-            data += chunk
-    finally:
-        os.close(fd)
-    if len(data) > MAX_INI_BYTES:
-        raise IniError(f"{path}: larger than {MAX_INI_BYTES} bytes")
+        raise IniError(f"{path}: {exc.strerror}") from None
     try:
         return data.decode("utf-8")
     except UnicodeDecodeError:
