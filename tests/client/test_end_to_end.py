@@ -14,7 +14,7 @@ from stapinit import loader_wire as wire
 from stapinit.trust.certs import fingerprint, load_certificate
 from tests.client.conftest import HELLO, Site
 from tests.loader.conftest import popen_as
-from tests.trust.bpfmodules import build_victim, process_probe_script
+from tests.trust.bpfmodules import process_probe_script
 from tests.trust.people import VENV_BIN
 
 
@@ -237,11 +237,10 @@ def test_without_a_loader_the_user_is_told_so(site: Site) -> None:
     )
 
 
-def test_a_refused_compile_prints_nothing_on_stdout(site: Site) -> None:
+def test_a_refused_compile_prints_nothing_on_stdout(site: Site, victim: Path) -> None:
     # Issue 13: the server refuses to sign a BPF module that probes user space
     # for stapusr; stap had printed the module's name, and nothing was produced.
     site.authorize_server()
-    victim = build_victim(site.base / "victim")
     script = process_probe_script(victim)
     for extra in (["-p4"], []):
         result = site.client("sttest_usr", "--unprivileged", *extra, "-e", script)

@@ -124,13 +124,17 @@ def receive_request(
     fd = os.open(
         module_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600
     )
-    with os.fdopen(fd, "wb") as module_file:
+    try:
 
         def to_file(data: bytes) -> None:
             holding.take(len(data))
-            module_file.write(data)
+            view = memoryview(data)
+            while view:  # written as it arrives: nothing waits in a buffer
+                view = view[os.write(fd, view) :]
 
         wire.copy_payload(conn, load.module_size, deadline, to_file)
+    finally:
+        os.close(fd)
     signature: bytes | None = None
     if load.signature_size is not None:
         parts: list[bytes] = []
