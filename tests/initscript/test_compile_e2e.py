@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import json
 import os
 import time
 from pathlib import Path
+
+import pytest
 
 from stapinit.initscript.cache import CacheRecord
 from tests.initscript.conftest import FakeTools
@@ -19,8 +22,21 @@ def compiled_names(prefix: Prefix, release: str = RELEASE) -> list[str]:
     return sorted(p.name for p in directory.iterdir()) if directory.exists() else []
 
 
+def other_release() -> str:
+    """A kernel release with a build tree here, other than the running one."""
+    found = sorted(
+        entry.name
+        for entry in Path("/lib/modules").iterdir()
+        if entry.name != RELEASE and (entry / "build" / ".config").exists()
+    )
+    if not found:
+        pytest.skip("no build tree for a kernel other than the running one")
+    return found[-1]
+
+
 def test_compile_all_with_real_stap(bpf_prefix: Prefix) -> None:
-    bpf_prefix.add_script("alpha", TICK, options="--runtime=bpf -o /tmp/unused -DX=1")
+    unused = bpf_prefix.root / "log" / "unused"
+    bpf_prefix.add_script("alpha", TICK, options=f"--runtime=bpf -o {unused} -DX=1")
     bpf_prefix.add_script("beta", TICK, options="--runtime=bpf")
     done = bpf_prefix.run("compile")
     assert done.returncode == 0, done.stderr
@@ -33,7 +49,7 @@ def test_compile_all_with_real_stap(bpf_prefix: Prefix) -> None:
     assert record.kernel.release == RELEASE and record.kernel.version == os.uname().version
     log = bpf_prefix.log()
     assert f"Exec: stap -p4 -m alpha -r {RELEASE} --runtime=bpf -D X=1 " in log
-    assert "-o /tmp/unused" not in log
+    assert f"-o {unused}" not in log
     # Nothing is left behind in TEMP_PATH.
     assert list((bpf_prefix.root / "tmp").iterdir()) == []
 
@@ -113,7 +129,7 @@ def test_compile_failure_is_one_line_on_console_and_full_in_log(bpf_prefix: Pref
 
 def test_compile_for_another_release(bpf_prefix: Prefix) -> None:
     bpf_prefix.add_script("alpha", TICK, options="--runtime=bpf")
-    other = "6.1.0-56-amd64"
+    other = other_release()
     done = bpf_prefix.run("compile", "-r", other)
     assert done.returncode == 0, done.stderr
     assert compiled_names(bpf_prefix, other) == ["alpha.bo", "alpha.opts"]
@@ -141,11 +157,17 @@ def test_kernel_module_compile_command_line(kmod_prefix: Prefix, fake_tools: Fak
     )
     done = kmod_prefix.run("compile")
     assert done.returncode == 0, done.stderr
-    script = str(kmod_prefix.scripts / "mod.stp")
-    assert fake_tools.calls_of("stap") == [
-        ["-p4", "-m", "mod", "-r", RELEASE, "-v", "-D", "A=1", script]
-    ]
+    [argv] = fake_tools.calls_of("stap")
+    assert argv[:-1] == ["-p4", "-m", "mod", "-r", RELEASE, "-v", "-D", "A=1"]
+    # stap compiled a private copy in its own directory of TEMP_PATH, now gone.
+    copy = Path(argv[-1])
+    assert copy.parent.parent == kmod_prefix.root / "tmp" and copy.name == "mod.stp"
+    assert not copy.parent.exists()
     assert compiled_names(kmod_prefix) == ["mod.ko", "mod.opts"]
+    built = json.loads((kmod_prefix.cache_dir() / "mod.ko").read_text())
+    assert built["script"] == "probe begin {}\n"
+    # The log shows the command with the script's own path.
+    assert f"-D A=1 {kmod_prefix.scripts / 'mod.stp'}" in kmod_prefix.log()
 
 
 def test_bad_config_changes_nothing(bpf_prefix: Prefix) -> None:

@@ -75,7 +75,7 @@ def snapshot(root: Path) -> dict[str, tuple[int, int, bytes]]:
 
 
 def assert_refused(
-    prefix: Prefix, fake_tools: FakeTools, marker: Path, path: Path, who: str
+    prefix: Prefix, fake_tools: FakeTools, marker: Path, path: Path, who: str, context: str = ""
 ) -> None:
     before = snapshot(prefix.root)
     for command in ("start", "stop", "status", "compile"):
@@ -83,7 +83,7 @@ def assert_refused(
         assert (done.returncode, done.stdout, done.stderr) == (
             6,
             "",
-            f"systemtap-service: refusing to run as root: {path} is writable by {who}\n",
+            f"systemtap-service: refusing to run as root: {path} is writable by {who}{context}\n",
         ), command
     assert not marker.exists()
     assert fake_tools.calls_of("stap") == [] and fake_tools.calls_of("staprun") == []
@@ -139,7 +139,9 @@ def test_tool_in_a_directory_others_may_write_is_refused(
     staprun.write_text(EVIL.format(marker=marker))
     staprun.chmod(0o755)
     prefix.write_config(STAPRUN=str(staprun))
-    assert_refused(prefix, fake_tools, marker, tools, "others")
+    assert_refused(
+        prefix, fake_tools, marker, tools, "others", f" (on the way to STAPRUN {staprun})"
+    )
 
 
 def test_status_and_cache_directories_are_checked(

@@ -15,6 +15,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TextIO
 
+from stapinit.initscript.ownership import open_regular
+
 _SYSLOG_SOCKET = "/dev/log"
 
 
@@ -33,15 +35,21 @@ class Log:
         self._syslog = False
 
     def open(self) -> None:
-        """Open the log file now, so a bad location fails before any work."""
+        """Open the log file now, so a bad location fails before any work.
+
+        The log itself, never what a symbolic link planted in its place points
+        to, and only a regular file (a FIFO would block us, a device is not a
+        log). Created ``0640``: it holds the scripts' tracing output.
+        """
         if self.path is None or self._handle is not None:
             return
         if not self.path.parent.is_dir():
             raise LogError(f"log directory {self.path.parent} does not exist")
         try:
-            self._handle = self.path.open("a", encoding="utf-8", errors="replace")
+            fd = open_regular(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o640)
         except OSError as error:
             raise LogError(f"cannot write log file {self.path}: {error.strerror}") from None
+        self._handle = os.fdopen(fd, "a", encoding="utf-8", errors="replace")
 
     def close(self) -> None:
         """Close the log file."""
