@@ -267,3 +267,84 @@ def test_junk_in_cache_and_status_dirs_gives_no_traceback(bpf_prefix: Prefix) ->
     bpf_prefix.write_config(CACHE_PATH=str(bpf_prefix.root / "config"))  # a file
     cleanup = bpf_prefix.run("cleanup", "-y")
     assert cleanup.returncode == 0 and "Traceback" not in cleanup.stderr
+
+
+def test_changing_only_run_time_options_keeps_the_cache(
+    kmod_prefix: Prefix, fake_tools: FakeTools
+) -> None:
+    out = kmod_prefix.root / "log"
+    kmod_prefix.add_script("mod", "probe begin {}\n", options=f"-DA=1 -o {out}/a -S 1,2 -s 4 -F")
+    assert kmod_prefix.run("compile").returncode == 0
+    record = (kmod_prefix.cache_dir() / "mod.opts").read_text()
+    kmod_prefix.configure("mod", options=f"-DA=1 -o {out}/b -S 5,9 -s 8 -v -w")
+    kmod_prefix.write_config(AUTOCOMPILE="no")
+    started = kmod_prefix.run("start")
+    assert started.returncode == 0, started.stderr
+    assert len(fake_tools.calls_of("stap")) == 1  # no recompile
+    assert (kmod_prefix.cache_dir() / "mod.opts").read_text() == record
+    [load] = fake_tools.calls_of("staprun")[-1:]
+    assert load[:7] == ["-D", "-o", f"{out}/b", "-S", "5,9", "-b", "8"]
+    assert kmod_prefix.run("stop").returncode == 0
+    # A compile-time option does make the cache stale.
+    kmod_prefix.configure("mod", options="-DA=2")
+    refused = kmod_prefix.run("start")
+    assert refused.returncode == 1 and "no valid cache for mod" in refused.stderr
+
+
+def test_touching_a_script_keeps_its_cache_and_editing_it_does_not(
+    kmod_prefix: Prefix, fake_tools: FakeTools
+) -> None:
+    script = kmod_prefix.add_script("mod", "probe begin {}\n")
+    assert kmod_prefix.run("compile").returncode == 0
+    later = time.time() + 100
+    os.utime(script, (later, later))
+    assert kmod_prefix.status_json()["mod"]["cache"] == "valid"
+    # Restored from a backup with an old time stamp: the text decides, not the time.
+    script.write_text("probe begin { exit() }\n")
+    os.utime(script, (0, 0))
+    assert kmod_prefix.status_json()["mod"]["cache"] == "stale: script changed"
+
+
+def test_names_stap_would_truncate_are_refused_up_front(
+    kmod_prefix: Prefix, fake_tools: FakeTools
+) -> None:
+    longest, too_long = "a" * 55, "b" * 56
+    kmod_prefix.add_script(longest, "probe begin {}\n")
+    kmod_prefix.add_script(too_long, "probe begin {}\n")
+    done = kmod_prefix.run("compile")
+    assert done.returncode == 0, done.stderr
+    assert (
+        f"warning: {too_long}.stp is not a valid script name: it is 56 characters long;"
+        " stap truncates module names to 55, so it could never be run"
+    ) in done.stderr
+    assert compiled_names(kmod_prefix) == [f"{longest}.ko", f"{longest}.opts"]
+    assert [argv[2] for argv in fake_tools.calls_of("stap")] == [longest]
+
+
+def test_a_dangling_script_link_is_reported(kmod_prefix: Prefix) -> None:
+    kmod_prefix.add_script("mod", "probe begin {}\n")
+    (kmod_prefix.scripts / "gone.stp").symlink_to(kmod_prefix.root / "nowhere.stp")
+    (kmod_prefix.scripts / "odd.stp").mkdir()
+    done = kmod_prefix.run("compile")
+    assert done.returncode == 0, done.stderr
+    assert f"warning: {kmod_prefix.scripts}/gone.stp is a dangling symbolic link" in done.stderr
+    assert f"warning: {kmod_prefix.scripts}/odd.stp is not a regular file" in done.stderr
+
+
+def test_refused_options_name_the_script_and_the_reason(kmod_prefix: Prefix) -> None:
+    kmod_prefix.add_script("mod", "probe begin {}\n", options="-v -L 'kernel.*'")
+    done = kmod_prefix.run("compile")
+    assert done.returncode == 6
+    assert "mod_OPT: -L cannot be used here: lists probes instead of compiling" in done.stderr
+    assert "Traceback" not in done.stderr
+
+
+def test_junk_named_like_a_cache_is_no_cache_only_script(
+    kmod_prefix: Prefix, fake_tools: FakeTools
+) -> None:
+    kmod_prefix.add_script("mod", "probe begin {}\n")
+    assert kmod_prefix.run("compile").returncode == 0
+    (kmod_prefix.cache_dir() / "dir.ko").mkdir()
+    (kmod_prefix.cache_dir() / "junk.ko").write_text("x")
+    kmod_prefix.write_config(ALLOW_CACHEONLY="yes")
+    assert sorted(kmod_prefix.status_json()) == ["mod"]

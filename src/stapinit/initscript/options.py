@@ -212,10 +212,19 @@ def split_options(text: str) -> list[str]:
         raise OptionError(str(error).lower()) from None
 
 
-def _long_row(name: str) -> Row:
-    """The row of ``--name``: exact, else an unambiguous prefix (``getopt_long``)."""
+def row_of(name: str) -> Row:
+    """The row of ``-X`` or ``--name``: exact, else an unambiguous prefix (``getopt_long``).
+
+    Raises :class:`OptionError` for an unknown or ambiguous name.
+    """
+    if len(name) == 2 and name[0] == "-" and name[1] != "-":
+        if name[1] in _BY_FLAG:
+            return _BY_FLAG[name[1]]
+        raise OptionError(f"unknown stap option {name}")
     if name in _BY_FLAG:
         return _BY_FLAG[name]
+    if not name.startswith("--") or len(name) < 3:
+        raise OptionError(f"unknown stap option {name}")
     matches = {_SAME_OPTION.get(long, long) for long in _LONG_NAMES if long.startswith(name)}
     if len(matches) == 1:
         return _BY_FLAG[matches.pop()]
@@ -261,7 +270,7 @@ def parse_options(words: Sequence[str]) -> list[Option]:
             raise OptionError(f"unexpected argument {word!r} (only options are allowed)")
         if word.startswith("--"):
             name, equals, value = word.partition("=")
-            row = _long_row(name)
+            row = row_of(name)
             if row.argument is Argument.NONE and equals:
                 raise OptionError(f"option {row.flag} takes no value")
             if row.argument is Argument.REQUIRED and not equals:
@@ -278,9 +287,7 @@ def parse_options(words: Sequence[str]) -> list[Option]:
         while position < len(word):
             letter = word[position]
             position += 1
-            short = _BY_FLAG.get(letter)
-            if short is None or len(letter) != len(short.flag):
-                raise OptionError(f"unknown stap option -{letter}")
+            short = row_of(f"-{letter}")
             if short.argument is Argument.NONE:
                 options.append(_checked(Option(letter, None, (f"-{letter}",))))
                 continue
