@@ -29,7 +29,7 @@ def test_dev_null_works_from_the_command_line() -> None:
 
 
 def test_a_directory_or_other_device_is_not_a_configuration_file(tmp_path: Path) -> None:
-    with pytest.raises(ConfigError, match=f"{tmp_path}.*: not a regular file"):
+    with pytest.raises(ConfigError, match=rf"{tmp_path}.*: not a regular file"):
         load_settings(tmp_path, environment={})
-    with pytest.raises(ConfigError, match="/dev/zero.*: not a regular file"):
+    with pytest.raises(ConfigError, match=r"/dev/zero.*: not a regular file"):
         load_settings(Path("/dev/zero"), environment={})
