@@ -148,3 +148,16 @@ def test_switching_runtime_removes_the_other_module(tmp_path: Path) -> None:
     bo.write_bytes(b"bpf")
     cache.install(target, "s", ".bo", bo, WANTED)
     assert sorted(p.name for p in target.iterdir()) == ["s.bo", "s.opts"]
+
+
+def test_removing_a_cache_leaves_directories_and_link_targets_alone(tmp_path: Path) -> None:
+    directory = tmp_path / "rel"
+    directory.mkdir()
+    (directory / "s.ko").mkdir()  # not ours
+    target = tmp_path / "precious"
+    target.write_text("keep")
+    (directory / "s.bo").symlink_to(target)
+    (directory / "s.opts").write_text("x")
+    assert cache.cached_files(directory, "s") == [directory / "s.bo", directory / "s.opts"]
+    assert cache.remove(directory, "s") == [directory / "s.bo", directory / "s.opts"]
+    assert (directory / "s.ko").is_dir() and target.read_text() == "keep"

@@ -348,3 +348,29 @@ def test_junk_named_like_a_cache_is_no_cache_only_script(
     (kmod_prefix.cache_dir() / "junk.ko").write_text("x")
     kmod_prefix.write_config(ALLOW_CACHEONLY="yes")
     assert sorted(kmod_prefix.status_json()) == ["mod"]
+
+
+def test_a_nul_byte_in_options_is_a_one_line_error(
+    kmod_prefix: Prefix, fake_tools: FakeTools
+) -> None:
+    kmod_prefix.add_script("mod", "probe begin {}\n")
+    conf = kmod_prefix.root / "conf.d" / "mod.conf"
+    for value in (b"-I /t\0x", b"-c 'ls\0-l'", b"-o /log/a\0b"):
+        conf.write_bytes(b'mod_OPT="' + value + b'"\n')
+        for command in ("compile", "start"):
+            done = kmod_prefix.run(command)
+            assert done.returncode == 6, (value, command)
+            assert done.stderr.count("\n") == 1 and "NUL" in done.stderr, (value, command)
+    assert fake_tools.calls_of("stap") == [] and fake_tools.calls_of("staprun") == []
+
+
+def test_cleanup_gets_past_a_directory_named_like_a_cache(
+    kmod_prefix: Prefix, fake_tools: FakeTools
+) -> None:
+    kmod_prefix.add_script("mod", "probe begin {}\n")
+    assert kmod_prefix.run("compile").returncode == 0
+    (kmod_prefix.cache_dir() / "dir.ko").mkdir()
+    (kmod_prefix.cache_dir() / "junk.ko").write_text("x")
+    done = kmod_prefix.run("cleanup", "-y")
+    assert done.returncode == 0, done.stderr
+    assert compiled_names(kmod_prefix) == ["dir.ko"]

@@ -187,10 +187,26 @@ def install(
     atomic_write(record_file, record.to_text().encode())
 
 
+def _candidates(directory: Path, name: str) -> tuple[Path, ...]:
+    return (directory / f"{name}.ko", directory / f"{name}.bo", record_path(directory, name))
+
+
+def _is_entry(path: Path) -> bool:
+    """A cache file of ours, or a link in its place; never a directory named like one."""
+    try:
+        return not stat.S_ISDIR(path.lstat().st_mode)
+    except OSError:
+        return False
+
+
 def remove(directory: Path, name: str) -> list[Path]:
-    """Delete a script's cache files (any runtime); return what was removed."""
+    """Delete a script's cache files (any runtime); return what was removed.
+
+    A symbolic link is removed itself, never what it points to; a directory
+    named like a cache file is not ours and is left alone.
+    """
     removed = []
-    for path in (directory / f"{name}.ko", directory / f"{name}.bo", record_path(directory, name)):
+    for path in cached_files(directory, name):
         try:
             path.unlink()
         except FileNotFoundError:
@@ -200,6 +216,5 @@ def remove(directory: Path, name: str) -> list[Path]:
 
 
 def cached_files(directory: Path, name: str) -> list[Path]:
-    """The cache files that exist for ``name``."""
-    candidates = (directory / f"{name}.ko", directory / f"{name}.bo", record_path(directory, name))
-    return [path for path in candidates if path.exists()]
+    """The cache files that exist for ``name`` (see :func:`remove`)."""
+    return [path for path in _candidates(directory, name) if _is_entry(path)]
