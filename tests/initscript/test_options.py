@@ -173,6 +173,12 @@ def test_run_time_values_are_checked_before_they_reach_the_loader() -> None:
         (["-x", "self"], "-x self: expected a process id"),
         (["-c", ""], "-c: the command is empty"),
         (["-s", "0"], "-s 0"),
+    ):
+        # Only when that script starts: a bad value fails it alone.
+        options = parse_options(words)
+        with pytest.raises(OptionError, match=re.escape(message)):
+            start_options(options)
+    for words, message in (
         (["--runtime=dyninst"], "kernel or bpf"),
         (["--dyninst"], "dyninst runtime is not supported"),
         (["-o", "/log/a\0b"], "NUL"),

@@ -243,14 +243,6 @@ def _checked(option: Option) -> Option:
         raise OptionError(f"{option.words[0]}: the value holds a NUL or newline character")
     if row.phase is Phase.RUNTIME and option.flag == "--runtime" and value not in _RUNTIMES:
         raise OptionError(f"--runtime={value}: the service runs kernel or bpf scripts")
-    if option.flag == "S" and (value is None or _SWITCH_SIZE.fullmatch(value) is None):
-        raise OptionError(f"-S {value}: expected size[,N] (MB, number of files)")
-    if option.flag == "x" and not (value or "").isdigit():
-        raise OptionError(f"-x {value}: expected a process id")
-    if option.flag == "c" and not value:
-        raise OptionError("-c: the command is empty")
-    if option.flag == "s" and not _is_buffer_size(value or ""):
-        raise OptionError(f"-s {value}: buffer size must be a number of MB from 1 to 4095")
     return option
 
 
@@ -362,13 +354,23 @@ class StartOptions(NamedTuple):
 
 
 def start_options(options: Sequence[Option]) -> StartOptions:
-    """Keep what staprun/stapbpf take at start: -o, -S, -s, -c, -x (last one wins)."""
+    """Keep what staprun/stapbpf take at start: -o, -S, -s, -c, -x (last one wins).
+
+    Their values are checked here, when the script starts, so that a bad one
+    fails that script alone: :class:`OptionError` names the option.
+    """
     found: dict[str, str] = {}
     for option in options:
         if option.row.phase is Phase.RUN and option.value is not None:
             found[option.flag] = option.value
     if "s" in found and not _is_buffer_size(found["s"]):
         raise OptionError(f"-s {found['s']}: buffer size must be a number of MB from 1 to 4095")
+    if "S" in found and _SWITCH_SIZE.fullmatch(found["S"]) is None:
+        raise OptionError(f"-S {found['S']}: expected size[,N] (MB, number of files)")
+    if "x" in found and not found["x"].isdigit():
+        raise OptionError(f"-x {found['x']}: expected a process id")
+    if "c" in found and not found["c"].strip():
+        raise OptionError("-c: the command is empty")
     return StartOptions(
         output_file=found.get("o"),
         file_switch=found.get("S"),
