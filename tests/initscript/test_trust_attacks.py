@@ -351,7 +351,33 @@ def test_paths_named_by_options_are_judged_too(
         6,
         refusal("/tmp", "is writable by others", " (named by hello_OPT -o /tmp/hello.out)"),
     )
+    # staprun -c CMD runs CMD as root.
+    program = tapsets / "collect"
+    program.write_text("#!/bin/sh\n")
+    program.chmod(0o755)
+    kmod_prefix.configure("hello", options=f"-c '{program} --all'")
+    done = kmod_prefix.run("start")
+    assert (done.returncode, done.stderr) == (
+        6,
+        refusal(
+            tapsets,
+            f"is writable by uid {NOBODY.pw_uid}",
+            f" (on the way to hello_OPT -c {program} --all {program})",
+        ),
+    )
     assert fake_tools.calls_of("stap") == [] and fake_tools.loaded() == []
+
+
+def test_only_the_roles_a_command_relies_on_are_checked(kmod_prefix: Prefix) -> None:
+    """``stop`` may leave out the scripts and caches it never executes (issue 13)."""
+    from stapinit.initscript.settings import load_settings
+
+    os.chown(kmod_prefix.scripts, NOBODY.pw_uid, NOBODY.pw_gid)
+    settings = load_settings(kmod_prefix.config, environment={})
+    with pytest.raises(ownership.UntrustedPathError, match=r"script\.d is writable by uid"):
+        ownership.check_root_ownership(settings)
+    rest = ownership.ALL_ROLES - {ownership.Role.SCRIPT}
+    ownership.check_root_ownership(settings, roles=rest)
 
 
 def test_a_missing_temp_path_in_tmp_is_refused(kmod_prefix: Prefix, tmp_path: Path) -> None:

@@ -62,6 +62,7 @@ class PathUse(enum.Enum):
 
     READ = "read"  # stap reads it while compiling (tapsets, runtime, sysroot, objects)
     WRITE = "write"  # the loader writes it as root (-o FILE)
+    EXEC = "run"  # the loader runs it as root (-c CMD: its first word)
 
 
 class Row(NamedTuple):
@@ -103,7 +104,7 @@ TABLE: Final[tuple[Row, ...]] = (
     Row("k", _A, _S, "the compile's directory is private and removed (spec: ignored)"),
     Row("g", _A, _C, "guru mode"),
     Row("P", _A, _C, "prologue searching"),
-    Row("c", _R, _U, "command the loader runs"),
+    Row("c", _R, _U, "command the loader runs", PathUse.EXEC),
     Row("x", _R, _U, "target process of the loader"),
     Row("D", _R, _C, "C macro in the module"),
     Row("b", _A, _C, "bulk (per-CPU) transport in the module"),

@@ -216,6 +216,8 @@ def walk(path: str, lstat_cache: dict[str, os.stat_result | None] | None = None)
 
 def _on_path(tool: str) -> str | None:
     """Where ``exec`` finds a bare program name on ``PATH`` (execvp(3)), or None."""
+    if not tool or "/" in tool:
+        return None
     for directory in os.environ.get("PATH", os.defpath).split(os.pathsep):
         candidate = os.path.join(directory or ".", tool)
         if os.path.isfile(candidate) and os.access(candidate, os.X_OK):
@@ -242,6 +244,13 @@ def _option_paths(settings: Settings) -> Iterator[Trusted]:
         except OptionError:
             continue  # the script itself reports it, with FILE:LINE
         for flag, value, use in named_paths(options):
+            if use is PathUse.EXEC:
+                # -c CMD: the program the loader starts as root (a bare name: on PATH).
+                program = value.split()[0] if value.split() else ""
+                found = program if program.startswith("/") else _on_path(program)
+                if found:
+                    yield Trusted(found, Role.OPTION, f"{variable} {flag} {value}")
+                continue
             if not value.startswith("/"):
                 continue  # relative to the compile's private directory, or the loader's cwd
             if use is PathUse.WRITE:
@@ -258,7 +267,8 @@ def trusted_paths(settings: Settings, releases: Iterable[str]) -> list[Trusted]:
     scripts; ``CACHE_PATH`` and the modules and records of ``releases``;
     ``STAT_PATH``, ``TEMP_PATH``, ``LOG_FILE``, ``MODULES_LIST``; the tools
     (a bare name as found on ``PATH``); and absolute paths that scripts'
-    options name (``-I``, ``-R``, ``--sysroot``, ``-d``, the directory of ``-o``).
+    options name (``-I``, ``-R``, ``--sysroot``, ``-d``, the directory of ``-o``,
+    the program of ``-c``).
     """
     paths = [Trusted(str(path), Role.CONFIG, "configuration file") for path in settings.files_read]
     paths.append(Trusted(str(settings.config_path), Role.CONFIG, "CONFIG_PATH"))
