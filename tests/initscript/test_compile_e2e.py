@@ -374,3 +374,14 @@ def test_cleanup_gets_past_a_directory_named_like_a_cache(
     done = kmod_prefix.run("cleanup", "-y")
     assert done.returncode == 0, done.stderr
     assert compiled_names(kmod_prefix) == ["dir.ko"]
+
+
+def test_a_script_linked_into_script_d_compiles(kmod_prefix: Prefix, tmp_path: Path) -> None:
+    shared = tmp_path / "shared" / "linked.stp"
+    shared.parent.mkdir()
+    shared.write_text("probe begin {}\n")
+    (kmod_prefix.scripts / "linked.stp").symlink_to(shared)
+    done = kmod_prefix.run("compile")
+    assert done.returncode == 0, done.stderr
+    assert compiled_names(kmod_prefix) == ["linked.ko", "linked.opts"]
+    assert kmod_prefix.status_json()["linked"]["cache"] == "valid"

@@ -43,6 +43,8 @@ class CompileResult(NamedTuple):
     name: str
     ok: bool
     summary: str  # one line for the console
+    # The command as run, naming the script's own file where stap read a
+    # private copy of it (the copy is gone; the file is what one reruns).
     argv: tuple[str, ...] = ()
     output: str = ""  # stap's stdout and stderr, for the log
 
@@ -57,11 +59,15 @@ class ScriptText(NamedTuple):
 def read_script(path: Path) -> ScriptText:
     """Read a script file the way a compile uses it.
 
-    Raises :class:`OSError` (``strerror`` says why) for a symbolic link,
-    anything but a regular file, more than :data:`MAX_SCRIPT_BYTES`, and, as
-    root, a file another user can change.
+    A script may be a symbolic link (``script.d/x.stp -> /usr/share/...``):
+    it is resolved first, and as root every step of it has been judged by
+    :mod:`~stapinit.initscript.ownership`, so nobody else can change where it
+    leads; the file at its end is opened without following a link or
+    blocking. Raises :class:`OSError` (``strerror`` says why) for anything
+    but a regular file, more than :data:`MAX_SCRIPT_BYTES`, and, as root, a
+    file another user can change.
     """
-    with os.fdopen(open_regular(path), "rb") as handle:
+    with os.fdopen(open_regular(os.path.realpath(path)), "rb") as handle:
         facts = os.fstat(handle.fileno())
         # Judged on the file opened, not on its name: the name was checked
         # before, with every directory above it; this is what is read.
