@@ -6,13 +6,13 @@ from pathlib import Path
 
 import pytest
 
+from stapinit.core.runtime import LoadOptions
 from stapinit.initscript.options import (
     TABLE,
     Argument,
     OptionError,
     Phase,
     Row,
-    StartOptions,
     compile_options,
     named_paths,
     parse_options,
@@ -80,7 +80,7 @@ def test_start_filter_keeps_only_what_the_loader_takes() -> None:
     options = parse_options(
         split_options("-v -o /log/out -S 2,4 -s 16 -c 'a b' -x 7 -DX=1 -I /t -g -b -F --vp 01")
     )
-    assert start_options(options) == StartOptions("/log/out", "2,4", "16", "a b", "7")
+    assert start_options(options) == LoadOptions("/log/out", "2,4", "16", "a b", "7")
 
 
 def test_bad_buffer_size_is_an_error() -> None:
@@ -126,9 +126,9 @@ def test_every_option_goes_where_its_row_says(row: Row) -> None:
     else:
         assert (compiled, recorded) == (keep, keep)
     if row.phase is Phase.RUN:
-        assert started != StartOptions() and canonical[-1] in started
+        assert started != LoadOptions() and canonical[-1] in started
     else:
-        assert started == StartOptions()
+        assert started == LoadOptions()
     assert runtime_of(options) == ("bpf" if row.phase is Phase.RUNTIME else "kmod")
     paths = named_paths(options)
     assert [(use, value) for _, value, use in paths] == (

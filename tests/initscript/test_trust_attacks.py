@@ -276,25 +276,51 @@ def test_root_refuses_a_log_file_in_a_users_directory(
     expected = refusal(
         logs, f"is writable by uid {NOBODY.pw_uid}", f" (on the way to LOG_FILE {log_file})"
     )
-    for command in ("start", "stop", "compile"):
+    for command in ("start", "compile"):
         done = kmod_prefix.run(command, "-y")
         assert (done.returncode, done.stderr) == (6, expected), command
+    # stop must work: it goes on, but never writes through the user's link ...
+    done = kmod_prefix.run("stop")
+    assert done.returncode == 0, done.stderr
+    assert f"cannot write log file {log_file}: is a symbolic link" in done.stderr
     assert secret.read_text() == "root's data\n"
+    # ... nor into a file of theirs.
+    log_file.unlink()
+    planted = as_nobody(f"open({str(log_file)!r}, 'w').close()")
+    assert planted.returncode == 0, planted.stderr
+    done = kmod_prefix.run("stop")
+    assert done.returncode == 0, done.stderr
+    assert f"refusing log file {log_file}: it is writable by uid {NOBODY.pw_uid}" in done.stderr
+    assert log_file.read_text() == ""
     assert fake_tools.loaded() == []
 
 
-def test_a_link_in_place_of_the_log_is_never_followed(
-    kmod_prefix: Prefix, fake_tools: FakeTools, tmp_path: Path
-) -> None:
+def test_a_hard_link_in_place_of_the_log_is_refused(kmod_prefix: Prefix, tmp_path: Path) -> None:
+    """Where fs.protected_hardlinks is off, a user could link root's files in."""
+    kmod_prefix.add_script("hello", ROOT_TEXT)
+    secret = tmp_path / "root-only"
+    secret.write_text("root's data\n")
+    os.link(secret, kmod_prefix.log_file)
+    done = kmod_prefix.run("start")
+    assert f"refusing log file {kmod_prefix.log_file}: it has other hard links" in done.stderr
+    assert secret.read_text() == "root's data\n"
+    assert kmod_prefix.run("stop").returncode == 0
+
+
+def test_a_link_in_place_of_the_log_is_never_followed(kmod_prefix: Prefix, tmp_path: Path) -> None:
     kmod_prefix.add_script("hello", ROOT_TEXT)
     secret = tmp_path / "root-only"
     secret.write_text("root's data\n")
     kmod_prefix.log_file.symlink_to(secret)
     done = kmod_prefix.run("start")
-    assert done.returncode == 1
-    assert f"cannot write log file {kmod_prefix.log_file}: is a symbolic link" in done.stderr
+    # The service goes on without its log (console only), never through the link.
+    assert (
+        f"warning: cannot write log file {kmod_prefix.log_file}: is a symbolic link;"
+        " logging to the console only"
+    ) in done.stderr
     assert secret.read_text() == "root's data\n"
-    assert fake_tools.loaded() == []
+    assert kmod_prefix.run("stop").returncode == 0
+    assert secret.read_text() == "root's data\n"
 
 
 def test_the_log_is_created_readable_by_root_and_its_group_only(kmod_prefix: Prefix) -> None:
@@ -365,7 +391,7 @@ def test_paths_named_by_options_are_judged_too(
     assert fake_tools.calls_of("stap") == [] and fake_tools.loaded() == []
 
 
-def test_only_the_roles_a_command_relies_on_are_checked(kmod_prefix: Prefix) -> None:
+def test_stop_relies_only_on_configuration_status_and_staprun(kmod_prefix: Prefix) -> None:
     """``stop`` may leave out the scripts and caches it never executes (issue 13)."""
     from stapinit.initscript.settings import load_settings
 
@@ -373,8 +399,10 @@ def test_only_the_roles_a_command_relies_on_are_checked(kmod_prefix: Prefix) -> 
     settings = load_settings(kmod_prefix.config, environment={})
     with pytest.raises(ownership.UntrustedPathError, match=r"script\.d is writable by uid"):
         ownership.check_root_ownership(settings)
-    rest = ownership.ALL_ROLES - {ownership.Role.SCRIPT}
-    ownership.check_root_ownership(settings, roles=rest)
+    ownership.check_root_ownership(settings, shutdown_only=True)
+    os.chown(kmod_prefix.stat, NOBODY.pw_uid, NOBODY.pw_gid)
+    with pytest.raises(ownership.UntrustedPathError, match=r"run is writable by uid"):
+        ownership.check_root_ownership(settings, shutdown_only=True)
 
 
 def test_a_missing_temp_path_in_tmp_is_refused(kmod_prefix: Prefix, tmp_path: Path) -> None:

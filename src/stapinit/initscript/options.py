@@ -37,6 +37,8 @@ import shlex
 from collections.abc import Mapping, Sequence
 from typing import Final, NamedTuple
 
+from stapinit.core.runtime import LoadOptions, RuntimeKind
+
 
 class Phase(enum.Enum):
     """Where an option goes (see the module docstring)."""
@@ -184,7 +186,7 @@ _BY_FLAG: Final[Mapping[str, Row]] = {row.flag: row for row in TABLE}
 _LONG_NAMES: Final[tuple[str, ...]] = tuple(row.flag for row in TABLE if row.flag.startswith("--"))
 # Long options that are one option of stap's under two names.
 _SAME_OPTION: Final[Mapping[str, str]] = {"--colour": "--color"}
-_RUNTIMES: Final[Mapping[str, str]] = {"kernel": "kmod", "bpf": "bpf"}
+_RUNTIMES: Final[Mapping[str, RuntimeKind]] = {"kernel": "kmod", "bpf": "bpf"}
 _SWITCH_SIZE = re.compile(r"[0-9]{1,9}(,[0-9]{1,9})?")  # stap's own -S rule
 
 
@@ -300,9 +302,9 @@ def _flatten(options: Sequence[Option]) -> list[str]:
     return [word for option in options for word in option.words]
 
 
-def runtime_of(options: Sequence[Option]) -> str:
+def runtime_of(options: Sequence[Option]) -> RuntimeKind:
     """``"bpf"`` when the options select the BPF runtime, else ``"kmod"`` (last one wins)."""
-    runtime = "kmod"
+    runtime: RuntimeKind = "kmod"
     for option in options:
         if option.flag == "--runtime":
             runtime = _RUNTIMES.get(option.value or "", "kmod")
@@ -344,17 +346,7 @@ def named_paths(options: Sequence[Option]) -> list[tuple[str, str, PathUse]]:
     return found
 
 
-class StartOptions(NamedTuple):
-    """What the loader takes of ``NAME_OPT`` (phase ``RUN``)."""
-
-    output_file: str | None = None
-    file_switch: str | None = None  # -S size[,N]
-    buffer_mb: str | None = None  # -s N, passed to staprun as -b N
-    command: str | None = None  # -c CMD
-    target_pid: str | None = None  # -x PID
-
-
-def start_options(options: Sequence[Option]) -> StartOptions:
+def start_options(options: Sequence[Option]) -> LoadOptions:
     """Keep what staprun/stapbpf take at start: -o, -S, -s, -c, -x (last one wins).
 
     Their values are checked here, when the script starts, so that a bad one
@@ -372,7 +364,7 @@ def start_options(options: Sequence[Option]) -> StartOptions:
         raise OptionError(f"-x {found['x']}: expected a process id")
     if "c" in found and not found["c"].strip():
         raise OptionError("-c: the command is empty")
-    return StartOptions(
+    return LoadOptions(
         output_file=found.get("o"),
         file_switch=found.get("S"),
         buffer_mb=found.get("s"),

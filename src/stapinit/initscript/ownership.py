@@ -41,7 +41,7 @@ import enum
 import errno
 import os
 import stat
-from collections.abc import Collection, Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import NamedTuple
 
@@ -68,7 +68,7 @@ class UntrustedPathError(StapinitError):
 
 
 class Role(enum.Enum):
-    """What root does with a path; a command may check only some (``stop`` executes no script)."""
+    """What root does with a path (``stop`` relies on some only: :func:`shutdown_paths`)."""
 
     CONFIG = "configuration"
     SCRIPT = "script"
@@ -78,9 +78,6 @@ class Role(enum.Enum):
     LOG = "log"
     TOOL = "tool"
     OPTION = "path named by a script's options"
-
-
-ALL_ROLES: frozenset[Role] = frozenset(Role)
 
 
 class Trusted(NamedTuple):
@@ -318,19 +315,34 @@ def check_paths(paths: Iterable[Trusted]) -> None:
         raise UntrustedPathError(f"refusing to run as root: {where} {why}{context}")
 
 
+def shutdown_paths(settings: Settings) -> list[Trusted]:
+    """What ``stop`` relies on: the configuration, the status records and ``STAPRUN``.
+
+    Stopping runs nothing from the script or cache directories, so those
+    (and ``STAP``, ``TEMP_PATH``) may be untrusted without stopping it.
+    """
+    return [
+        trusted
+        for trusted in trusted_paths(settings, ())
+        if trusted.role in (Role.CONFIG, Role.STATE) or trusted.label == "STAPRUN"
+    ]
+
+
 def check_root_ownership(
-    settings: Settings, release: str | None = None, roles: Collection[Role] = ALL_ROLES
+    settings: Settings, release: str | None = None, shutdown_only: bool = False
 ) -> None:
     """As root (euid 0), refuse paths others can change; otherwise check nothing.
 
     ``release`` is the ``-r`` release, checked with the running kernel's.
-    ``roles`` limits the check to what a command relies on (``stop`` may
-    leave out scripts and caches, which it never executes).
+    ``shutdown_only`` checks only :func:`shutdown_paths`.
     """
     if os.geteuid() != 0:
         return
+    if shutdown_only:
+        check_paths(shutdown_paths(settings))
+        return
     releases = [os.uname().release] + ([release] if release else [])
-    check_paths(t for t in trusted_paths(settings, releases) if t.role in roles)
+    check_paths(trusted_paths(settings, releases))
 
 
 def open_regular(path: Path | str, flags: int = os.O_RDONLY, mode: int = 0o600) -> int:
