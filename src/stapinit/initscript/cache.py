@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import NamedTuple
 
 from stapinit.core.fsutil import atomic_copy, atomic_write
-from stapinit.initscript.ownership import read_regular
+from stapinit.core.safeio import read_regular
 
 RECORD_HEADER = "# systemtap-service cache record; do not edit"
 #: A record is a few lines; anything larger is not one of ours.

@@ -31,8 +31,9 @@ path leads afterwards, so checking first and using later is sound.
 
 The rule (:func:`writable_by`, :func:`judge`) is pure; the I/O (:func:`walk`,
 :func:`check_root_ownership`) only lstat()s and readlink()s. The helpers
-:func:`open_regular` and :func:`read_regular` open files in the service's
-directories without following symbolic links or blocking on FIFOs.
+:func:`open_regular` opens (or creates) files in the service's directories
+without following symbolic links or blocking on FIFOs; for reading only,
+:func:`stapinit.core.safeio.read_regular` does the same.
 """
 
 from __future__ import annotations
@@ -367,16 +368,3 @@ def open_regular(path: Path | str, flags: int = os.O_RDONLY, mode: int = 0o600) 
         os.close(fd)
         raise OSError(errno.EINVAL, "is not a regular file", text)
     return fd
-
-
-def read_regular(path: Path | str, limit: int) -> bytes:
-    """The contents of a regular file of at most ``limit`` bytes (see :func:`open_regular`).
-
-    A larger file raises :class:`OSError` (``EFBIG``) before more is read.
-    """
-    fd = open_regular(path)
-    with os.fdopen(fd, "rb") as handle:
-        data = handle.read(limit + 1)
-    if len(data) > limit:
-        raise OSError(errno.EFBIG, f"is larger than {limit} bytes", os.fspath(path))
-    return data
