@@ -30,9 +30,9 @@ When every directory of a chain passes, nobody but root can change where the
 path leads afterwards, so checking first and using later is sound.
 
 The rule (:func:`writable_by`, :func:`judge`) is pure; the I/O (:func:`walk`,
-:func:`check_root_ownership`) only lstat()s and readlink()s. The helpers
-:func:`open_regular` opens (or creates) files in the service's directories
-without following symbolic links or blocking on FIFOs; for reading only,
+:func:`check_root_ownership`) only lstat()s and readlink()s.
+:func:`open_regular` opens (or creates) a file in the service's directories
+without following a symbolic link or blocking on a FIFO; for reading only,
 :func:`stapinit.core.safeio.read_regular` does the same.
 """
 
