@@ -83,8 +83,8 @@ def test_a_missing_build_tree_says_what_to_install(
     result = compile_one(str(real_stap), script, kernel, cache, temp)
     assert not result.ok
     assert result.summary == (
-        f"no kernel build tree for {release} (/lib/modules/{release}/build):"
-        f" install linux-headers-{release} (Debian; kernel-devel elsewhere)"
+        f"no kernel headers for {release}: stap needs /lib/modules/{release}/build; "
+        f"install them (Debian: apt-get install linux-headers-{release})"
     )
     assert f'Checking "/lib/modules/{release}/build/.config" failed' in result.output
 

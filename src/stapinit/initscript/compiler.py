@@ -121,8 +121,8 @@ def _failure_line(output: str, returncode: int) -> str:
     if missing is not None:
         release = missing.group(1)
         return (
-            f"no kernel build tree for {release} (/lib/modules/{release}/build):"
-            f" install linux-headers-{release} (Debian; kernel-devel elsewhere)"
+            f"no kernel headers for {release}: stap needs /lib/modules/{release}/build; "
+            f"install them (Debian: apt-get install linux-headers-{release})"
         )
     lines = [line.strip() for line in output.splitlines() if line.strip()]
     for line in lines:
