@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import fcntl
 import os
 import threading
 import time
@@ -10,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from stapinit.initscript.cache import KernelIdentity, running_kernel
-from stapinit.initscript.compiler import compile_one
+from stapinit.initscript.compiler import compile_one, remove_leftovers
 from stapinit.initscript.scripts import Script
 from tests.support.prefix import process_alive
 
@@ -99,3 +100,29 @@ def test_messages_name_the_script_not_the_private_copy(
     assert not result.ok
     assert str(script.source) in result.output and str(temp) not in result.output
     assert result.argv[-1] == str(script.source)
+
+
+def test_leftovers_of_killed_compiles_go_but_busy_and_foreign_ones_stay(tmp_path: Path) -> None:
+    temp = tmp_path / "tmp"
+    temp.mkdir()
+    abandoned = temp / "stap-alpha-x1y2z3"  # what a compile killed with SIGKILL leaves
+    (abandoned / "deep").mkdir(parents=True)
+    (abandoned / "deep" / "alpha.ko").write_bytes(b"half")
+    outside = tmp_path / "precious"
+    outside.write_text("keep")
+    (abandoned / "link").symlink_to(outside)
+    busy = temp / "stap-beta-a1b2c3"  # a compile that still runs holds its lock
+    busy.mkdir()
+    held = os.open(busy, os.O_RDONLY | os.O_DIRECTORY)
+    fcntl.flock(held, fcntl.LOCK_EX)
+    other = temp / "stap-notes"  # not a work directory of ours
+    other.mkdir()
+    planted = temp / "stap-gamma-q9w8e7"  # a link named like one
+    planted.symlink_to(outside)
+    try:
+        assert remove_leftovers(temp) == [abandoned]
+    finally:
+        os.close(held)
+    assert busy.is_dir() and other.is_dir() and planted.is_symlink()
+    assert outside.read_text() == "keep"
+    assert remove_leftovers(temp) == [busy]  # released: now it is a leftover too

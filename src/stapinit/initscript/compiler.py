@@ -14,6 +14,7 @@ update every script needs one.
 from __future__ import annotations
 
 import errno
+import fcntl
 import hashlib
 import os
 import re
@@ -22,6 +23,7 @@ from pathlib import Path
 from typing import NamedTuple
 
 from stapinit.core import process
+from stapinit.core.names import is_valid_name
 from stapinit.core.parallel import parallel_map
 from stapinit.initscript import cache
 from stapinit.initscript.cache import CacheRecord, KernelIdentity
@@ -160,7 +162,8 @@ def compile_one(
     except OSError as error:
         return CompileResult(script.name, False, f"cannot read {script.source}: {error.strerror}")
     try:
-        workdir = Path(tempfile.mkdtemp(prefix=f"stap-{script.name}-", dir=temp_path))
+        workdir = Path(tempfile.mkdtemp(prefix=f"{WORKDIR_PREFIX}{script.name}-", dir=temp_path))
+        held = _hold(workdir)
     except OSError as error:
         return CompileResult(
             script.name, False, f"cannot use TEMP_PATH {temp_path}: {error.strerror}"
@@ -203,6 +206,59 @@ def compile_one(
         return CompileResult(script.name, True, "compiled", shown, output)
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
+        os.close(held)
+
+
+#: Compiles work in TEMP_PATH/stap-NAME-XXXXXXXX (mkdtemp: 0700, ours alone).
+WORKDIR_PREFIX = "stap-"
+
+
+def _hold(workdir: Path) -> int:
+    """Lock ``workdir`` for as long as the returned descriptor is open (flock(2)).
+
+    A compile killed with SIGKILL loses the lock with its process, which is
+    how :func:`remove_leftovers` tells an abandoned directory from a busy one.
+    """
+    fd = os.open(workdir, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    fcntl.flock(fd, fcntl.LOCK_EX)
+    return fd
+
+
+def remove_leftovers(temp_path: Path) -> list[Path]:
+    """Remove the work directories earlier compiles were killed before removing.
+
+    Only ours: real directories (not links) named ``stap-NAME-*``, owned by
+    this user, and locked by no running compile. Returns what was removed.
+    """
+    import shutil
+
+    removed: list[Path] = []
+    try:
+        entries = list(os.scandir(temp_path))
+    except OSError:
+        return removed
+    for entry in entries:
+        name = entry.name.removeprefix(WORKDIR_PREFIX)
+        script, dash, _ = name.rpartition("-")
+        if name == entry.name or not dash or not is_valid_name(script):
+            continue
+        try:
+            fd = os.open(entry.path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        except OSError:
+            continue  # gone, a link, or not a directory
+        try:
+            if os.fstat(fd).st_uid != os.geteuid():
+                continue
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            continue  # a running compile holds it
+        finally:
+            os.close(fd)
+        # rmtree works through directory descriptors: a link planted inside
+        # is removed, never followed.
+        shutil.rmtree(entry.path, ignore_errors=True)
+        removed.append(Path(entry.path))
+    return removed
 
 
 def compile_many(
@@ -218,5 +274,8 @@ def compile_many(
 
     def one(script: Script) -> CompileResult:
         return compile_one(stap, script, kernel, cache_dir, temp_path, timeout, interrupted)
+
+    if scripts:
+        remove_leftovers(temp_path)
 
     return parallel_map(one, scripts, os.cpu_count() or 1)
