@@ -29,7 +29,7 @@ from typing import Any, Final, Literal, cast
 
 from stapinit.core.errors import StapinitError
 from stapinit.core.runtime import KIND_OF_SUFFIX
-from stapinit.protocol import MAX_MODULE_BYTES, ProtocolError, check_module_name
+from stapinit.protocol import ProtocolError, check_module_name
 
 #: Where stap-loader listens unless configured otherwise (the rendezvous of both sides).
 DEFAULT_SOCKET: Final = Path("/run/stap-loader.sock")
@@ -135,11 +135,6 @@ def load_request_parts(req: LoadRequest) -> tuple[bytes, Payload, bytes]:
     return frame_header(header, size), req.module, req.signature or b""
 
 
-def encode_load_request(req: LoadRequest) -> bytes:
-    """Serialise a load request."""
-    return b"".join(load_request_parts(req))
-
-
 _LOAD_KEYS = frozenset({"type", "module_name", "module_size", "signature_size", "size"})
 
 
@@ -188,14 +183,6 @@ def parse_load_header(header: dict[str, Any], size: int, max_module: int) -> Loa
     if module_size + (sig_size or 0) != size:
         raise WireError("load request: sizes do not add up to the payload")
     return LoadHeader(name, module_size, sig_size)
-
-
-def parse_load_request(frame: Frame, max_module: int = MAX_MODULE_BYTES) -> LoadRequest:
-    """A whole ``load`` frame as a :class:`LoadRequest` (see :func:`parse_load_header`)."""
-    head = parse_load_header(frame.header, len(frame.payload), max_module)
-    payload = frame.payload
-    signature = None if head.signature_size is None else bytes(payload[head.module_size :])
-    return LoadRequest(head.module_name, payload[: head.module_size], signature)
 
 
 # --- loader -> client --------------------------------------------------------------

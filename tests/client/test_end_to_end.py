@@ -13,7 +13,7 @@ import pytest
 from stapinit import loader_wire as wire
 from stapinit.trust.certs import fingerprint, load_certificate
 from tests.client.conftest import HELLO, Site
-from tests.loader.conftest import popen_as
+from tests.loader.conftest import encode_load_request, popen_as
 from tests.trust.bpfmodules import process_probe_script
 from tests.trust.people import VENV_BIN
 
@@ -67,7 +67,7 @@ def test_6_1_2_stapusr_needs_a_trusted_signer(site: Site) -> None:
 def load_as(site: Site, who: str, name: str, module: bytes, sgn: bytes) -> list[wire.Frame]:
     """Hand a module straight to stap-loader, as ``who``, without stap-client."""
     request = site.homes[who] / "request"
-    request.write_bytes(wire.encode_load_request(wire.LoadRequest(name, module, sgn)))
+    request.write_bytes(encode_load_request(wire.LoadRequest(name, module, sgn)))
     request.chmod(0o644)
     probe = Path(__file__).parents[1] / "loader" / "probe_client.py"
     result = site.run(

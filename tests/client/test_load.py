@@ -12,6 +12,7 @@ import pytest
 
 from stapinit import loader_wire as wire
 from stapinit.client.load import LoadError, run_via_loader
+from tests.loader.conftest import parse_load_request
 
 Behaviour = Callable[[socket.socket], None]
 
@@ -80,7 +81,7 @@ def test_output_and_status_come_through(
     def run(conn: socket.socket) -> None:
         frame = wire.read_frame(conn, 1 << 20)
         assert frame is not None
-        req = wire.parse_load_request(frame)
+        req = parse_load_request(frame)
         conn.sendall(wire.started("ok"))
         conn.sendall(wire.output("stdout", b"got " + bytes(req.module)))
         conn.sendall(wire.exited(128 + 15))

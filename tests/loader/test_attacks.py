@@ -20,7 +20,7 @@ import pytest
 
 from stapinit import loader_wire as wire
 from stapinit.protocol import MAX_MODULE_BYTES
-from tests.loader.conftest import Loader, popen_as, start_loader, stop_loader
+from tests.loader.conftest import Loader, encode_load_request, popen_as, start_loader, stop_loader
 from tests.trust.people import VENV_BIN, User, shared_tmpdir
 
 HOLD = Path(__file__).with_name("hold_client.py")
@@ -194,7 +194,7 @@ def test_a_hostile_signature_file_gets_a_refusal(loader: Loader, users: dict[str
         module = b"module"
         frames = loader.request(
             users["sttest_usr"],
-            wire.encode_load_request(wire.LoadRequest("signed.ko", module, signature)),
+            encode_load_request(wire.LoadRequest("signed.ko", module, signature)),
         )
         assert [f.type for f in frames] == ["refused"]
         reason = frames[0].header["reason"]

@@ -21,13 +21,19 @@ from stapinit.protocol import MAX_MODULE_BYTES
 from stapinit.trust.certs import generate_identity
 from stapinit.trust.signing import sign_module
 from stapinit.trust.stores import signer_store_at
-from tests.loader.conftest import Loader, RealModules, start_loader, stop_loader
+from tests.loader.conftest import (
+    Loader,
+    RealModules,
+    encode_load_request,
+    start_loader,
+    stop_loader,
+)
 from tests.trust.people import VENV_BIN, User, run_as, shared_tmpdir
 from tests.trust.signers import make_signer
 
 
 def load(name: str, module: bytes, signature: bytes | None = None) -> bytes:
-    return wire.encode_load_request(wire.LoadRequest(name, module, signature))
+    return encode_load_request(wire.LoadRequest(name, module, signature))
 
 
 def signed(

@@ -15,6 +15,7 @@ from hypothesis import strategies as st
 
 from stapinit import loader_wire as wire
 from stapinit.protocol import MAX_MODULE_BYTES
+from tests.loader.conftest import encode_load_request, parse_load_request
 
 
 def frame_of(data: bytes) -> wire.Frame:
@@ -40,7 +41,7 @@ def raw_frame(header: dict[str, object], payload: bytes = b"") -> bytes:
 )
 def test_load_request_round_trips(name: str, module: bytes, signature: bytes | None) -> None:
     req = wire.LoadRequest(name, module, signature)
-    assert wire.parse_load_request(frame_of(wire.encode_load_request(req))) == req
+    assert parse_load_request(frame_of(encode_load_request(req))) == req
 
 
 @pytest.mark.parametrize(
@@ -63,7 +64,7 @@ def test_module_names_that_could_be_paths_or_options_are_refused(name: str) -> N
         {"type": "load", "module_name": name, "module_size": 1, "signature_size": None}, b"x"
     )
     with pytest.raises(wire.WireError):
-        wire.parse_load_request(frame)
+        parse_load_request(frame)
 
 
 @pytest.mark.parametrize(
@@ -128,12 +129,12 @@ def test_crafted_requests_are_refused(
     header: dict[str, object], payload: bytes, match: str
 ) -> None:
     with pytest.raises(wire.WireError, match=match):
-        wire.parse_load_request(wire.Frame(header, payload))
+        parse_load_request(wire.Frame(header, payload))
 
 
 def test_signature_is_split_from_module() -> None:
     header = {"type": "load", "module_name": "a.bo", "module_size": 3, "signature_size": 2}
-    req = wire.parse_load_request(frame_of(raw_frame({**header, "size": 5}, b"modsg")))
+    req = parse_load_request(frame_of(raw_frame({**header, "size": 5}, b"modsg")))
     assert (req.module, req.signature) == (b"mod", b"sg")
 
 

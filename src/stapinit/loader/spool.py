@@ -36,12 +36,6 @@ class SpoolBudget:
         self._used = 0
         self._lock = threading.Lock()
 
-    @property
-    def used(self) -> int:
-        """Bytes held now."""
-        with self._lock:
-            return self._used
-
     def take(self, count: int) -> None:
         """Count ``count`` more bytes; raise :class:`SpoolFull` (counting none) past the limit."""
         with self._lock:
