@@ -35,8 +35,6 @@ from stapinit.trust.signing import SIGNATURE_SUFFIX
 from stapinit.trust.stores import StorePaths, trusted_server_fingerprints
 
 PROG: Final = "stap-client"
-
-
 #: Where a server is looked for when none is named (spec §6.2.1: "a client on
 #: ... the same host"): upstream finds servers with Avahi; without it, the local one.
 LOCAL_SERVER: Final = ServerAddress("localhost", DEFAULT_PORT)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import selectors
+import signal
 import socket
 import subprocess
 import threading
@@ -166,4 +167,4 @@ def stream(proc: subprocess.Popen[bytes], conn: socket.socket, grace: float) -> 
         proc.stdout.close()
         proc.stderr.close()
     returncode = proc.poll()
-    return wire.exit_status(returncode if returncode is not None else -9)
+    return wire.exit_status(returncode if returncode is not None else -signal.SIGKILL)
