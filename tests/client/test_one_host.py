@@ -7,6 +7,7 @@ whatever else this machine runs; the client runs in the same namespace.
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 import time
@@ -28,13 +29,19 @@ class Namespace:
         if shutil.which("unshare") is None or shutil.which("nsenter") is None:
             pytest.skip("needs util-linux's unshare and nsenter")
         self.holder = subprocess.Popen(["unshare", "--net", "sleep", "300"])
+        # unshare(1) makes the namespace, then runs sleep: wait until it has.
+        ours = os.readlink("/proc/self/ns/net")
         deadline = time.monotonic() + 5
-        while (
-            Path(f"/proc/{self.holder.pid}/ns/net").resolve() == Path("/proc/self/ns/net").resolve()
-        ):
+        while self._netns() in (ours, None):
             assert time.monotonic() < deadline, "unshare did not make a namespace"
             time.sleep(0.01)
         self.run(["ip", "link", "set", "lo", "up"], {}).check_returncode()
+
+    def _netns(self) -> str | None:
+        try:
+            return os.readlink(f"/proc/{self.holder.pid}/ns/net")
+        except OSError:
+            return None
 
     def run(
         self, argv: Sequence[str], env: dict[str, str], timeout: float = 60
