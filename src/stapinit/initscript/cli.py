@@ -46,7 +46,7 @@ USAGE = (
     "try-restart|reload|force-reload} [-r kernelrelease] [-c config] [-R] [-y] [--json] "
     "[script ...]\n"
     "       systemtap-service compile --all-kernels [-c config] [-y] [script ...]\n"
-    "       systemtap-service pack [-r kernelrelease] [-c config] -o FILE [script ...]\n"
+    "       systemtap-service pack [-r kernelrelease ...] [-c config] -o FILE [script ...]\n"
     "       systemtap-service unpack [-c config] [-y] FILE"
 )
 HELP = f"""{USAGE}
@@ -69,7 +69,8 @@ commands:
   unpack        verify such an archive and install it into CACHE_PATH and CONFIG_PATH
 
 options:
-  -r RELEASE    kernel release for compile, cleanup and pack (default: the running one)
+  -r RELEASE    kernel release for compile, cleanup and pack (default: the running one);
+                pack takes it more than once, for several releases
   --all-kernels compile: every release with a build tree in /lib/modules, skipping
                 valid caches
   -o FILE       pack: the archive to write
@@ -95,12 +96,12 @@ def parse_command_line(argv: Sequence[str]) -> tuple[str, Path | None, Request]:
     except getopt.GetoptError as error:
         raise UsageError(str(error)) from None
     config: Path | None = None
-    release: str | None = None
+    releases: list[str] = []
     archive: Path | None = None
     recursive = assume_yes = as_json = all_kernels = False
     for flag, value in options:
         if flag == "-r":
-            release = value
+            releases.append(value)
         elif flag == "-c":
             config = Path(value)
         elif flag == "-R":
@@ -118,6 +119,9 @@ def parse_command_line(argv: Sequence[str]) -> tuple[str, Path | None, Request]:
     command, scripts = words[0], tuple(words[1:])
     if command not in COMMANDS:
         raise UsageError(f"unknown command: {command}")
+    release = releases[-1] if releases else None
+    if len(releases) > 1 and command != "pack":
+        raise UsageError("-r may be given more than once only with pack")
     if release is not None and command not in _TAKE_RELEASE:
         raise UsageError(f"-r is valid only with compile, cleanup and pack, not {command}")
     if all_kernels and (command != "compile" or release is not None):
@@ -132,9 +136,12 @@ def parse_command_line(argv: Sequence[str]) -> tuple[str, Path | None, Request]:
     for name in scripts:
         if not is_valid_name(name):
             raise UsageError(f"{name!r} is not a valid script name")
-    if release is not None and (not release or "/" in release or release in (".", "..")):
-        raise UsageError(f"{release!r} is not a kernel release")
-    request = Request(scripts, release, recursive, assume_yes, as_json, archive, all_kernels)
+    for each in releases:
+        if not each or "/" in each or each in (".", ".."):
+            raise UsageError(f"{each!r} is not a kernel release")
+    request = Request(
+        scripts, release, recursive, assume_yes, as_json, archive, all_kernels, tuple(releases)
+    )
     return command, config, request
 
 

@@ -40,6 +40,7 @@ DEFAULTS: Mapping[str, str] = {
     "MODULES_LIST": "/proc/modules",
     "LOCK_TIMEOUT": "30",
     "STOP_TIMEOUT": "10",
+    "REQUIRE_SIGNED": "no",
 }
 _PATH_KEYS = ("SCRIPT_PATH", "CONFIG_PATH", "CACHE_PATH", "TEMP_PATH", "STAT_PATH", "LOG_FILE")
 
@@ -68,6 +69,7 @@ class Settings(NamedTuple):
     # where they were set so that errors can point there.
     script_vars: Mapping[str, Assignment] = MappingProxyType({})
     files_read: tuple[Path, ...] = ()
+    require_signed: bool = False  # unpack: install only modules signed by a trusted signer
 
     def script_var(self, script: str, suffix: str) -> Assignment | None:
         """The ``<script>_<suffix>`` assignment, if any file made one."""
@@ -143,6 +145,7 @@ def settings_from_assignments(
         stop_timeout=seconds("STOP_TIMEOUT"),
         script_vars=script_vars,
         files_read=tuple(files_read),
+        require_signed=boolean("REQUIRE_SIGNED"),
     )
 
 
