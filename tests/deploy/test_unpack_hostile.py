@@ -177,7 +177,8 @@ HOSTILE_CONF = {
     ),
     "tapset directory (-I)": (
         "tick_OPT='--runtime=bpf -I /tmp'\n",
-        "conf.d/tick.conf:1: tick_OPT: -I /tmp is not one of the compile options an archive may set",
+        "conf.d/tick.conf:1: tick_OPT: -I /tmp is not one of the compile options "
+        "an archive may set",
     ),
     "kbuild make option (-B)": (
         "tick_OPT='-B CC=/tmp/evil'\n",
