@@ -2,71 +2,14 @@
 
 from __future__ import annotations
 
-import hashlib
-import io
 import tarfile
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
-from tests.deploy.conftest import TICK, Hosts
+from tests.deploy.conftest import Entry, Hosts, listed, manifest, regular, special, write_tar
 from tests.support.prefix import RELEASE
-
-Entry = tuple[tarfile.TarInfo, bytes]
-
-
-def regular(name: str, data: bytes) -> Entry:
-    info = tarfile.TarInfo(name)
-    info.size, info.mode = len(data), 0o644
-    return info, data
-
-
-def special(name: str, kind: bytes, linkname: str = "") -> Entry:
-    info = tarfile.TarInfo(name)
-    info.type, info.linkname = kind, linkname
-    return info, b""
-
-
-def manifest(files: dict[str, bytes], release: str = RELEASE) -> Entry:
-    """The MANIFEST format, written independently of the product's code."""
-    text = f"systemtap-service pack 1\nrelease {release}\n"
-    text += "".join(
-        f"sha256 {hashlib.sha256(data).hexdigest()} {path}\n" for path, data in files.items()
-    )
-    return regular("MANIFEST", text.encode())
-
-
-def write_tar(path: Path, entries: list[Entry]) -> None:
-    with tarfile.open(path, "w:gz") as archive:
-        for info, data in entries:
-            archive.addfile(info, io.BytesIO(data) if info.isfile() else None)
-    with tarfile.open(path) as check:  # the hostile names survive as written
-        assert check.getnames() == [info.name for info, _ in entries]
-
-
-@pytest.fixture
-def packed(hosts: Hosts) -> dict[str, bytes]:
-    """The files (MANIFEST aside) of a real pack of one script."""
-    hosts.build.add_script("tick", TICK, options="--runtime=bpf")
-    assert hosts.build.run("compile", "-y").returncode == 0
-    archive = hosts.root / "good.tar.gz"
-    done = hosts.build.run("pack", "-o", str(archive))
-    assert done.returncode == 0, done.stderr
-    with tarfile.open(archive) as members:
-        files = {}
-        for info in members.getmembers():
-            handle = members.extractfile(info)
-            assert handle is not None
-            files[info.name] = handle.read()
-    assert files.pop("MANIFEST").startswith(b"systemtap-service pack 1\n")
-    return files
-
-
-def listed(files: dict[str, bytes]) -> list[Entry]:
-    """A manifest listing ``files``, then the files, all regular."""
-    return [manifest(files)] + [regular(path, data) for path, data in files.items()]
-
 
 BO = f"cache/{RELEASE}/tick.bo"
 OPTS = f"cache/{RELEASE}/tick.opts"

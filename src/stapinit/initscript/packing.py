@@ -908,23 +908,27 @@ def _pack(service: Service, request: Request, spool: IO[bytes]) -> int:
             check_release(release)
         except PackError as error:
             raise CommandError(str(error)) from None
+    # The scripts are chosen once, for the first release; every release must
+    # have a valid cache of each, so that the archive serves every host alike.
+    scripts = service.scripts(releases[0])
+    if request.scripts:
+        names = service.select(request._replace(recursive=True), scripts)
+    else:
+        names = sorted(scripts)
+    if not names:
+        raise CommandError(f"no scripts to pack in {settings.script_path}")
     files: dict[str, Blob] = {}
     chosen: list[Script] = []
     for release in releases:
-        scripts = service.scripts(release)
-        if request.scripts:
-            names = service.select(request._replace(recursive=True), scripts)
-        else:
-            names = sorted(scripts)
-        if not names:
-            raise CommandError(f"no scripts to pack in {settings.script_path}")
-        chosen = [scripts[name] for name in names]
+        in_release = service.scripts(release) if release != releases[0] else scripts
+        chosen = [in_release[name] for name in names if name in in_release]
         directory = cache_dir(settings, release)
         stale = service.stale_scripts(chosen, target_kernel(release), directory)
         for name in names:
-            if name in stale:
+            why = stale.get(name, None if name in in_release else "no compiled module")
+            if why is not None:
                 raise CommandError(
-                    f"cannot pack {name}: {stale[name]} in {directory} "
+                    f"cannot pack {name}: {why} in {directory} "
                     f"(run: systemtap-service compile -r {release} {name})"
                 )
         for script in chosen:
