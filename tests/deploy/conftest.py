@@ -77,13 +77,15 @@ def write_tar(path: Path, entries: list[Entry]) -> None:
         assert check.getnames() == [info.name for info, _ in entries]
 
 
-@pytest.fixture
-def packed(hosts: Hosts) -> dict[str, bytes]:
-    """The files (MANIFEST aside) of a real pack of one script."""
-    hosts.build.add_script("tick", TICK, options="--runtime=bpf")
-    assert hosts.build.run("compile", "-y").returncode == 0
-    archive = hosts.root / "good.tar.gz"
-    done = hosts.build.run("pack", "-o", str(archive))
+@pytest.fixture(scope="session")
+def packed_once(tmp_path_factory: pytest.TempPathFactory) -> dict[str, bytes]:
+    """The files (MANIFEST aside) of a real pack of one script, compiled once."""
+    root = tmp_path_factory.mktemp("packed")
+    build = Prefix(root / "build")
+    build.add_script("tick", TICK, options="--runtime=bpf")
+    assert build.run("compile", "-y").returncode == 0
+    archive = root / "good.tar.gz"
+    done = build.run("pack", "-o", str(archive))
     assert done.returncode == 0, done.stderr
     with tarfile.open(archive) as members:
         files = {}
@@ -93,6 +95,12 @@ def packed(hosts: Hosts) -> dict[str, bytes]:
             files[info.name] = handle.read()
     assert files.pop("MANIFEST").startswith(b"systemtap-service pack 1\n")
     return files
+
+
+@pytest.fixture
+def packed(packed_once: dict[str, bytes]) -> dict[str, bytes]:
+    """The files of a real pack of one script (a copy each test may change)."""
+    return dict(packed_once)
 
 
 def listed(files: dict[str, bytes]) -> list[Entry]:
