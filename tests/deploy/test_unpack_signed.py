@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import datetime as dt
 import os
+import shutil
 import subprocess
 import sys
 import tarfile
@@ -96,6 +97,24 @@ def test_pack_carries_the_signature_and_unpack_installs_it_when_it_verifies(
     started = signed_hosts.target.run("start")
     assert started.returncode == 0, started.stderr
     assert signed_hosts.target.run("stop").returncode == 0
+
+
+def test_only_the_releases_installed_are_verified_and_installed(signed_hosts: Hosts) -> None:
+    # A fleet archive: another release's signature is not this host's concern.
+    fleet = "0.0.0-fleet"
+    build = signed_hosts.build
+    shutil.copytree(build.cache_dir(), build.cache_dir(fleet))
+    record = build.cache_dir(fleet) / "tick.opts"
+    record.write_text(record.read_text().replace(f"release={RELEASE}\n", f"release={fleet}\n"))
+    (build.cache_dir(fleet) / "tick.bo.sgn").write_bytes(b"not a signature")
+    archive = signed_hosts.root / "fleet.tgz"
+    done = build.run("pack", "-r", RELEASE, "-r", fleet, "-o", str(archive))
+    assert done.returncode == 0, done.stderr
+    unpacked = signed_hosts.target.run("unpack", str(archive))
+    assert unpacked.returncode == 0, unpacked.stderr
+    assert f"Skipped {fleet}: not installed on this host" in unpacked.stdout
+    assert (signed_hosts.target.cache_dir() / "tick.bo.sgn").exists()
+    assert not signed_hosts.target.cache_dir(fleet).exists()
 
 
 def refused(hosts: Hosts, files: dict[str, bytes], why: str) -> None:

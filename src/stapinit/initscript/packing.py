@@ -693,11 +693,10 @@ def verify_signatures(
     from stapinit.trust.stores import signer_store_at
 
     certificates = [found.certificate for found in signer_store_at(signers).certificates(warn)]
-    modules = sorted(
-        (path, entry)
-        for path, entry in ((p, classify(p, releases)) for p in files if p.startswith("cache/"))
-        if entry.area == "module"
-    )
+    in_releases = [p for p in files if p.startswith("cache/") and p.split("/")[1] in releases]
+    modules = [
+        (p, entry) for p in sorted(in_releases) if (entry := classify(p, releases)).area == "module"
+    ]
     for path, entry in modules:
         signature = files.get(path + SIGNATURE_SUFFIX)
         if signature is None or signature.data is None:
