@@ -88,7 +88,7 @@ _MAX_NAME = 64
 
 # Bounds on what unpack reads from an untrusted archive, each checked against
 # a member's header before its body is read. Modules wait in an anonymous
-# temporary file (the spool); the small files are kept in memory.
+# temporary file (the spool, in CACHE_PATH); the small files are kept in memory.
 MAX_ARCHIVE_BYTES = 256 << 20  # the compressed file
 MAX_TOTAL_BYTES = 512 << 20  # all members, decompressed
 MAX_MODULE_BYTES = 64 << 20  # one NAME.ko / NAME.bo
@@ -661,13 +661,13 @@ def blob_bytes(blob: Blob, spool: IO[bytes]) -> bytes:
     return b"".join(parts)
 
 
-def _spool(stack: contextlib.ExitStack, temp_path: Path) -> IO[bytes]:
-    """An anonymous temporary file under ``TEMP_PATH``, gone when the command ends."""
+def _spool(stack: contextlib.ExitStack, directory: Path) -> IO[bytes]:
+    """An anonymous temporary file in ``directory``, gone when the command ends."""
     try:
-        return stack.enter_context(tempfile.TemporaryFile(dir=temp_path, buffering=0))
+        return stack.enter_context(tempfile.TemporaryFile(dir=directory, buffering=0))
     except OSError as error:
         raise CommandError(
-            f"cannot create a temporary file in {temp_path}: {error.strerror}"
+            f"cannot create a temporary file in {directory}: {error.strerror}"
         ) from None
 
 
@@ -721,10 +721,12 @@ def verify_signatures(
 
 def _differs(placement: Placement, blob: Blob) -> bool:
     """True when the destination exists with other contents (or cannot be compared)."""
+    if not os.path.lexists(placement.destination):
+        return False
     try:
         handle = _open_regular(placement.destination, blob.size, follow=False)
-    except PackError as error:
-        return str(error) != "no such file"
+    except PackError:
+        return True
     digest = hashlib.sha256()
     with handle:
         while chunk := handle.read(_CHUNK):
@@ -965,8 +967,12 @@ def _pack(service: Service, request: Request, spool: IO[bytes]) -> int:
 
 def unpack(service: Service, request: Request) -> int:
     """Verify an archive made by :func:`pack` and install what is for this host, all or nothing."""
+    settings = service.settings
+    # The modules wait where they will land, rather than in TEMP_PATH, which
+    # is often a tmpfs: a hostile archive must not fill memory that way either.
+    where = settings.cache_path if settings.cache_path.is_dir() else settings.temp_path
     with _locked(service, "unpack"), contextlib.ExitStack() as stack:
-        return _unpack(service, request, _spool(stack, service.settings.temp_path))
+        return _unpack(service, request, _spool(stack, where))
 
 
 def _unpack(service: Service, request: Request, spool: IO[bytes]) -> int:
