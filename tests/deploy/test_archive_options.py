@@ -9,6 +9,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from stapinit.core.runtime import RuntimeKind
 from stapinit.initscript.cache import CacheRecord, KernelIdentity
 from stapinit.initscript.options import (
     compile_options,
@@ -142,7 +143,7 @@ def test_the_reported_attack_is_refused_naming_file_line_and_option() -> None:
 
 def script(options: str, requires: tuple[str, ...] = ()) -> Script:
     parsed = tuple(parse_options(split_options(options)))
-    runtime = "bpf" if "bpf" in options else "kmod"
+    runtime: RuntimeKind = "bpf" if "bpf" in options else "kmod"
     return Script("tick", Path("/x/tick.stp"), parsed, requires, runtime)
 
 

@@ -170,7 +170,7 @@ HOSTILE = {
 
 
 def snapshot(root: Path, log_file: Path) -> dict[str, bytes]:
-    """Every path under ``root`` with its contents (the log aside: errors go there)."""
+    """Every path under ``root`` with its contents (but the log, where errors go, and the lock)."""
     found: dict[str, bytes] = {}
     for path in sorted(root.rglob("*")):
         if path == log_file or path.suffix == ".gz" or path.name == ".lock":

@@ -31,9 +31,9 @@ ALLOW_CACHEONLY=yes). An archive is untrusted input:
   the running one) built for its architecture are installed.
 
 All of that is checked before anything is written, and then every file is
-installed or none. ``pack`` and ``unpack`` hold the service lock: ``unpack``
-writes the cache that ``start`` reads. The checks are pure functions; the
-I/O around them is thin.
+installed or none. ``pack`` and ``unpack`` run under the service lock (the
+command line takes it, see ``cli.COMMANDS``): ``unpack`` writes the cache that
+``start`` reads. The checks are pure functions; the I/O around them is thin.
 """
 
 from __future__ import annotations
@@ -51,7 +51,6 @@ import tempfile
 import time
 import zlib
 from collections.abc import Callable, Collection, Mapping, Sequence
-from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, NamedTuple, Protocol
@@ -60,10 +59,11 @@ from stapinit.core.bashvars import ConfigError, parse_assignments
 from stapinit.core.fsutil import stage_write
 from stapinit.core.lsb import EXIT_OK
 from stapinit.core.names import NAME_PATTERN
+from stapinit.core.runtime import KIND_OF_SUFFIX, MODULE_SUFFIX
 from stapinit.core.values import is_release
 from stapinit.initscript import cache
 from stapinit.initscript.cache import CacheRecord, running_kernel, target_kernel
-from stapinit.initscript.commands import CommandError, Request, Service
+from stapinit.initscript.commands import CommandError, Initscript, Request
 from stapinit.initscript.kernels import MODULES_DIR
 from stapinit.initscript.options import (
     Option,
@@ -72,7 +72,7 @@ from stapinit.initscript.options import (
     parse_options,
     split_options,
 )
-from stapinit.initscript.scripts import MODULE_SUFFIXES, Script, cache_dir
+from stapinit.initscript.scripts import Script, cache_dir
 
 MANIFEST_NAME = "MANIFEST"
 FORMAT_LINE = "systemtap-service pack 1"
@@ -81,7 +81,6 @@ RECORD_SUFFIX = ".opts"
 # would load the crypto library for every pack and unpack.
 SIGNATURE_SUFFIX = ".sgn"
 _SHA256_PATTERN = re.compile(r"[0-9a-f]{64}")
-_RUNTIME_OF_SUFFIX = {suffix: runtime for runtime, suffix in MODULE_SUFFIXES.items()}
 # A script name in an archive: stap's module names are at most 55 characters,
 # and every archive path must fit a ustar header (155 + 100 characters).
 _MAX_NAME = 64
@@ -219,7 +218,7 @@ def classify(path: str, releases: Collection[str]) -> Entry:
         filename = parts[2]
         stem, dot, suffix = filename.partition(".")
         kinds = {RECORD_SUFFIX[1:]: "record"}
-        for module_suffix in _RUNTIME_OF_SUFFIX:
+        for module_suffix in KIND_OF_SUFFIX:
             kinds[module_suffix[1:]] = "module"
             kinds[module_suffix[1:] + SIGNATURE_SUFFIX] = "signature"
         if dot and suffix in kinds and _script_name(stem):
@@ -307,7 +306,7 @@ def check_cache_files(release: str, files: Mapping[str, Blob]) -> set[str]:
         record = read_record(records[script], files[records[script]])
         if record.kernel.release != release:
             raise PackError(f"{records[script]} is for {record.kernel.release}, not {release}")
-        if MODULE_SUFFIXES.get(record.runtime) != suffix:
+        if KIND_OF_SUFFIX.get(suffix) != record.runtime:
             raise PackError(f"{records[script]} records runtime {record.runtime}, not {suffix}")
     orphans = sorted(set(records) - set(modules))
     if orphans:
@@ -478,7 +477,7 @@ def plan(
         for path, entry in sorted(entries.items()):
             if entry.area != "module":
                 continue
-            olds = [directory / f"{entry.script}{suffix}" for suffix in MODULE_SUFFIXES.values()]
+            olds = [directory / f"{entry.script}{suffix}" for suffix in MODULE_SUFFIX.values()]
             removes = (
                 cache.record_path(directory, entry.script),
                 *(old for old in olds if old.name != entry.filename),
@@ -521,7 +520,7 @@ def member_limit(name: str) -> int:
     """The most bytes the member ``name`` may have: modules are big, the rest small."""
     if name == MANIFEST_NAME:
         return MAX_MANIFEST_BYTES
-    if name.endswith(tuple(_RUNTIME_OF_SUFFIX)):
+    if name.endswith(tuple(KIND_OF_SUFFIX)):
         return MAX_MODULE_BYTES
     return MAX_SMALL_BYTES
 
@@ -880,29 +879,24 @@ def _write_output(path: Path, fill: Callable[[IO[bytes]], None]) -> None:
 # -- the commands --------------------------------------------------------------
 
 
-def _locked(service: Service, command: str) -> AbstractContextManager[object]:
-    """The service lock, as compile and cleanup take it: start must never read half a cache."""
-    return service._lock_if_possible(command)
-
-
 def _pack_releases(request: Request) -> list[str]:
     named = request.releases or ((request.release,) if request.release else ())
     return list(dict.fromkeys(named)) or [running_kernel().release]
 
 
-def pack(service: Service, request: Request) -> int:
+def pack(initscript: Initscript, request: Request) -> int:
     """Write the caches of each ``-r`` (default: running) and their settings to ``-o``.
 
     Named scripts bring their requirements along: the target could not start
     them otherwise. Every packed cache must be valid for every release.
     """
-    with _locked(service, "pack"), contextlib.ExitStack() as stack:
-        return _pack(service, request, _spool(stack, service.settings.temp_path))
+    with contextlib.ExitStack() as stack:
+        return _pack(initscript, request, _spool(stack, initscript.settings.temp_path))
 
 
-def _pack(service: Service, request: Request, spool: IO[bytes]) -> int:
+def _pack(initscript: Initscript, request: Request, spool: IO[bytes]) -> int:
     assert request.archive is not None
-    settings = service.settings
+    settings = initscript.settings
     releases = _pack_releases(request)
     for release in releases:
         try:
@@ -911,9 +905,9 @@ def _pack(service: Service, request: Request, spool: IO[bytes]) -> int:
             raise CommandError(str(error)) from None
     # The scripts are chosen once, for the first release; every release must
     # have a valid cache of each, so that the archive serves every host alike.
-    scripts = service.scripts(releases[0])
+    scripts = initscript.scripts(releases[0])
     if request.scripts:
-        names = service.select(request._replace(recursive=True), scripts)
+        names = initscript.select(request._replace(recursive=True), scripts)[0]
     else:
         names = sorted(scripts)
     if not names:
@@ -921,10 +915,10 @@ def _pack(service: Service, request: Request, spool: IO[bytes]) -> int:
     files: dict[str, Blob] = {}
     chosen: list[Script] = []
     for release in releases:
-        in_release = service.scripts(release) if release != releases[0] else scripts
+        in_release = initscript.scripts(release) if release != releases[0] else scripts
         chosen = [in_release[name] for name in names if name in in_release]
         directory = cache_dir(settings, release)
-        stale = service.stale_scripts(chosen, target_kernel(release), directory)
+        stale = initscript.stale_scripts(chosen, target_kernel(release), directory)
         for name in names:
             why = stale.get(name, None if name in in_release else "no compiled module")
             if why is not None:
@@ -947,7 +941,7 @@ def _pack(service: Service, request: Request, spool: IO[bytes]) -> int:
             raise CommandError(f"cannot pack {script.name}: {error}") from None
         files[f"conf.d/{script.name}.conf"] = Blob.of(text.encode())
         if left_out:
-            service.log.warning(
+            initscript.log.warning(
                 f"{script.name}: run-time options left out of the archive: {' '.join(left_out)}; "
                 "set them in the target's own configuration"
             )
@@ -960,24 +954,23 @@ def _pack(service: Service, request: Request, spool: IO[bytes]) -> int:
     _write_output(request.archive, lambda handle: write_archive(handle, manifest, files, spool))
     packed = " ".join(script.name for script in chosen)
     message = f"Packed {packed} for {' '.join(releases)} into {request.archive}"
-    service.log.info(message)
-    print(message, file=service.out)
+    initscript.log.report(message)
     return EXIT_OK
 
 
-def unpack(service: Service, request: Request) -> int:
+def unpack(initscript: Initscript, request: Request) -> int:
     """Verify an archive made by :func:`pack` and install what is for this host, all or nothing."""
-    settings = service.settings
+    settings = initscript.settings
     # The modules wait where they will land, rather than in TEMP_PATH, which
     # is often a tmpfs: a hostile archive must not fill memory that way either.
     where = settings.cache_path if settings.cache_path.is_dir() else settings.temp_path
-    with _locked(service, "unpack"), contextlib.ExitStack() as stack:
-        return _unpack(service, request, _spool(stack, where))
+    with contextlib.ExitStack() as stack:
+        return _unpack(initscript, request, _spool(stack, where))
 
 
-def _unpack(service: Service, request: Request, spool: IO[bytes]) -> int:
+def _unpack(initscript: Initscript, request: Request, spool: IO[bytes]) -> int:
     assert request.archive is not None
-    settings = service.settings
+    settings = initscript.settings
     uname = os.uname()
     try:
         manifest, files = check_members(read_archive(request.archive, spool))
@@ -989,30 +982,28 @@ def _unpack(service: Service, request: Request, spool: IO[bytes]) -> int:
 
             signers = StorePaths.default().signers
             count = verify_signatures(
-                files, releases, spool, signers, uname.machine, service.log.warning
+                files, releases, spool, signers, uname.machine, initscript.log.warning
             )
-            service.log.info(f"Verified the signatures of {count} modules against {signers}")
+            initscript.log.info(f"Verified the signatures of {count} modules against {signers}")
         placements = plan(files, releases, settings.cache_path, settings.config_path)
     except PackError as error:
         raise CommandError(f"{request.archive}: {error}; nothing installed") from None
     for release, why in skipped.items():
-        service.log.info(f"Skipped {release}: {why}")
-        print(f"Skipped {release}: {why}", file=service.out)
+        initscript.log.report(f"Skipped {release}: {why}")
     replaced = [p.destination for p in placements if _differs(p, files[p.path])]
     if replaced and not request.assume_yes:
         listing = "\n".join(f"  {path}" for path in replaced)
-        print(f"These files will be replaced:\n{listing}", file=service.out)
-        if not service.confirm("Replace these files?"):
+        print(f"These files will be replaced:\n{listing}", file=initscript.log.out)
+        if not initscript.confirm("Replace these files?"):
             raise CommandError("not replacing existing files; nothing installed")
     try:
         install(placements, files, spool)
     except PackError as error:
         raise CommandError(f"{request.archive}: {error}") from None
     for placement in placements:
-        service.log.info(f"Installed {placement.destination}")
-        print(f"Installed {placement.destination}", file=service.out)
+        initscript.log.report(f"Installed {placement.destination}")
     if not settings.allow_cacheonly:
-        service.log.warning(
+        initscript.log.warning(
             "ALLOW_CACHEONLY=no: scripts without a .stp file will not run from these caches"
         )
     return EXIT_OK
