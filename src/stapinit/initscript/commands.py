@@ -29,7 +29,7 @@ from stapinit.core.lsb import (
 )
 from stapinit.core.names import is_valid_name
 from stapinit.core.process import Ending, Process
-from stapinit.core.runtime import Instance, Runtime, RuntimeFailure, RuntimeKind, State
+from stapinit.core.runtime import Instance, Phase, Runtime, RuntimeFailure, RuntimeKind, State
 from stapinit.core.runtimes import bpf
 from stapinit.core.runtimes.bpf import BpfRuntime
 from stapinit.core.runtimes.kmod import KernelModuleRuntime
@@ -262,32 +262,31 @@ class Initscript:
         record = status.read(self.settings.stat_path, script.name)
         return self._runtime(script, record).state(script.name, record)
 
-    def _adopt_unrecorded(self, scripts: Iterable[Script], directory: Path) -> None:
-        """Record every stapbpf that runs one of our modules without a status record.
+    def _unrecorded(self, scripts: Iterable[Script], directory: Path) -> dict[str, Instance]:
+        """The stapbpf processes that run one of our modules without a status record.
 
-        A start killed between spawning stapbpf and recording it leaves one:
-        from now on ``status`` and ``stop`` see it, and ``start`` never runs
-        the script twice.
+        A start killed between spawning stapbpf and recording it leaves one.
         """
         candidates = {
             script.name: str(cache.module_path(directory, script.name, ".bo"))
             for script in scripts
             if status.read(self.settings.stat_path, script.name) is None
         }
-        if not candidates:
-            return
-        for name, running in bpf.find_running(candidates).items():
+        found: dict[str, Instance] = {}
+        for name, running in bpf.find_running(candidates).items() if candidates else ():
             ready = bpf.is_ready(running.pid, os.uname().machine)
-            record = Instance(
-                name,
-                "bpf",
-                running.pid,
-                running.start_time,
-                candidates[name],
-                "ready" if ready else "starting",
+            phase: Phase = "ready" if ready else "starting"
+            found[name] = Instance(
+                name, "bpf", running.pid, running.start_time, candidates[name], phase
             )
+        return found
+
+    def _adopt_unrecorded(self, scripts: Iterable[Script], directory: Path) -> None:
+        """Record every :meth:`_unrecorded` process: from now on ``status`` and ``stop``
+        see it, and ``start`` never runs the script twice."""
+        for name, record in self._unrecorded(scripts, directory).items():
             status.write(self.settings.stat_path, record)
-            self.log.warning(f"{name} (pid {running.pid}) ran without a status record; recorded it")
+            self.log.warning(f"{name} (pid {record.pid}) ran without a status record; recorded it")
 
     def start(self, request: Request) -> int:
         """Start the scripts, compiling stale ones first (spec §2.2.1)."""
@@ -296,7 +295,8 @@ class Initscript:
         if not scripts:
             self.log.warning(f"no scripts in {self.settings.script_path}")
             return EXIT_OK
-        order, failed = self.select(request, scripts, self.settings.default_start)
+        order, missing = self.select(request, scripts, self.settings.default_start)
+        failed: dict[str, str] = {}
         directory = cache_dir(self.settings, kernel.release)
         self._adopt_unrecorded((scripts[name] for name in order), directory)
         to_start: list[str] = []
@@ -351,7 +351,8 @@ class Initscript:
                     pid = f" (pid {outcome.pid})" if outcome.pid else ""
                     self.log.report(f"Started {name}{pid}")
         self.check_interrupted()
-        return self._verdict("start", list(failed))
+        # A DEFAULT_START name that is no script fails only itself.
+        return self._verdict("start", [*missing, *failed])
 
     def _start_one(self, script: Script, directory: Path) -> Instance:
         """Start one script and wait until it is ready; its record exists throughout."""
@@ -495,8 +496,11 @@ class Initscript:
         names = list(request.scripts) or sorted(scripts)
         directory = cache_dir(self.settings, kernel.release)
         states = {name: self._state(scripts[name]) for name in scripts}
+        unrecorded = self._unrecorded(scripts.values(), directory)
+        states.update((name, State.RUNNING) for name in unrecorded)
         reports = [
-            self._report(scripts[name], scripts, states, directory, kernel) for name in names
+            self._report(scripts[name], unrecorded.get(name), states, directory, kernel)
+            for name in names
         ]
         self._print_status(request, reports)
         found = {report.state for report in reports}
@@ -531,12 +535,12 @@ class Initscript:
     def _report(
         self,
         script: Script,
-        scripts: dict[str, Script],
+        unrecorded: Instance | None,
         states: dict[str, State],
         directory: Path,
         kernel: KernelIdentity,
     ) -> ScriptStatus:
-        record = status.read(self.settings.stat_path, script.name)
+        record = status.read(self.settings.stat_path, script.name) or unrecorded
         state = states[script.name]
         stale = self.stale_scripts([script], kernel, directory).get(script.name)
         live = record is not None and Process(record.pid, record.start_time).alive()

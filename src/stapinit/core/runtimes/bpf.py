@@ -14,7 +14,6 @@ its ``end`` probes and exits 0 — a completed one-shot run.
 from __future__ import annotations
 
 import os
-import platform
 import signal
 import subprocess
 import time
@@ -64,7 +63,7 @@ class BpfRuntime:
         self.start_timeout = start_timeout
         self.stop_timeout = stop_timeout
         self._children: dict[int, subprocess.Popen[bytes]] = {}
-        self._machine = platform.machine()
+        self._machine = os.uname().machine
 
     def launch(self, name: str, module: str, options: LoadOptions, output: int) -> Instance:
         """Start stapbpf detached (own session, stdin /dev/null, output to ``output``)."""
