@@ -183,7 +183,7 @@ def test_pack_never_replaces_what_is_not_a_regular_file(compiled: Hosts, kind: s
         out.mkdir()
     done = compiled.build.run("pack", "-o", str(out), timeout=30)  # a FIFO must not block it
     assert done.returncode == 1
-    what = "a symbolic link" if "link" in kind else "not a regular file"
+    what = "a symbolic link" if "link" in kind else f"a {kind}"
     assert done.stderr == f"systemtap-service: refusing to replace {out}: it is {what}\n"
     assert victim.read_text() == "keep me\n"
     assert not (compiled.root / "nowhere").exists()
@@ -324,3 +324,24 @@ def test_unpack_of_something_that_is_no_archive_file_does_not_block(
     done = hosts.target.run("unpack", "-y", str(path), timeout=30)
     assert done.returncode == 1
     assert done.stderr == f"systemtap-service: {path}: not a regular file; nothing installed\n"
+
+
+@pytest.mark.parametrize("kind", ["symbolic link", "FIFO"])
+def test_unpack_never_replaces_what_is_not_a_regular_file(
+    hosts: Hosts, packed: dict[str, bytes], kind: str
+) -> None:
+    archive = hosts.root / "good.tgz"
+    write_tar(archive, listed(packed))
+    conf = hosts.target.root / "conf.d" / "tick.conf"
+    shared = hosts.root / "shared.conf"
+    shared.write_text("tick_OPT=--runtime=bpf\n")
+    if kind == "FIFO":
+        os.mkfifo(conf)
+    else:
+        conf.symlink_to(shared)
+    done = hosts.target.run("unpack", "-y", str(archive), timeout=30)
+    assert done.returncode == 1
+    assert done.stderr == f"systemtap-service: {archive}: {conf} is a {kind}; nothing installed\n"
+    assert shared.read_text() == "tick_OPT=--runtime=bpf\n"
+    assert (stat.S_ISFIFO if kind == "FIFO" else stat.S_ISLNK)(conf.lstat().st_mode)
+    assert not hosts.target.cache_dir().exists()

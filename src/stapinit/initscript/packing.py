@@ -733,6 +733,13 @@ def _differs(placement: Placement, blob: Blob) -> bool:
     return digest.hexdigest() != blob.sha256
 
 
+_FILE_KINDS = {
+    stat.S_IFLNK: "a symbolic link",
+    stat.S_IFDIR: "a directory",
+    stat.S_IFIFO: "a FIFO",
+}
+
+
 def _make_parents(directory: Path, created: list[Path]) -> None:
     missing = []
     while not directory.exists():
@@ -743,16 +750,29 @@ def _make_parents(directory: Path, created: list[Path]) -> None:
         created.append(path)
 
 
+def check_destinations(placements: Sequence[Placement]) -> None:
+    """Refuse when a destination exists and is not a regular file.
+
+    Only a regular file is ever replaced: a link, FIFO or directory there is
+    someone's deliberate choice (and renaming over a link would drop it).
+    """
+    for placement in placements:
+        try:
+            mode = placement.destination.lstat().st_mode
+        except (FileNotFoundError, NotADirectoryError):
+            continue
+        if not stat.S_ISREG(mode):
+            kind = _FILE_KINDS.get(stat.S_IFMT(mode), "not a regular file")
+            raise PackError(f"{placement.destination} is {kind}; nothing installed")
+
+
 def install(placements: Sequence[Placement], files: Mapping[str, Blob], spool: IO[bytes]) -> None:
     """Install every file or none: stage all beside their targets, then rename.
 
     A failure while staging (a full disk, a read-only directory) removes what
     was staged and the directories made for it, leaving the system unchanged.
     """
-    for placement in placements:
-        target = placement.destination
-        if target.is_dir() and not target.is_symlink():
-            raise PackError(f"{target} is a directory; nothing installed")
+    check_destinations(placements)
     created: list[Path] = []
     staged: list[Path] = []
     try:
@@ -856,7 +876,7 @@ def _write_output(path: Path, fill: Callable[[IO[bytes]], None]) -> None:
     except OSError as error:
         raise CommandError(f"cannot write {path}: {error.strerror}") from None
     if mode is not None and not stat.S_ISREG(mode):
-        kind = "a symbolic link" if stat.S_ISLNK(mode) else "not a regular file"
+        kind = _FILE_KINDS.get(stat.S_IFMT(mode), "not a regular file")
         raise CommandError(f"refusing to replace {path}: it is {kind}")
     try:
         fd, temp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
@@ -986,8 +1006,10 @@ def _unpack(initscript: Initscript, request: Request, spool: IO[bytes]) -> int:
             )
             initscript.log.info(f"Verified the signatures of {count} modules against {signers}")
         placements = plan(files, releases, settings.cache_path, settings.config_path)
+        check_destinations(placements)
     except PackError as error:
-        raise CommandError(f"{request.archive}: {error}; nothing installed") from None
+        message = str(error).removesuffix("; nothing installed")
+        raise CommandError(f"{request.archive}: {message}; nothing installed") from None
     for release, why in skipped.items():
         initscript.log.report(f"Skipped {release}: {why}")
     replaced = [p.destination for p in placements if _differs(p, files[p.path])]
