@@ -198,6 +198,11 @@ def test_pack_refuses_a_stale_cache_and_options_an_archive_may_not_carry(hosts: 
         (["compile", "--all-kernels", "-r", RELEASE], "--all-kernels and -r exclude each other"),
         (["status", "--all-kernels"], "--all-kernels is not valid with status"),
         (["unpack", "-r", RELEASE, "a.tgz"], "-r is not valid with unpack"),
+        (
+            ["compile", "-r", RELEASE, "-r", RELEASE],
+            "-r may be given more than once only with pack",
+        ),
+        (["pack", "-r", RELEASE, "-r", "../x", "-o", "a.tgz"], "'../x' is not a kernel release"),
     ],
 )
 def test_usage_errors(hosts: Hosts, args: list[str], message: str) -> None:

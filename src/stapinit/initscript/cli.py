@@ -108,7 +108,7 @@ COMMANDS: dict[str, Command] = {
     ),
     "pack": Command(
         _pack,
-        "write a release's caches and the scripts' conf.d files to an archive",
+        "write caches of one or more releases, with their compile options, to an archive",
         False,
         "if-writable",
         frozenset({"release", "output"}),
