@@ -35,9 +35,17 @@ class Signer:
     key: ec.EllipticCurvePrivateKey
     cert: x509.Certificate
 
-    def sign(self, module: bytes, name: str = "tick.bo", release: str = RELEASE) -> bytes:
+    def sign(
+        self,
+        module: bytes,
+        name: str = "tick.bo",
+        release: str = RELEASE,
+        options: tuple[str, ...] = (),
+    ) -> bytes:
+        """A signature as stap-server makes it, for tick as configured (no compile options)."""
+        machine = os.uname().machine
         return sign_module(
-            self.key, self.cert, module, name, release, os.uname().machine, "stapdev"
+            self.key, self.cert, module, name, release, machine, "stapdev", options=options
         )
 
 
@@ -162,8 +170,31 @@ def test_a_signature_for_another_module_installs_nothing(
     refused(
         signed_hosts,
         {**files, SGN: server.sign(files[BO], name="other.bo")},
-        f"{BO}: its signature is for other.bo on {RELEASE} {os.uname().machine}, "
-        f"not tick.bo on {RELEASE} {os.uname().machine}",
+        f"{BO}: signed for module name 'other.bo', not 'tick.bo'",
+    )
+
+
+def test_a_signature_for_other_compile_options_installs_nothing(
+    signed_hosts: Hosts, server: Signer
+) -> None:
+    # The archive's conf.d file says tick has no compile options; the server
+    # signed it for -w: start would refuse it, so unpack does not install it.
+    files = pack(signed_hosts)
+    refused(
+        signed_hosts,
+        {**files, SGN: server.sign(files[BO], options=("-w",))},
+        f"{BO}: signed for options [-w], not no options",
+    )
+
+
+def test_a_signature_for_another_release_installs_nothing(
+    signed_hosts: Hosts, server: Signer
+) -> None:
+    files = pack(signed_hosts)
+    refused(
+        signed_hosts,
+        {**files, SGN: server.sign(files[BO], release="0.0.0-other")},
+        f"{BO}: signed for release '0.0.0-other', not '{RELEASE}'",
     )
 
 

@@ -62,7 +62,12 @@ from stapinit.core.names import NAME_PATTERN
 from stapinit.core.runtime import KIND_OF_SUFFIX, MODULE_SUFFIX
 from stapinit.core.values import is_release
 from stapinit.initscript import cache
-from stapinit.initscript.cache import CacheRecord, running_kernel, target_kernel
+from stapinit.initscript.cache import (
+    CacheRecord,
+    KernelIdentity,
+    running_kernel,
+    target_kernel,
+)
 from stapinit.initscript.commands import CommandError, Initscript, Request
 from stapinit.initscript.kernels import MODULES_DIR
 from stapinit.initscript.options import (
@@ -673,25 +678,46 @@ def _spool(stack: contextlib.ExitStack, directory: Path) -> IO[bytes]:
 # -- signatures ----------------------------------------------------------------
 
 
+def archived_script(files: Mapping[str, Blob], path: str) -> Script:
+    """The script whose module is at ``path``, as the target will see it once unpacked.
+
+    Its options come from the archive's ``conf.d/NAME.conf`` (checked), its
+    runtime from the module's suffix; run-time options the target adds do not
+    change what a signature must cover.
+    """
+    entry = classify(path, (path.split("/")[1],))
+    options: tuple[Option, ...] = ()
+    conf = files.get(f"conf.d/{entry.script}.conf")
+    if conf is not None:
+        for assignment in parse_assignments(conf.text(), "conf", {}):
+            if assignment.name == f"{entry.script}_OPT":
+                options = tuple(parse_options(split_options(assignment.value)))
+    kind = KIND_OF_SUFFIX[entry.filename[entry.filename.rindex(".") :]]
+    return Script(entry.script, None, options, (), kind)
+
+
 def verify_signatures(
     files: Mapping[str, Blob],
     releases: Sequence[str],
     spool: IO[bytes],
-    signers: Path,
     machine: str,
     warn: Warn,
 ) -> int:
-    """Check every module of ``releases`` against the trusted signers in ``signers``.
+    """Check every module of ``releases`` as ``start`` will with REQUIRE_SIGNED=yes.
 
-    Each module needs its ``.sgn``, made by a trusted signer, over this very
-    module, for its name, release and ``machine``. Raises :class:`PackError`
-    naming the first module that fails; returns how many verified. The
-    crypto library is imported only here (REQUIRE_SIGNED=yes).
+    Each module needs its ``.sgn``, made by a signer trusted in
+    ``/etc/systemtap/staprun/`` (:mod:`stapinit.initscript.verify`), over this
+    very module, for its name, release, ``machine``, runtime, privilege and the
+    compile options its ``conf.d`` file gives it. Raises :class:`PackError`
+    naming the first module that fails; returns how many verified. The crypto
+    library is imported only here.
     """
-    from stapinit.trust.signing import SignatureError, verify_module
-    from stapinit.trust.stores import signer_store_at
+    from stapinit.initscript import verify
+    from stapinit.initscript.remote import RemoteError
+    from stapinit.trust.stores import StorePaths
 
-    certificates = [found.certificate for found in signer_store_at(signers).certificates(warn)]
+    store = StorePaths.default()
+    certificates = verify.trusted_signers(store, warn)
     in_releases = [p for p in files if p.startswith("cache/") and p.split("/")[1] in releases]
     modules = [
         (p, entry) for p in sorted(in_releases) if (entry := classify(p, releases)).area == "module"
@@ -701,17 +727,16 @@ def verify_signatures(
         if signature is None or signature.data is None:
             raise PackError(f"{path} is not signed, and REQUIRE_SIGNED=yes")
         if not certificates:
-            raise PackError(f"{path}: no trusted signer in {signers} (REQUIRE_SIGNED=yes)")
+            raise PackError(f"{path}: no trusted signer in {store.signers} (REQUIRE_SIGNED=yes)")
+        kernel = KernelIdentity(entry.release, "", machine)
         try:
-            signed = verify_module(signature.data, blob_bytes(files[path], spool), certificates)
-        except SignatureError as error:
-            raise PackError(f"{path}: signature refused: {error}") from None
-        facts = (signed.module_name, signed.release, signed.arch)
-        if facts != (entry.filename, entry.release, machine):
-            raise PackError(
-                f"{path}: its signature is for {signed.module_name} on {signed.release} "
-                f"{signed.arch}, not {entry.filename} on {entry.release} {machine}"
-            )
+            expected = verify.expected_manifest(archived_script(files, path), kernel)
+        except RemoteError as error:
+            raise PackError(f"{path}: {error}") from None
+        module = blob_bytes(files[path], spool)
+        problem = verify.check(signature.data, module, certificates, expected)
+        if problem is not None:
+            raise PackError(f"{path}: {problem}")
     return len(modules)
 
 
@@ -998,13 +1023,8 @@ def _unpack(initscript: Initscript, request: Request, spool: IO[bytes]) -> int:
             manifest, files, installed_releases(uname.release), uname.machine
         )
         if settings.require_signed:
-            from stapinit.trust.stores import StorePaths
-
-            signers = StorePaths.default().signers
-            count = verify_signatures(
-                files, releases, spool, signers, uname.machine, initscript.log.warning
-            )
-            initscript.log.info(f"Verified the signatures of {count} modules against {signers}")
+            count = verify_signatures(files, releases, spool, uname.machine, initscript.log.warning)
+            initscript.log.info(f"Verified the signatures of {count} modules")
         placements = plan(files, releases, settings.cache_path, settings.config_path)
         check_destinations(placements)
     except PackError as error:
