@@ -86,7 +86,7 @@ def test_pack_then_unpack_runs_on_a_target_without_compiler(hosts: Hosts) -> Non
     assert packed.stdout == f"Packed tick tock for {RELEASE} into {archive}\n"
     # The build host's run-time options stay behind, and pack says so.
     assert packed.stderr.splitlines() == [
-        f"systemtap-service: warning: {name}: run-time options left out of the archive: "
+        f"systemtap-service: warning: {name}: options left out of the archive: "
         f"-o {outs[name]}; set them in the target's own configuration"
         for name in ("tick", "tock")
     ]

@@ -130,8 +130,8 @@ HOSTILE_CONF = {
     ),
     "remote host (--remote)": (
         "tick_OPT='--runtime=bpf --remote=evil.example'\n",
-        "conf.d/tick.conf:1: tick_OPT: --remote=evil.example is not one of the compile options "
-        "an archive may set",
+        "conf.d/tick.conf:1: tick_OPT: --remote=evil.example cannot be used here: "
+        "runs the script on another host",
     ),
     "macro with shell syntax (-D)": (
         "tick_OPT='--runtime=bpf -DX=\\;reboot'\n",

@@ -73,7 +73,7 @@ from stapinit.initscript.kernels import MODULES_DIR
 from stapinit.initscript.options import (
     Option,
     OptionError,
-    compile_options,
+    Phase,
     parse_options,
     split_options,
 )
@@ -105,15 +105,16 @@ Warn = Callable[[str], None]
 _CHUNK = 1 << 20
 
 # What NAME_OPT in an archive may hold: options that only change how a module
-# is compiled, that name no file or directory and run nothing, on the build
-# host, on the target, or when the target recompiles. Flag (as
-# options.parse_options gives it) -> the pattern its value must match, or None
-# for an option without a value. Everything else is refused; see
-# option_refusal for why, e.g. -I/-R/-r/--sysroot/--tmpdir name directories,
-# -B reaches kbuild's make, --remote runs ssh, -d names a file, and
-# -o/-c/-x/-S/-s/-F/-T/-G are run-time options.
+# is compiled (or what the compile prints), that name no file or directory and
+# run nothing, on the build host, on the target, or when the target compiles
+# again. Flag (as options.parse_options gives it) -> the pattern its value
+# must match, or None for an option without a value. Everything else is
+# refused (option_refusal): run-time options (phase RUN of options.TABLE:
+# -o, -c, -x, -S, -s), options naming paths (-I, -R, -d, --sysroot), reaching
+# other programs or hosts (-B, --use-server, --sysenv), adding script text
+# (-E), and what the service decides itself (-p, -m, -r, -F, --tmpdir ...).
 ARCHIVE_OPTIONS: Mapping[str, str | None] = {
-    "--runtime": r"bpf|kmod",
+    "--runtime": r"bpf|kernel",
     "--bpf": None,
     "--privilege": r"stapusr|stapsys|stapdev",
     "--unprivileged": None,
@@ -122,6 +123,8 @@ ARCHIVE_OPTIONS: Mapping[str, str | None] = {
     "--skip-badvars": None,
     "--suppress-handler-errors": None,
     "--suppress-time-limits": None,
+    "--no-global-var-display": None,
+    "T": r"[0-9]{1,9}",
     "D": r"[A-Za-z_][A-Za-z0-9_]{0,63}(=[A-Za-z0-9_.+-]{0,64})?",
     "g": None,
     "u": None,
@@ -132,8 +135,6 @@ ARCHIVE_OPTIONS: Mapping[str, str | None] = {
     "b": None,
     "t": None,
 }
-# Options the loader takes at start (spec §4.2.1) or that act only when a script runs.
-_RUN_TIME_OPTIONS = frozenset("ocxSsFTG")
 
 
 class Readable(Protocol):
@@ -322,7 +323,7 @@ def check_cache_files(release: str, files: Mapping[str, Blob]) -> set[str]:
 def option_refusal(option: Option) -> str | None:
     """Why an archive may not set ``option`` in ``NAME_OPT``; ``None`` when it may."""
     shown = " ".join(option.words)
-    if option.flag in _RUN_TIME_OPTIONS:
+    if option.row.phase is Phase.RUN:
         return f"{shown} is a run-time option; only the target's own configuration sets those"
     if option.flag not in ARCHIVE_OPTIONS:
         return f"{shown} is not one of the compile options an archive may set"
@@ -405,25 +406,27 @@ def check_members(members: Mapping[str, Blob]) -> tuple[Manifest, dict[str, Blob
 
 
 def archive_conf(script: Script) -> tuple[str, list[str]]:
-    """``conf.d/NAME.conf`` for an archive, and the run-time options it leaves out.
+    """``conf.d/NAME.conf`` for an archive, and the options it leaves out.
 
-    ``NAME_OPT`` keeps the runtime selection and the compile options (those
-    the cache record holds), so the target judges the cache as the build host
-    does; run-time options stay behind, for the target's own configuration.
-    Raises :class:`PackError` for a compile option an archive may not carry.
+    ``NAME_OPT`` keeps the runtime selection and the compile options (phase
+    COMPILE: those the cache record holds, so the target judges the cache as
+    the build host does) and the allowed report options (-v, -w: a server's
+    signature covers them). Run-time options and other report options stay
+    behind, for the target's own configuration; options the service decides
+    itself are dropped. Raises :class:`PackError` for a compile option an
+    archive may not carry.
     """
-    kept_words = compile_options(script.options)
     words = ["--runtime=bpf"] if script.runtime == "bpf" else []
-    for option in parse_options(kept_words):
-        why = option_refusal(option)
-        if why is not None:
-            raise PackError(f"{script.name}_OPT: {why}")
-        words += option.words
-    left_out = [
-        " ".join(option.words)
-        for option in script.options
-        if option.flag not in ("--runtime", "--bpf") and option.flag in _RUN_TIME_OPTIONS
-    ]
+    left_out: list[str] = []
+    for option in script.options:
+        phase = option.row.phase
+        allowed = option_refusal(option) is None
+        if phase is Phase.COMPILE and not allowed:
+            raise PackError(f"{script.name}_OPT: {option_refusal(option)}")
+        if phase in (Phase.COMPILE, Phase.REPORT) and allowed:
+            words += option.words
+        elif phase in (Phase.RUN, Phase.REPORT):
+            left_out.append(" ".join(option.words))
     lines = [
         f"# {script.name}: written by systemtap-service pack; compile options only.",
         f"{script.name}_OPT={shlex.quote(shlex.join(words))}",
@@ -987,7 +990,7 @@ def _pack(initscript: Initscript, request: Request, spool: IO[bytes]) -> int:
         files[f"conf.d/{script.name}.conf"] = Blob.of(text.encode())
         if left_out:
             initscript.log.warning(
-                f"{script.name}: run-time options left out of the archive: {' '.join(left_out)}; "
+                f"{script.name}: options left out of the archive: {' '.join(left_out)}; "
                 "set them in the target's own configuration"
             )
     manifest = make_manifest(releases, files)
