@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import os
 import pwd
+from collections.abc import Mapping
 from pathlib import Path
 
 import pytest
@@ -24,9 +25,10 @@ def values(text: str, env: dict[str, str] | None = None) -> dict[str, str]:
 
 
 # (file text, expected values with ENV as the environment); None means unset.
-BASH_CASES: list[tuple[str, dict[str, str | None]]] = [
+BASH_CASES: list[tuple[str, Mapping[str, str | None]]] = [
     (
-        'A=plain\nB="double $A ${A}x \\"q\\" \\$ \\\\ \\z"\nC=\'single $A \\n\'\nD=back\\ sl\\$\nE=\n',
+        'A=plain\nB="double $A ${A}x \\"q\\" \\$ \\\\ \\z"\n'
+        "C='single $A \\n'\nD=back\\ sl\\$\nE=\n",
         {"A": "plain", "B": 'double plain plainx "q" $ \\ \\z', "C": "single $A \\n"}
         | {"D": "back sl$", "E": ""},
     ),
@@ -51,7 +53,8 @@ BASH_CASES: list[tuple[str, dict[str, str | None]]] = [
         | {"G": "~", "H": "~nosuchuser/x"},
     ),
     (
-        f"A=~{ROOT.pw_name}/x B=~{ROOT.pw_name}:y C=~'{ROOT.pw_name}' D=~$USERNAME/z E=~{ROOT.pw_name}}}",
+        f"A=~{ROOT.pw_name}/x B=~{ROOT.pw_name}:y C=~'{ROOT.pw_name}'"
+        f" D=~$USERNAME/z E=~{ROOT.pw_name}}}",
         {"A": f"{ROOT.pw_dir}/x", "B": f"{ROOT.pw_dir}:y", "C": f"~{ROOT.pw_name}"}
         | {"D": f"~{ROOT.pw_name}/z", "E": f"~{ROOT.pw_name}}}"},
     ),
@@ -86,13 +89,13 @@ BASH_CASES: list[tuple[str, dict[str, str | None]]] = [
 
 @pytest.mark.parametrize(("text", "expected"), BASH_CASES)
 def test_values_are_those_bash_gives(
-    text: str, expected: dict[str, str | None], tmp_path: Path
+    text: str, expected: Mapping[str, str | None], tmp_path: Path
 ) -> None:
     names = sorted(expected)
-    assert our_values(text, ENV, names) == expected
+    assert our_values(text, ENV, names) == dict(expected)
     bash = bash_source(text, ENV, names, tmp_path)
     assert (bash.returncode, bash.stderr) == (0, "")
-    assert bash.values == expected
+    assert bash.values == dict(expected)
 
 
 def test_tilde_without_home_uses_the_password_database(tmp_path: Path) -> None:
@@ -176,6 +179,9 @@ def test_line_numbers_are_recorded() -> None:
         ("export A=1 'B'=2\n", 1, "export: not a variable name: \"'B'=2\""),
         ("export A={a,b}\n", 1, "brace-expands"),
         ("A=${U:-{x}}\n", 1, "bash pairs it"),
+        ("A=${U:-<(id)}\n", 1, "process substitution"),
+        ('A="${U:->(id)}"\n', 1, "process substitution"),
+        ("A=${U:-x>\\\n(id)}\n", 1, "process substitution"),
         ('A="${U:-"x"}"\n', 1, "ambiguous"),
         ("A=\"${U:-'x'}\"\n", 1, "ambiguous"),
         ("A=1\nB=2\0\n", 2, "NUL byte"),

@@ -3,10 +3,10 @@
 Upstream *sources* these files (``set -a; . FILE``), so admins write shell in
 them, often copied from their own shell. We never execute them: we read the
 assignment part of the bash language and give each variable exactly the value
-bash would give it (checked against bash 5 by ``tests/core/test_bashvars_oracle.py``);
-anything outside that part is refused with ``FILE:LINE: why``, so a
-configuration file can never run code at boot nor mean something else than it
-did for upstream.
+bash would give it (checked against bash 5 by
+``tests/core/test_bashvars_oracle.py``); anything outside that part is refused
+with ``FILE:LINE: why``, so a configuration file can never run code at boot nor
+mean something else than it did for upstream.
 
 The accepted language (bash semantics throughout):
 
@@ -36,16 +36,17 @@ The accepted language (bash semantics throughout):
 
 Refused, each with the reason: commands and keywords, redirections, pipes,
 ``&``, arrays, ``$(...)``, backquotes, ``$((...))``, ``$[...]``, ``$'...'``,
-``$"..."``, positional and special parameters (``$1``, ``$@``, ``$?``...),
-other ``${...}`` forms (patterns, substrings, indirection, case changes),
-``readonly`` and ``local``, options of ``export``/``declare``, an unquoted ``{`` in an
+``$"..."``, ``<(...)`` and ``>(...)`` inside ``${...}`` (bash runs them),
+positional and special parameters (``$1``, ``$@``, ``$?``...), other ``${...}``
+forms (patterns, substrings, indirection, case changes), ``readonly`` and
+``local``, options of ``export``/``declare``, an unquoted ``{`` in an
 ``export`` argument (bash brace-expands it there) or in a ``${X:-w}`` word
-(bash pairs it with a ``}``), quotes inside a
-double-quoted ``"${X:-w}"`` word (bash's rules there are unlike either kind of
-quoting), ``~+``, ``~-`` and ``~N``, the variables bash maintains itself
-(``$RANDOM``, ``$PWD``, ``$IFS``, ``$BASH_VERSION``... read or assigned), reading
-``$PATH``, ``$HOSTNAME``, ``$SHELL`` or ``$TERM`` while unset (bash would invent
-a value), and a file containing a NUL byte (bash cannot hold NUL in a value).
+(bash pairs it with a ``}``), quotes inside a double-quoted ``"${X:-w}"`` word
+(bash's rules there are unlike either kind of quoting), ``~+``, ``~-`` and
+``~N``, the variables bash maintains itself (``$RANDOM``, ``$PWD``, ``$IFS``,
+``$BASH_VERSION``... read or assigned), reading ``$PATH``, ``$HOSTNAME``,
+``$SHELL`` or ``$TERM`` while unset (bash would invent a value), and a file
+containing a NUL byte (bash cannot hold NUL in a value).
 """
 
 from __future__ import annotations
@@ -65,7 +66,7 @@ _BLANKS = frozenset(" \t")
 _METACHARS = frozenset(" \t\n;&|<>()")
 _DECLARATIONS = frozenset({"export", "declare", "typeset"})
 _REFUSED_BUILTINS = {
-    "readonly": "readonly is not supported (bash then refuses any later assignment); use NAME=value",
+    "readonly": "readonly is not supported (bash refuses later assignments); use NAME=value",
     "local": "local is only valid inside a function (bash refuses it here)",
 }
 # Variables bash sets or interprets itself (``env -i bash -c 'compgen -v'`` of
@@ -73,9 +74,12 @@ _REFUSED_BUILTINS = {
 # value at boot is bash's, not the file's, so neither reading nor assigning
 # them is accepted.
 _BASH_OWNED = frozenset(
-    """COMP_WORDBREAKS DIRSTACK EPOCHREALTIME EPOCHSECONDS EUID FUNCNAME GROUPS HISTCMD
-    HOSTTYPE IFS LINENO MACHTYPE OLDPWD OPTARG OPTERR OPTIND OSTYPE PIPESTATUS
-    POSIXLY_CORRECT PPID PS4 PWD RANDOM SECONDS SHELLOPTS SHLVL SRANDOM UID _""".split()
+    {
+        *("COMP_WORDBREAKS", "DIRSTACK", "EPOCHREALTIME", "EPOCHSECONDS", "EUID", "FUNCNAME"),
+        *("GROUPS", "HISTCMD", "HOSTTYPE", "IFS", "LINENO", "MACHTYPE", "OLDPWD", "OPTARG"),
+        *("OPTERR", "OPTIND", "OSTYPE", "PIPESTATUS", "POSIXLY_CORRECT", "PPID", "PS4", "PWD"),
+        *("RANDOM", "SECONDS", "SHELLOPTS", "SHLVL", "SRANDOM", "UID", "_"),
+    }
 )
 # Variables bash gives a value of its own only when the environment has none.
 _BASH_DEFAULTED = frozenset({"PATH", "HOSTNAME", "SHELL", "TERM"})
@@ -83,6 +87,8 @@ _UNQUOTED_BRACE = {
     False: "unquoted '{' in an export/declare argument (bash brace-expands it); quote it",
     True: "unquoted '{' inside ${...} (bash pairs it with a '}'); quote it",
 }
+# bash parses ``<(`` and ``>(`` inside ``${...}`` as commands (and runs them outside quotes).
+_PROCESS_SUBSTITUTION = "process substitution <(...) or >(...) is not allowed"
 _DIRECTORY_STACK_TILDE = re.compile(r"[+-]?[0-9]*")
 
 
@@ -109,7 +115,7 @@ def is_name(text: str) -> bool:
 
 
 def _is_bash_owned(name: str) -> bool:
-    return name in _BASH_OWNED or name.startswith("BASH")
+    return name in _BASH_OWNED or name in ("BASH", "BASHOPTS", "BASHPID") or name[:5] == "BASH_"
 
 
 class _Parser:
@@ -133,7 +139,9 @@ class _Parser:
     # -- cursor ---------------------------------------------------------------
 
     def error(self, message: str, line: int | None = None) -> ConfigError:
-        return ConfigError(self.filename, self.line if line is None else line, message)
+        """The error for ``message`` (control characters from the file escaped: one line)."""
+        shown = "".join(c if c.isprintable() else repr(c)[1:-1] for c in message)
+        return ConfigError(self.filename, self.line if line is None else line, shown)
 
     def _skip_continuations(self) -> None:
         while self.text.startswith("\\\n", self.pos):
@@ -338,6 +346,8 @@ class _Parser:
                 chars.append(self.dollar(quoted=False, declaration=declaration))
             elif char == "`":
                 raise self.error("command substitution `...` is not allowed")
+            elif in_braces and char in "<>" and self.peek_second() == "(":
+                raise self.error(_PROCESS_SUBSTITUTION)
             elif char == "{" and (declaration or in_braces):
                 raise self.error(_UNQUOTED_BRACE[in_braces])
             else:
@@ -468,10 +478,7 @@ class _Parser:
         use_word = is_set if char == "+" else not is_set
         outer_active = self.active
         self.active = outer_active and use_word
-        if quoted:
-            word = self.quoted_brace_word(line)
-        else:
-            word = self.word(declaration, brace_line=line)
+        word = self.quoted_brace_word(line) if quoted else self.word(declaration, line)
         self.active = outer_active
         self.take()
         if not (outer_active and use_word):
@@ -494,6 +501,8 @@ class _Parser:
                 return "".join(chars)
             if char == "{":
                 raise self.error(_UNQUOTED_BRACE[True])
+            if char in "<>" and self.peek_second() == "(":
+                raise self.error(_PROCESS_SUBSTITUTION)
             if char in ("'", '"'):
                 raise self.error(
                     f"quote {char} inside a double-quoted ${{...}} word is ambiguous; "
