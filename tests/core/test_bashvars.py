@@ -76,14 +76,16 @@ BASH_CASES: list[tuple[str, Mapping[str, str | None]]] = [
     ),
     (
         'A=${U:-~/d} B="${U:-~/d}" C=${U:-a:~/e} D=${U:-\'~\'} E=${U:-\\}} F="${U:-\\}\\x}"'
-        ' G=${U:-"a b"} H=${U:-${V:-~}} I=~${U:-/x} J=~/${U:-x}',
+        ' G=${U:-"a b"} H=${U:-${V:-~}} I=~${U:-/x} J=~/${U:-x}'
+        f" K=${{V=a:~}} L=${{W:=~{ROOT.pw_name}:~}} M=${{X:+a:~}}",
         {"A": "/home dir/d", "B": "~/d", "C": "a:/home dir/e", "D": "~", "E": "}", "F": "}\\x"}
-        | {"G": "a b", "H": "/home dir", "I": "~/x", "J": "/home dir/x"},
+        | {"G": "a b", "H": "/home dir", "I": "~/x", "J": "/home dir/x"}
+        | {"K": "a:~", "V": "a:~", "L": f"{ROOT.pw_dir}:~", "W": f"{ROOT.pw_dir}:~"}
+        | {"M": "a:/home dir"},
     ),
     # An unused word is not expanded: no assignment, no error.
     ("A=${X:-${V:=no}} B=${X:-${U:?boom}} C=${U:+${W:=no}}", {"A": "1  2", "V": None, "W": None}),
     ("if=1 export=2 X_1=3\r\n", {"if": "1", "export": "2", "X_1": "3\r"}),
-    ("A=x\\", {"A": "x\\"}),
 ]
 
 
@@ -185,6 +187,7 @@ def test_line_numbers_are_recorded() -> None:
         ('A="${U:-"x"}"\n', 1, "ambiguous"),
         ("A=\"${U:-'x'}\"\n", 1, "ambiguous"),
         ("A=1\nB=2\0\n", 2, "NUL byte"),
+        ("A=1\nB='x\ny'\\", 3, "backslash at the end of the file"),
     ],
 )
 def test_anything_else_is_refused_with_file_and_line(text: str, line: int, words: str) -> None:

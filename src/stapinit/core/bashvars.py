@@ -29,7 +29,8 @@ The accepted language (bash semantics throughout):
   or empty: bash stops reading there). ``w`` is a word as above and is
   expanded only when used. A ``$`` that starts no expansion stays literal.
 * Tilde expansion at the start of an assignment value and after each unquoted
-  ``:`` in it (also inside ``${NAME:-w}`` words outside double quotes):
+  ``:`` in it; likewise in ``${NAME:-w}`` and ``${NAME:+w}`` words outside
+  double quotes, and at the start only of ``${NAME:=w}`` words:
   ``~`` is ``$HOME`` (the home directory of the password database when HOME is
   unset), ``~user`` that user's home directory; an unknown user, or a quoted
   character in the prefix, leaves the text as it is.
@@ -46,7 +47,8 @@ forms (patterns, substrings, indirection, case changes), ``readonly`` and
 ``~N``, the variables bash maintains itself (``$RANDOM``, ``$PWD``, ``$IFS``,
 ``$BASH_VERSION``... read or assigned), reading ``$PATH``, ``$HOSTNAME``,
 ``$SHELL`` or ``$TERM`` while unset (bash would invent a value), and a file
-containing a NUL byte (bash cannot hold NUL in a value).
+containing a NUL byte (bash cannot hold NUL in a value) or ending in an
+unescaped backslash (bash keeps or drops it depending on the lines before).
 """
 
 from __future__ import annotations
@@ -313,11 +315,13 @@ class _Parser:
 
     # -- words ----------------------------------------------------------------
 
-    def word(self, declaration: bool, brace_line: int = 0) -> str:
+    def word(self, declaration: bool, brace_line: int = 0, colon_tilde: bool = True) -> str:
         """An unquoted word: an assignment value, or a ``${X:-w}`` word outside quotes.
 
         Ends before a metacharacter, or for a ``${`` opened on ``brace_line``
-        before the closing ``}``.
+        before the closing ``}``. A tilde prefix is expanded at the start, and
+        after each unquoted ``:`` when ``colon_tilde`` (bash: not in the word
+        of ``${X=w}``).
         """
         in_braces = brace_line > 0
         chars: list[str] = []
@@ -341,7 +345,11 @@ class _Parser:
                 chars.append(self.double_quoted())
             elif char == "\\":
                 self.take()
-                chars.append(self.take_raw() or "\\")
+                escaped = self.take_raw()
+                if not escaped:
+                    # bash keeps or drops it depending on how the line was read
+                    raise self.error("backslash at the end of the file")
+                chars.append(escaped)
             elif char == "$":
                 chars.append(self.dollar(quoted=False, declaration=declaration))
             elif char == "`":
@@ -352,7 +360,7 @@ class _Parser:
                 raise self.error(_UNQUOTED_BRACE[in_braces])
             else:
                 chars.append(self.take())
-            tilde_here = char == ":"
+            tilde_here = colon_tilde and char == ":"
 
     def tilde(self, in_braces: bool) -> str:
         """Expand ``~`` or ``~user`` at the cursor; literal ``~`` when bash leaves it."""
@@ -478,7 +486,10 @@ class _Parser:
         use_word = is_set if char == "+" else not is_set
         outer_active = self.active
         self.active = outer_active and use_word
-        word = self.quoted_brace_word(line) if quoted else self.word(declaration, line)
+        if quoted:
+            word = self.quoted_brace_word(line)
+        else:
+            word = self.word(declaration, line, colon_tilde=char != "=")
         self.active = outer_active
         self.take()
         if not (outer_active and use_word):
