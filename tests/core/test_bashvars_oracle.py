@@ -3,10 +3,10 @@
 Files are generated from the accepted language (module docstring of
 :mod:`stapinit.core.bashvars`): names, every quoting style, escapes, line
 continuations, expansions and their operators, tilde prefixes, ``+=``,
-declaration builtins, comments. Each is sourced by ``bash`` (``set -a``, in a
-controlled ``env -i`` environment) and every variable must hold what the
-parser says. A second test feeds loosely structured text and compares
-whenever the parser accepts it.
+declaration builtins, comments, bytes that are not UTF-8. Each is sourced by
+``bash`` (``set -a``, in a controlled ``env -i`` environment) and every
+variable must hold what the parser says. A second test feeds loosely
+structured text and compares whenever the parser accepts it.
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ ENVIRONMENTS = st.fixed_dictionaries(
 DATA_REFUSALS = ("bash stops here", "depends on the locale", "directory stack")
 
 BLANK = st.sampled_from([" ", "  ", "\t", " \\\n "])
-LITERAL = st.text(alphabet="ab/.,-_@%+=!?*[]^\u00e9:#", min_size=1, max_size=4)
+LITERAL = st.text(alphabet="ab/.,-_@%+=!?*[]^\u00e9\udcff\r:#", min_size=1, max_size=4)
 ESCAPED = st.sampled_from(list(" $\"'\\}~:#;&|()<>a=*")).map(lambda c: "\\" + c)
 TILDE = st.sampled_from(
     [
@@ -51,7 +51,7 @@ TILDE = st.sampled_from(
     ]
 )
 BARE_DOLLAR = st.sampled_from(["$/", "$.", "$%", "$:", "$="])
-SINGLE = st.text(alphabet='ab $"\\}{~:#;\n\u00e9', max_size=5).map(lambda t: f"'{t}'")
+SINGLE = st.text(alphabet='ab $"\\}{~:#;\n\u00e9\udcff', max_size=5).map(lambda t: f"'{t}'")
 OPERATOR = st.sampled_from(["-", ":-", "+", ":+", "=", ":="] * 3 + ["?", ":?"])
 ASSIGNABLE = st.sampled_from(ASSIGNED)
 
