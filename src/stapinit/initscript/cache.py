@@ -20,6 +20,9 @@ from typing import NamedTuple
 from stapinit.core.fsutil import atomic_copy, atomic_write
 
 RECORD_HEADER = "# systemtap-service cache record; do not edit"
+# A compile server's signature of a module, NAME.ko.sgn or NAME.bo.sgn
+# (the suffix stapinit.trust.signing writes; not imported: it needs crypto).
+SIGNATURE_SUFFIX = ".sgn"
 
 
 class KernelIdentity(NamedTuple):
@@ -129,6 +132,11 @@ def module_path(directory: Path, name: str, suffix: str) -> Path:
     return directory / f"{name}{suffix}"
 
 
+def signature_path(directory: Path, name: str, suffix: str) -> Path:
+    """The ``.sgn`` signature of ``name``'s module, when a compile server signed it."""
+    return directory / f"{name}{suffix}{SIGNATURE_SUFFIX}"
+
+
 def record_path(directory: Path, name: str) -> Path:
     """The ``.opts`` record of ``name`` in a release's cache directory."""
     return directory / f"{name}.opts"
@@ -148,27 +156,37 @@ def inspect(directory: Path, name: str, suffix: str) -> CacheState:
 
 
 def install(
-    directory: Path, name: str, suffix: str, built_module: Path, record: CacheRecord
+    directory: Path,
+    name: str,
+    suffix: str,
+    built_module: Path,
+    record: CacheRecord,
+    signature: bytes | None = None,
 ) -> None:
-    """Move a freshly built module and its record into the cache.
+    """Move a freshly built module, its signature (if any) and its record into the cache.
 
-    The old record goes first and the new one last, each by rename: whatever
-    moment this is interrupted at, the cache never holds a module with a
-    record that vouches for it wrongly, so a later start never loads it.
+    The old record and signature go first and the new record last, each by
+    rename: whatever moment this is interrupted at, the cache never holds a
+    module with a record that vouches for it wrongly, so a later start never
+    loads it.
     """
     directory.mkdir(parents=True, exist_ok=True)
     record_file = record_path(directory, name)
     record_file.unlink(missing_ok=True)
-    for other in {".ko", ".bo"} - {suffix}:  # the script changed runtime
-        module_path(directory, name, other).unlink(missing_ok=True)
+    for other in (".ko", ".bo"):
+        signature_path(directory, name, other).unlink(missing_ok=True)
+        if other != suffix:  # the script changed runtime
+            module_path(directory, name, other).unlink(missing_ok=True)
     atomic_copy(built_module, module_path(directory, name, suffix))
+    if signature is not None:
+        atomic_write(signature_path(directory, name, suffix), signature)
     atomic_write(record_file, record.to_text().encode())
 
 
 def remove(directory: Path, name: str) -> list[Path]:
     """Delete a script's cache files (any runtime); return what was removed."""
     removed = []
-    for path in (directory / f"{name}.ko", directory / f"{name}.bo", record_path(directory, name)):
+    for path in _files_of(directory, name):
         try:
             path.unlink()
         except FileNotFoundError:
@@ -179,5 +197,10 @@ def remove(directory: Path, name: str) -> list[Path]:
 
 def cached_files(directory: Path, name: str) -> list[Path]:
     """The cache files that exist for ``name``."""
-    candidates = (directory / f"{name}.ko", directory / f"{name}.bo", record_path(directory, name))
-    return [path for path in candidates if path.exists()]
+    return [path for path in _files_of(directory, name) if path.exists()]
+
+
+def _files_of(directory: Path, name: str) -> tuple[Path, ...]:
+    modules = (module_path(directory, name, ".ko"), module_path(directory, name, ".bo"))
+    signatures = tuple(signature_path(directory, name, s) for s in (".ko", ".bo"))
+    return (*modules, *signatures, record_path(directory, name))

@@ -42,7 +42,8 @@ def compile_command(stap: str, script: Script, release: str) -> list[str]:
     return [*argv, *script.compile_options, str(script.source)]
 
 
-def _failure_line(stderr: str, returncode: int) -> str:
+def failure_line(stderr: str, returncode: int) -> str:
+    """The line of stap's messages that says why a compile failed."""
     lines = [line.strip() for line in stderr.splitlines() if line.strip()]
     for line in lines:
         lowered = line.lower()
@@ -76,7 +77,7 @@ def compile_one(
             return CompileResult(script.name, False, f"cannot run {stap}: {error.strerror}")
         output = done.stdout + done.stderr
         if done.returncode != 0:
-            summary = _failure_line(done.stderr, done.returncode)
+            summary = failure_line(done.stderr, done.returncode)
             return CompileResult(script.name, False, summary, tuple(argv), output)
         built = workdir / f"{script.name}{script.module_suffix}"
         if not built.is_file():

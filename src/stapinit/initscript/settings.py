@@ -8,17 +8,18 @@ and may override what earlier ones set.
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from types import MappingProxyType
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple, TypeVar
 
+from stapinit.core import values
 from stapinit.core.bashvars import Assignment, ConfigError, parse_assignments
 
-DEFAULT_CONFIG_FILE = Path("/etc/systemtap/config")
+if TYPE_CHECKING:
+    from stapinit.trust.address import ServerAddress
 
-_TRUE = frozenset({"y", "Y", "yes", "Yes", "YES", "1"})
-_FALSE = frozenset({"n", "N", "no", "No", "NO", "0"})
+DEFAULT_CONFIG_FILE = Path("/etc/systemtap/config")
 
 # Parameter name -> default, for every global parameter we read (spec §4.1,
 # plus the tool paths and timeouts packagers and tests need to set).
@@ -40,7 +41,19 @@ DEFAULTS: Mapping[str, str] = {
     "MODULES_LIST": "/proc/modules",
     "LOCK_TIMEOUT": "30",
     "STOP_TIMEOUT": "10",
+    # A boot on a loaded machine may take long to attach probes; a script that
+    # is not ready by then is a failed start (and stopped again).
+    "START_TIMEOUT": "60",
+    # staprun -L/-D, staprun -d: loading and unloading a module.
+    "LOAD_TIMEOUT": "120",
+    # stap -p4: a compile that hangs must not hold the boot (or the lock) forever.
+    "COMPILE_TIMEOUT": "900",
+    # How many scripts start (or stop) at once; empty means one per CPU.
+    "START_JOBS": "",
+    "COMPILE_SERVER": "",
+    "REQUIRE_SIGNED": "no",
 }
+T = TypeVar("T")
 _PATH_KEYS = ("SCRIPT_PATH", "CONFIG_PATH", "CACHE_PATH", "TEMP_PATH", "STAT_PATH", "LOG_FILE")
 
 
@@ -64,10 +77,18 @@ class Settings(NamedTuple):
     modules_list: Path
     lock_timeout: float
     stop_timeout: float
+    start_timeout: float
+    load_timeout: float
+    compile_timeout: float
+    start_jobs: int
     # Per-script parameters, by variable name (``NAME_OPT``, ``NAME_REQ``), with
     # where they were set so that errors can point there.
     script_vars: Mapping[str, Assignment] = MappingProxyType({})
     files_read: tuple[Path, ...] = ()
+    # Compile through these stap-servers instead of a local stap (issue 14).
+    compile_servers: tuple[ServerAddress, ...] = ()
+    # Load only caches whose signature verifies against the trusted signers.
+    require_signed: bool = False
 
     def script_var(self, script: str, suffix: str) -> Assignment | None:
         """The ``<script>_<suffix>`` assignment, if any file made one."""
@@ -75,11 +96,16 @@ class Settings(NamedTuple):
 
 
 def settings_from_assignments(
-    assignments: Sequence[Assignment], files_read: Sequence[Path] = ()
+    assignments: Sequence[Assignment],
+    files_read: Sequence[Path] = (),
+    on_error: Callable[[ConfigError], None] | None = None,
 ) -> Settings:
     """Build validated settings from every assignment, later ones winning.
 
-    Pure: no files are read, so the rules are tested directly.
+    Pure: no files are read, so the rules are tested directly. A bad value
+    raises :class:`ConfigError`, unless ``on_error`` is given (``stop`` and
+    ``status`` must work whatever else is broken): it gets the error and the
+    default is used instead.
     """
     last: dict[str, Assignment] = {}
     for assignment in assignments:
@@ -93,29 +119,40 @@ def settings_from_assignments(
         found = last.get(key)
         return (found.filename, found.line) if found else ("<defaults>", 0)
 
+    def convert(key: str, converter: Callable[[str], T]) -> T:
+        try:
+            return converter(raw(key))
+        except ValueError as error:
+            problem = ConfigError(*where(key), f"{key}={error}")
+            if on_error is None:
+                raise problem from None
+            on_error(problem)
+            return converter(DEFAULTS[key] or "1")
+
     def boolean(key: str) -> bool:
-        value = raw(key)
-        if value in _TRUE:
-            return True
-        if value in _FALSE:
-            return False
-        raise ConfigError(*where(key), f"{key}={value!r} is not a boolean (use yes or no)")
+        return convert(key, values.boolean)
 
     def path(key: str) -> Path:
-        value = raw(key)
-        if not value.startswith("/"):
-            raise ConfigError(*where(key), f"{key}={value!r} is not an absolute path")
-        return Path(os.path.normpath(value))
+        return Path(convert(key, values.absolute_path))
 
     def seconds(key: str) -> float:
-        value = raw(key)
+        return convert(key, values.seconds)
+
+    def tool(key: str) -> str:
+        return convert(key, values.tool)
+
+    def servers(key: str) -> tuple[ServerAddress, ...]:
+        words = raw(key).split()
+        if not words:
+            return ()
+        # Imported only when used: most hosts compile locally.
+        from stapinit.protocol import DEFAULT_PORT
+        from stapinit.trust.address import AddressError, parse_address
+
         try:
-            number = float(value)
-        except ValueError:
-            number = -1.0
-        if not number > 0:
-            raise ConfigError(*where(key), f"{key}={value!r} is not a positive number")
-        return number
+            return tuple(parse_address(word, DEFAULT_PORT) for word in words)
+        except AddressError as error:
+            raise ConfigError(*where(key), f"{key}: {error}") from None
 
     paths = {key: path(key) for key in _PATH_KEYS}
     script_vars = {
@@ -135,14 +172,24 @@ def settings_from_assignments(
         autocompile=boolean("AUTOCOMPILE"),
         default_start=tuple(raw("DEFAULT_START").split()),
         allow_cacheonly=boolean("ALLOW_CACHEONLY"),
-        stap=raw("STAP"),
-        staprun=raw("STAPRUN"),
-        stapbpf=raw("STAPBPF"),
-        modules_list=Path(raw("MODULES_LIST")),
+        stap=tool("STAP"),
+        staprun=tool("STAPRUN"),
+        stapbpf=tool("STAPBPF"),
+        modules_list=path("MODULES_LIST"),
         lock_timeout=seconds("LOCK_TIMEOUT"),
         stop_timeout=seconds("STOP_TIMEOUT"),
+        start_timeout=seconds("START_TIMEOUT"),
+        load_timeout=seconds("LOAD_TIMEOUT"),
+        compile_timeout=seconds("COMPILE_TIMEOUT"),
+        start_jobs=(
+            convert("START_JOBS", lambda text: values.count(text, 1, 1024))
+            if raw("START_JOBS")
+            else os.cpu_count() or 1
+        ),
         script_vars=script_vars,
         files_read=tuple(files_read),
+        compile_servers=servers("COMPILE_SERVER"),
+        require_signed=boolean("REQUIRE_SIGNED"),
     )
 
 
@@ -154,12 +201,15 @@ def _read_file(path: Path) -> str:
 
 
 def load_settings(
-    config_file: Path | None, environment: Mapping[str, str] | None = None
+    config_file: Path | None,
+    environment: Mapping[str, str] | None = None,
+    on_error: Callable[[ConfigError], None] | None = None,
 ) -> Settings:
     """Read the global file (``-c`` or the default) and then ``CONFIG_PATH/*.conf``.
 
     A missing default global file means all defaults; a missing file named
-    with ``-c`` is an error. Raises :class:`ConfigError`.
+    with ``-c`` is an error. Raises :class:`ConfigError`; ``on_error`` (see
+    :func:`settings_from_assignments`) only softens bad values, not bad syntax.
     """
     env = dict(os.environ if environment is None else environment)
     global_file = config_file or DEFAULT_CONFIG_FILE
@@ -181,4 +231,22 @@ def load_settings(
         assignments += more
         known.update((a.name, a.value) for a in more)
         files_read.append(conf)
-    return settings_from_assignments(assignments, files_read)
+    settings = settings_from_assignments(assignments, files_read, on_error)
+    if settings.require_signed or settings.compile_servers:
+        _need_cryptography(assignments)
+    return settings
+
+
+def _need_cryptography(assignments: Sequence[Assignment]) -> None:
+    """COMPILE_SERVER and REQUIRE_SIGNED need the ``cryptography`` package: say so, once.
+
+    Without it they would fail with a traceback, at boot; raises ConfigError.
+    """
+    import importlib.util
+
+    if importlib.util.find_spec("cryptography") is not None:
+        return
+    last = [a for a in assignments if a.name in ("COMPILE_SERVER", "REQUIRE_SIGNED")][-1]
+    raise ConfigError(
+        last.filename, last.line, f"{last.name} needs the python3-cryptography package"
+    )
