@@ -111,11 +111,6 @@ class Assignment(NamedTuple):
     line: int
 
 
-def is_name(text: str) -> bool:
-    """True when ``text`` is a valid shell variable name."""
-    return bool(text) and text[0] in NAME_START and all(c in NAME_CHARS for c in text)
-
-
 def _is_bash_owned(name: str) -> bool:
     return name in _BASH_OWNED or name in ("BASH", "BASHOPTS", "BASHPID") or name[:5] == "BASH_"
 
@@ -271,7 +266,9 @@ class _Parser:
             raise self.error(_REFUSED_BUILTINS[name], line)
         else:
             word = self.raw_word_at(start)
-            raise self.error(f"not an assignment: {word!r} (only NAME=value lines are allowed)")
+            raise self.error(
+                f"not an assignment: {word!r} (only NAME=value lines are allowed)", line
+            )
 
     def at_assignment_operator(self) -> bool:
         return self.peek() == "=" or (self.peek() == "+" and self.peek_second() == "=")
