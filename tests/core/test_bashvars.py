@@ -77,11 +77,12 @@ BASH_CASES: list[tuple[str, Mapping[str, str | None]]] = [
     (
         'A=${U:-~/d} B="${U:-~/d}" C=${U:-a:~/e} D=${U:-\'~\'} E=${U:-\\}} F="${U:-\\}\\x}"'
         ' G=${U:-"a b"} H=${U:-${V:-~}} I=~${U:-/x} J=~/${U:-x}'
-        f" K=${{V=a:~}} L=${{W:=~{ROOT.pw_name}:~}} M=${{X:+a:~}}",
+        f" K=${{V=a:~}} L=${{W:=~{ROOT.pw_name}:~}} M=${{X:+a:~}}"
+        f" N=${{U-~;}} O=${{U-~{ROOT.pw_name} }}",
         {"A": "/home dir/d", "B": "~/d", "C": "a:/home dir/e", "D": "~", "E": "}", "F": "}\\x"}
         | {"G": "a b", "H": "/home dir", "I": "~/x", "J": "/home dir/x"}
         | {"K": "a:~", "V": "a:~", "L": f"{ROOT.pw_dir}:~", "W": f"{ROOT.pw_dir}:~"}
-        | {"M": "a:/home dir"},
+        | {"M": "a:/home dir", "N": "~;", "O": f"~{ROOT.pw_name} "},
     ),
     # An unused word is not expanded: no assignment, no error.
     ("A=${X:-${V:=no}} B=${X:-${U:?boom}} C=${U:+${W:=no}}", {"A": "1  2", "V": None, "W": None}),

@@ -365,8 +365,9 @@ class _Parser:
         start = (self.pos, self.line)
         self.take()
         user: list[str] = []
-        while (char := self.peek()) and char not in "/:" and char not in _METACHARS:
-            if in_braces and char == "}":
+        # The prefix runs to '/' or ':'; metacharacters are plain text inside ${...}.
+        while (char := self.peek()) and char not in "/:":
+            if char == "}" if in_braces else char in _METACHARS:
                 break
             if char in "'\"\\":
                 self.pos, self.line = start
