@@ -1,9 +1,12 @@
 """The compiled-script cache (spec §3.4, §2.2.1).
 
 ``CACHE_PATH/<release>/NAME.ko`` (or ``NAME.bo``) is the module and
-``NAME.opts`` records what it was built from: the kernel identity and the
-compile options. A module is reused until the script, its options or the
-kernel change.
+``NAME.opts`` records what it was built from: the kernel identity, the
+compile options that change the module (phase ``COMPILE`` of
+:mod:`stapinit.initscript.options`) and the SHA-256 of the very script text
+compiled. A module is reused until the script's text, those options or the
+kernel change: not when a script is only touched, nor when a run-time option
+such as ``-S`` or ``-o`` changes.
 
 One deliberate change from upstream, which compared ``uname -a``: the host
 name is not part of the identity, so caches built on one machine serve an
@@ -14,15 +17,19 @@ from __future__ import annotations
 
 import os
 import shlex
+import stat
 from pathlib import Path
 from typing import NamedTuple
 
 from stapinit.core.fsutil import atomic_copy, atomic_write
+from stapinit.core.safeio import read_regular
 
 RECORD_HEADER = "# systemtap-service cache record; do not edit"
 # A compile server's signature of a module, NAME.ko.sgn or NAME.bo.sgn
 # (the suffix stapinit.trust.signing writes; not imported: it needs crypto).
 SIGNATURE_SUFFIX = ".sgn"
+#: A record is a few lines; anything larger is not one of ours.
+MAX_RECORD_BYTES = 64 * 1024
 
 
 class KernelIdentity(NamedTuple):
@@ -43,6 +50,9 @@ class CacheRecord(NamedTuple):
     kernel: KernelIdentity
     runtime: str
     options: tuple[str, ...]
+    # SHA-256 (hex) of the script text compiled; "" when unknown (a record
+    # written before digests, or the wanted record of a cache-only script).
+    source: str = ""
 
     def to_text(self) -> str:
         """Serialise as ``key=value`` lines, options shell-quoted."""
@@ -53,6 +63,7 @@ class CacheRecord(NamedTuple):
             f"machine={self.kernel.machine}\n"
             f"runtime={self.runtime}\n"
             f"options={shlex.join(self.options)}\n"
+            f"source={self.source}\n"
         )
 
     @classmethod
@@ -71,6 +82,7 @@ class CacheRecord(NamedTuple):
                 KernelIdentity(fields["release"], fields["version"], fields["machine"]),
                 fields["runtime"],
                 tuple(shlex.split(fields["options"])),
+                fields.get("source", ""),
             )
         except (KeyError, ValueError):
             return None
@@ -98,15 +110,11 @@ class CacheState(NamedTuple):
     record_present: bool
 
 
-def staleness(
-    state: CacheState,
-    wanted: CacheRecord,
-    source_mtime: float | None,
-) -> str | None:
+def staleness(state: CacheState, wanted: CacheRecord) -> str | None:
     """Why the cache cannot be used, or ``None`` when it is valid.
 
-    ``source_mtime`` is the ``.stp`` file's modification time (``None`` for a
-    cache-only script, which is judged by its record alone).
+    The script is judged by its text's digest (``wanted.source``; empty for a
+    cache-only script, judged by its record alone), never by time stamps.
     """
     if state.module_mtime is None:
         return "no compiled module"
@@ -115,7 +123,7 @@ def staleness(
     record = state.record
     if record is None:
         return "unreadable .opts record"
-    if source_mtime is not None and source_mtime > state.module_mtime:
+    if wanted.source and record.source != wanted.source:
         return "script changed"
     if record.runtime != wanted.runtime or record.options != wanted.options:
         return "options changed"
@@ -143,16 +151,25 @@ def record_path(directory: Path, name: str) -> Path:
 
 
 def inspect(directory: Path, name: str, suffix: str) -> CacheState:
-    """Read what the cache holds for one script."""
+    """Read what the cache holds for one script.
+
+    Only regular files count: a module that is a symbolic link, directory or
+    FIFO is no module, and a record that is one (or is too large) is
+    unreadable; either way the script is compiled again.
+    """
     try:
-        module_mtime: float | None = module_path(directory, name, suffix).stat().st_mtime
+        facts = module_path(directory, name, suffix).lstat()
+        module_mtime = facts.st_mtime if stat.S_ISREG(facts.st_mode) else None
     except OSError:
         module_mtime = None
     try:
-        text = record_path(directory, name).read_text(encoding="utf-8", errors="replace")
-    except OSError:
+        data = read_regular(record_path(directory, name), MAX_RECORD_BYTES)
+    except FileNotFoundError:
         return CacheState(module_mtime, None, False)
-    return CacheState(module_mtime, CacheRecord.from_text(text), True)
+    except OSError:
+        return CacheState(module_mtime, None, True)
+    record = CacheRecord.from_text(data.decode("utf-8", errors="replace"))
+    return CacheState(module_mtime, record, True)
 
 
 def install(
@@ -183,10 +200,22 @@ def install(
     atomic_write(record_file, record.to_text().encode())
 
 
+def _is_entry(path: Path) -> bool:
+    """A cache file of ours, or a link in its place; never a directory named like one."""
+    try:
+        return not stat.S_ISDIR(path.lstat().st_mode)
+    except OSError:
+        return False
+
+
 def remove(directory: Path, name: str) -> list[Path]:
-    """Delete a script's cache files (any runtime); return what was removed."""
+    """Delete a script's cache files (any runtime); return what was removed.
+
+    A symbolic link is removed itself, never what it points to; a directory
+    named like a cache file is not ours and is left alone.
+    """
     removed = []
-    for path in _files_of(directory, name):
+    for path in cached_files(directory, name):
         try:
             path.unlink()
         except FileNotFoundError:
@@ -196,8 +225,8 @@ def remove(directory: Path, name: str) -> list[Path]:
 
 
 def cached_files(directory: Path, name: str) -> list[Path]:
-    """The cache files that exist for ``name``."""
-    return [path for path in _files_of(directory, name) if path.exists()]
+    """The cache files that exist for ``name`` (see :func:`remove`)."""
+    return [path for path in _files_of(directory, name) if _is_entry(path)]
 
 
 def _files_of(directory: Path, name: str) -> tuple[Path, ...]:

@@ -200,6 +200,14 @@ def _read_file(path: Path) -> str:
         raise ConfigError(str(path), 0, f"cannot read: {error.strerror}") from None
 
 
+def _is_dev_null(path: Path) -> bool:
+    """True for the null device (whatever its name), which reads as an empty file."""
+    try:
+        return path.stat().st_rdev == os.stat(os.devnull).st_rdev and path.is_char_device()
+    except (OSError, ValueError):
+        return False
+
+
 def load_settings(
     config_file: Path | None,
     environment: Mapping[str, str] | None = None,
@@ -216,10 +224,14 @@ def load_settings(
     assignments: list[Assignment] = []
     files_read: list[Path] = []
     if config_file is not None or global_file.exists():
-        if not global_file.is_file():
-            raise ConfigError(str(global_file), 0, "no such configuration file")
-        assignments += parse_assignments(_read_file(global_file), str(global_file), env)
-        files_read.append(global_file)
+        if _is_dev_null(global_file):
+            pass  # `-c /dev/null`: no global settings, as sourcing it would give
+        elif not global_file.is_file():
+            why = "not a regular file" if global_file.exists() else "no such configuration file"
+            raise ConfigError(str(global_file), 0, why)
+        else:
+            assignments += parse_assignments(_read_file(global_file), str(global_file), env)
+            files_read.append(global_file)
     known = {a.name: a.value for a in assignments}
     config_dir = Path(known.get("CONFIG_PATH", DEFAULTS["CONFIG_PATH"]))
     try:
