@@ -36,6 +36,7 @@ COMMANDS = (
     "force-reload",
     "pack",
     "unpack",
+    "watch",
 )
 # pack and unpack only read and write the cache and conf directories: their
 # permissions decide, as for compile and cleanup.
@@ -47,7 +48,8 @@ USAGE = (
     "[script ...]\n"
     "       systemtap-service compile --all-kernels [-c config] [-y] [script ...]\n"
     "       systemtap-service pack [-r kernelrelease] [-c config] -o FILE [script ...]\n"
-    "       systemtap-service unpack [-c config] [-y] FILE"
+    "       systemtap-service unpack [-c config] [-y] FILE\n"
+    "       systemtap-service watch [-c config] [script ...]"
 )
 HELP = f"""{USAGE}
 
@@ -67,6 +69,8 @@ commands:
   pack          write the caches of a release and the scripts' conf.d files to an
                 archive, for hosts without a compiler
   unpack        verify such an archive and install it into CACHE_PATH and CONFIG_PATH
+  watch         start, then stay and report the scripts to systemd (sd_notify);
+                exit 1 when one dies (systemtap.service runs this)
 
 options:
   -r RELEASE    kernel release for compile, cleanup and pack (default: the running one)
@@ -172,6 +176,10 @@ def run(command: str, service: Service, request: Request) -> int:
         return kernels.compile_all_kernels(service, request)
     if command == "compile":
         return service.compile(request)
+    if command == "watch":
+        from stapinit.service import watch
+
+        return watch.watch(service, request)
     if command in ("pack", "unpack"):
         # Imported here: tarfile and hashlib have no place on the boot path.
         from stapinit.service import packing
