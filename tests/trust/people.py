@@ -19,7 +19,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from stapinit.system import SYSTEM_PATH as SYSTEM_PATH  # re-exported for the tests
+from stapinit.core.system import SYSTEM_PATH as SYSTEM_PATH  # re-exported for the tests
 
 VENV_BIN = Path(sys.executable).parent
 LOCK = Path("/run/lock/stapinit-test-users.lock")

@@ -6,8 +6,8 @@ import os
 import time
 from pathlib import Path
 
-from stapinit.service.cache import CacheRecord
-from tests.service.conftest import FakeTools
+from stapinit.initscript.cache import CacheRecord
+from tests.initscript.conftest import FakeTools
 from tests.support.prefix import RELEASE, Prefix
 
 TICK = 'global n\nprobe timer.ms(100) { n++; printf("tick %d\\n", n) }\n'

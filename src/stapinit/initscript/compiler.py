@@ -13,9 +13,9 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import NamedTuple
 
-from stapinit.service import cache
-from stapinit.service.cache import CacheRecord, KernelIdentity
-from stapinit.service.scripts import Script
+from stapinit.initscript import cache
+from stapinit.initscript.cache import CacheRecord, KernelIdentity
+from stapinit.initscript.scripts import Script
 
 
 class CompileResult(NamedTuple):

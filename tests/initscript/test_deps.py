@@ -4,7 +4,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from stapinit.service.deps import (
+from stapinit.initscript.deps import (
     CycleError,
     MissingRequirementError,
     blocked_by,

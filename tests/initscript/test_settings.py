@@ -4,8 +4,8 @@ from pathlib import Path
 
 import pytest
 
-from stapinit.service.bashvars import Assignment, ConfigError
-from stapinit.service.settings import load_settings, settings_from_assignments
+from stapinit.core.bashvars import Assignment, ConfigError
+from stapinit.initscript.settings import load_settings, settings_from_assignments
 
 
 def assign(**values: str) -> list[Assignment]:
@@ -80,3 +80,19 @@ def test_conf_d_files_read_in_name_order_after_global(tmp_path: Path) -> None:
 def test_missing_named_config_file_is_an_error(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="no such configuration file"):
         load_settings(tmp_path / "nope", environment={})
+
+
+@pytest.mark.parametrize("value", ["inf", "nan", "-1", "0", "1e999", "soon"])
+def test_stop_timeout_must_be_positive_and_finite(value: str) -> None:
+    with pytest.raises(ConfigError, match=rf"^cfg:1: STOP_TIMEOUT='{value}' is not a"):
+        settings_from_assignments([Assignment("STOP_TIMEOUT", value, "cfg", 1)])
+
+
+def test_timeouts_accept_exponents_and_fractions() -> None:
+    settings = settings_from_assignments(
+        [
+            Assignment("COMPILE_TIMEOUT", "1e3", "cfg", 1),
+            Assignment("START_TIMEOUT", "0.5", "cfg", 2),
+        ]
+    )
+    assert (settings.compile_timeout, settings.start_timeout) == (1000.0, 0.5)

@@ -6,8 +6,8 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import NamedTuple
 
-from stapinit.service.names import is_valid_name
-from stapinit.service.options import (
+from stapinit.core.names import is_valid_name
+from stapinit.initscript.options import (
     Option,
     OptionError,
     StartOptions,
@@ -17,7 +17,7 @@ from stapinit.service.options import (
     split_options,
     start_options,
 )
-from stapinit.service.settings import Settings
+from stapinit.initscript.settings import Settings
 
 MODULE_SUFFIXES = {"kmod": ".ko", "bpf": ".bo"}
 

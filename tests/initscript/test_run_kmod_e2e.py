@@ -13,7 +13,7 @@ import stat
 import subprocess
 from pathlib import Path
 
-from tests.service.conftest import FakeTools
+from tests.initscript.conftest import FakeTools
 from tests.support.prefix import COMMAND, RELEASE, SUPPORT, Prefix, process_alive, wait_for
 
 SCRIPT = "probe begin { }\n"

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from stapinit.service.runtimes.base import Runtime, RuntimeFailure, Tools
-from stapinit.service.runtimes.bpf import BpfRuntime
-from stapinit.service.runtimes.kmod import KernelModuleRuntime
+from stapinit.initscript.runtimes.base import Runtime, RuntimeFailure, Tools
+from stapinit.initscript.runtimes.bpf import BpfRuntime
+from stapinit.initscript.runtimes.kmod import KernelModuleRuntime
 
 
 def runtime_for(kind: str, tools: Tools) -> Runtime:

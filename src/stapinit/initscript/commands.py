@@ -9,7 +9,8 @@ from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
 from typing import NamedTuple, TextIO
 
-from stapinit.lsb import (
+from stapinit.core import process as processes
+from stapinit.core.lsb import (
     EXIT_FAILED,
     EXIT_NOT_CONFIGURED,
     EXIT_NOT_INSTALLED,
@@ -19,15 +20,21 @@ from stapinit.lsb import (
     STATUS_NOT_RUNNING,
     STATUS_UNKNOWN,
 )
-from stapinit.service import cache, deps, processes, status
-from stapinit.service.cache import KernelIdentity, running_kernel, target_kernel
-from stapinit.service.compiler import CompileResult, compile_many, wanted_record
-from stapinit.service.lock import ServiceLock
-from stapinit.service.log import Log
-from stapinit.service.runtimes import Runtime, RuntimeFailure, Tools, runtime_for
-from stapinit.service.scripts import Script, ScriptError, cache_dir, find_scripts, requirements_map
-from stapinit.service.settings import Settings
-from stapinit.service.status import StatusRecord
+from stapinit.initscript import cache, deps, status
+from stapinit.initscript.cache import KernelIdentity, running_kernel, target_kernel
+from stapinit.initscript.compiler import CompileResult, compile_many, wanted_record
+from stapinit.initscript.lock import ServiceLock
+from stapinit.initscript.log import Log
+from stapinit.initscript.runtimes import Runtime, RuntimeFailure, Tools, runtime_for
+from stapinit.initscript.scripts import (
+    Script,
+    ScriptError,
+    cache_dir,
+    find_scripts,
+    requirements_map,
+)
+from stapinit.initscript.settings import Settings
+from stapinit.initscript.status import StatusRecord
 
 
 class CommandError(Exception):
@@ -466,7 +473,7 @@ class Service:
     @staticmethod
     def _pid_alive(record: StatusRecord) -> bool:
         """A recorded pid is shown only while that very process lives."""
-        return record.pid > 0 and processes.is_same_process(record.pid, record.start_time)
+        return record.pid > 0 and processes.Process(record.pid, record.start_time).alive()
 
     def _verdict(self, command: str, failures: Sequence[str]) -> int:
         """PASSALL decides whether failures fail the command (spec §4.1.7)."""

@@ -29,14 +29,14 @@ from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from stapinit.fsutil import atomic_write, stage_write
-from stapinit.lsb import EXIT_OK
-from stapinit.service import cache
-from stapinit.service.bashvars import ConfigError, parse_assignments
-from stapinit.service.cache import CacheRecord, running_kernel, target_kernel
-from stapinit.service.commands import CommandError, Request, Service
-from stapinit.service.names import NAME_PATTERN
-from stapinit.service.scripts import MODULE_SUFFIXES, cache_dir
+from stapinit.core.bashvars import ConfigError, parse_assignments
+from stapinit.core.fsutil import atomic_write, stage_write
+from stapinit.core.lsb import EXIT_OK
+from stapinit.core.names import NAME_PATTERN
+from stapinit.initscript import cache
+from stapinit.initscript.cache import CacheRecord, running_kernel, target_kernel
+from stapinit.initscript.commands import CommandError, Request, Service
+from stapinit.initscript.scripts import MODULE_SUFFIXES, cache_dir
 
 MANIFEST_NAME = "MANIFEST"
 FORMAT_LINE = "systemtap-service pack 1"
@@ -227,7 +227,7 @@ def plan(
 
     ``conf.d`` files first; then, per script, its module and last its record.
     A module's placement first removes the old record (and a module of the
-    other runtime), as :func:`stapinit.service.cache.install` does, so the
+    other runtime), as :func:`stapinit.initscript.cache.install` does, so the
     cache never holds a record vouching for a module it does not describe.
     """
     release_dir = cache_path / manifest.release

@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from stapinit.service.bashvars import ConfigError, parse_assignments
+from stapinit.core.bashvars import ConfigError, parse_assignments
 
 
 def values(text: str, env: dict[str, str] | None = None) -> dict[str, str]:

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from stapinit.service.lock import LockError, ServiceLock
-from tests.service.conftest import FakeTools
+from stapinit.initscript.lock import LockError, ServiceLock
+from tests.initscript.conftest import FakeTools
 from tests.support.prefix import Prefix
 
 

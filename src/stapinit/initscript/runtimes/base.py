@@ -5,9 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import NamedTuple, Protocol
 
-from stapinit.service.log import Log
-from stapinit.service.options import StartOptions
-from stapinit.service.status import StatusRecord
+from stapinit.initscript.log import Log
+from stapinit.initscript.options import StartOptions
+from stapinit.initscript.status import StatusRecord
 
 
 class RuntimeFailure(Exception):

@@ -8,17 +8,15 @@ and may override what earlier ones set.
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from types import MappingProxyType
-from typing import NamedTuple
+from typing import NamedTuple, TypeVar
 
-from stapinit.service.bashvars import Assignment, ConfigError, parse_assignments
+from stapinit.core import values
+from stapinit.core.bashvars import Assignment, ConfigError, parse_assignments
 
 DEFAULT_CONFIG_FILE = Path("/etc/systemtap/config")
-
-_TRUE = frozenset({"y", "Y", "yes", "Yes", "YES", "1"})
-_FALSE = frozenset({"n", "N", "no", "No", "NO", "0"})
 
 # Parameter name -> default, for every global parameter we read (spec §4.1,
 # plus the tool paths and timeouts packagers and tests need to set).
@@ -40,7 +38,17 @@ DEFAULTS: Mapping[str, str] = {
     "MODULES_LIST": "/proc/modules",
     "LOCK_TIMEOUT": "30",
     "STOP_TIMEOUT": "10",
+    # A boot on a loaded machine may take long to attach probes; a script that
+    # is not ready by then is a failed start (and stopped again).
+    "START_TIMEOUT": "60",
+    # staprun -L/-D, staprun -d: loading and unloading a module.
+    "LOAD_TIMEOUT": "120",
+    # stap -p4: a compile that hangs must not hold the boot (or the lock) forever.
+    "COMPILE_TIMEOUT": "900",
+    # How many scripts start (or stop) at once; empty means one per CPU.
+    "START_JOBS": "",
 }
+T = TypeVar("T")
 _PATH_KEYS = ("SCRIPT_PATH", "CONFIG_PATH", "CACHE_PATH", "TEMP_PATH", "STAT_PATH", "LOG_FILE")
 
 
@@ -64,6 +72,10 @@ class Settings(NamedTuple):
     modules_list: Path
     lock_timeout: float
     stop_timeout: float
+    start_timeout: float
+    load_timeout: float
+    compile_timeout: float
+    start_jobs: int
     # Per-script parameters, by variable name (``NAME_OPT``, ``NAME_REQ``), with
     # where they were set so that errors can point there.
     script_vars: Mapping[str, Assignment] = MappingProxyType({})
@@ -93,29 +105,23 @@ def settings_from_assignments(
         found = last.get(key)
         return (found.filename, found.line) if found else ("<defaults>", 0)
 
+    def convert(key: str, converter: Callable[[str], T]) -> T:
+        try:
+            return converter(raw(key))
+        except ValueError as error:
+            raise ConfigError(*where(key), f"{key}={error}") from None
+
     def boolean(key: str) -> bool:
-        value = raw(key)
-        if value in _TRUE:
-            return True
-        if value in _FALSE:
-            return False
-        raise ConfigError(*where(key), f"{key}={value!r} is not a boolean (use yes or no)")
+        return convert(key, values.boolean)
 
     def path(key: str) -> Path:
-        value = raw(key)
-        if not value.startswith("/"):
-            raise ConfigError(*where(key), f"{key}={value!r} is not an absolute path")
-        return Path(os.path.normpath(value))
+        return Path(convert(key, values.absolute_path))
 
     def seconds(key: str) -> float:
-        value = raw(key)
-        try:
-            number = float(value)
-        except ValueError:
-            number = -1.0
-        if not number > 0:
-            raise ConfigError(*where(key), f"{key}={value!r} is not a positive number")
-        return number
+        return convert(key, values.seconds)
+
+    def tool(key: str) -> str:
+        return convert(key, values.tool)
 
     paths = {key: path(key) for key in _PATH_KEYS}
     script_vars = {
@@ -135,12 +141,20 @@ def settings_from_assignments(
         autocompile=boolean("AUTOCOMPILE"),
         default_start=tuple(raw("DEFAULT_START").split()),
         allow_cacheonly=boolean("ALLOW_CACHEONLY"),
-        stap=raw("STAP"),
-        staprun=raw("STAPRUN"),
-        stapbpf=raw("STAPBPF"),
-        modules_list=Path(raw("MODULES_LIST")),
+        stap=tool("STAP"),
+        staprun=tool("STAPRUN"),
+        stapbpf=tool("STAPBPF"),
+        modules_list=path("MODULES_LIST"),
         lock_timeout=seconds("LOCK_TIMEOUT"),
         stop_timeout=seconds("STOP_TIMEOUT"),
+        start_timeout=seconds("START_TIMEOUT"),
+        load_timeout=seconds("LOAD_TIMEOUT"),
+        compile_timeout=seconds("COMPILE_TIMEOUT"),
+        start_jobs=(
+            convert("START_JOBS", lambda text: values.count(text, 1, 1024))
+            if raw("START_JOBS")
+            else os.cpu_count() or 1
+        ),
         script_vars=script_vars,
         files_read=tuple(files_read),
     )

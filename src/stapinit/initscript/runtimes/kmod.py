@@ -6,11 +6,11 @@ import subprocess
 import time
 from pathlib import Path
 
-from stapinit.service import processes
-from stapinit.service.log import Log
-from stapinit.service.options import StartOptions
-from stapinit.service.runtimes.base import RuntimeFailure, Tools
-from stapinit.service.status import StatusRecord
+from stapinit.core import process as processes
+from stapinit.initscript.log import Log
+from stapinit.initscript.options import StartOptions
+from stapinit.initscript.runtimes.base import RuntimeFailure, Tools
+from stapinit.initscript.status import StatusRecord
 
 
 def start_command(staprun: str, module: Path, options: StartOptions) -> list[str]:
@@ -84,9 +84,9 @@ class KernelModuleRuntime:
 
     def stop(self, name: str, record: StatusRecord | None, log: Log) -> None:
         """SIGTERM the daemon, or ``staprun -d`` a detached module, then wait."""
-        if record and record.pid and processes.is_same_process(record.pid, record.start_time):
+        if record and record.pid and processes.Process(record.pid, record.start_time).alive():
             log.info(f"Sending SIGTERM to {name} daemon (pid {record.pid})")
-            processes.terminate(record.pid, record.start_time, self.tools.stop_timeout)
+            processes.Process(record.pid, record.start_time).terminate(self.tools.stop_timeout)
         if name in loaded_modules(self.tools.modules_list):
             self._run([self.tools.staprun, "-d", name], log)
         deadline = time.monotonic() + self.tools.stop_timeout

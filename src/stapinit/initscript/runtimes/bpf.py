@@ -7,11 +7,11 @@ import subprocess
 import time
 from pathlib import Path
 
-from stapinit.service import processes
-from stapinit.service.log import Log
-from stapinit.service.options import StartOptions
-from stapinit.service.runtimes.base import RuntimeFailure, Tools
-from stapinit.service.status import StatusRecord
+from stapinit.core import process as processes
+from stapinit.initscript.log import Log
+from stapinit.initscript.options import StartOptions
+from stapinit.initscript.runtimes.base import RuntimeFailure, Tools
+from stapinit.initscript.status import StatusRecord
 
 # A program that fails to load exits within this; one that lives longer is up.
 LOAD_GRACE_SECONDS = 0.3
@@ -81,7 +81,7 @@ class BpfRuntime:
         """Running while the very process we started, on our module, is alive."""
         return (
             record is not None
-            and processes.is_same_process(record.pid, record.start_time)
+            and processes.Process(record.pid, record.start_time).alive()
             and record.module in processes.command_line(record.pid)
         )
 
@@ -90,5 +90,8 @@ class BpfRuntime:
         if record is None or not self.is_running(name, record):
             return
         log.info(f"Sending SIGTERM to {name} (pid {record.pid})")
-        if not processes.terminate(record.pid, record.start_time, self.tools.stop_timeout):
+        if (
+            processes.Process(record.pid, record.start_time).terminate(self.tools.stop_timeout)
+            is processes.Ending.STUCK
+        ):
             raise RuntimeFailure(f"stapbpf (pid {record.pid}) did not exit, even after SIGKILL")

@@ -4,8 +4,8 @@ from pathlib import Path
 
 import pytest
 
-from stapinit.service import cache
-from stapinit.service.cache import CacheRecord, CacheState, KernelIdentity, staleness
+from stapinit.initscript import cache
+from stapinit.initscript.cache import CacheRecord, CacheState, KernelIdentity, staleness
 
 KERNEL = KernelIdentity("6.1.0-56-amd64", "#1 SMP Debian 6.1.192-2", "x86_64")
 WANTED = CacheRecord(KERNEL, "bpf", ("-DX=1",))

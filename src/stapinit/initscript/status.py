@@ -5,8 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import NamedTuple
 
-from stapinit.fsutil import atomic_write
-from stapinit.service.names import is_valid_name
+from stapinit.core.fsutil import atomic_write
+from stapinit.core.names import is_valid_name
 
 
 class StatusRecord(NamedTuple):

@@ -17,7 +17,7 @@ import shlex
 from pathlib import Path
 from typing import NamedTuple
 
-from stapinit.fsutil import atomic_copy, atomic_write
+from stapinit.core.fsutil import atomic_copy, atomic_write
 
 RECORD_HEADER = "# systemtap-service cache record; do not edit"
 

@@ -14,14 +14,14 @@ from pathlib import Path
 from types import FrameType
 
 from stapinit import __version__
-from stapinit.lsb import EXIT_NOT_CONFIGURED, EXIT_PRIVILEGE, EXIT_USAGE
-from stapinit.service.bashvars import ConfigError
-from stapinit.service.commands import CommandError, Request, Service
-from stapinit.service.lock import LockError
-from stapinit.service.log import Log, LogError
-from stapinit.service.names import is_valid_name
-from stapinit.service.ownership import UntrustedPathError, check_root_ownership
-from stapinit.service.settings import load_settings
+from stapinit.core.bashvars import ConfigError
+from stapinit.core.lsb import EXIT_NOT_CONFIGURED, EXIT_PRIVILEGE, EXIT_USAGE
+from stapinit.core.names import is_valid_name
+from stapinit.initscript.commands import CommandError, Request, Service
+from stapinit.initscript.lock import LockError
+from stapinit.initscript.log import Log, LogError
+from stapinit.initscript.ownership import UntrustedPathError, check_root_ownership
+from stapinit.initscript.settings import load_settings
 
 COMMANDS = (
     "start",
@@ -171,7 +171,7 @@ def run(command: str, service: Service, request: Request) -> int:
     if command == "status":
         return service.status(request)
     if command == "compile" and request.all_kernels:
-        from stapinit.service import kernels
+        from stapinit.initscript import kernels
 
         return kernels.compile_all_kernels(service, request)
     if command == "compile":
@@ -182,7 +182,7 @@ def run(command: str, service: Service, request: Request) -> int:
         return watch.watch(service, request)
     if command in ("pack", "unpack"):
         # Imported here: tarfile and hashlib have no place on the boot path.
-        from stapinit.service import packing
+        from stapinit.initscript import packing
 
         return (
             packing.pack(service, request)

@@ -9,10 +9,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from stapinit.lsb import EXIT_OK
-from stapinit.service.cache import target_kernel
-from stapinit.service.commands import CommandError, Request, Service
-from stapinit.service.scripts import cache_dir
+from stapinit.core.lsb import EXIT_OK
+from stapinit.initscript.cache import target_kernel
+from stapinit.initscript.commands import CommandError, Request, Service
+from stapinit.initscript.scripts import cache_dir
 
 MODULES_DIR = Path("/lib/modules")
 

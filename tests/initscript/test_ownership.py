@@ -11,8 +11,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from stapinit.service.ownership import writable_by
-from tests.service.conftest import FakeTools
+from stapinit.initscript.ownership import writable_by
+from tests.initscript.conftest import FakeTools
 from tests.support.prefix import Prefix
 
 DIR = stat.S_IFDIR

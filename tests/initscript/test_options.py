@@ -2,7 +2,7 @@ from __future__ import annotations
 
 import pytest
 
-from stapinit.service.options import (
+from stapinit.initscript.options import (
     OptionError,
     StartOptions,
     compile_options,

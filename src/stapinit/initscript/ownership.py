@@ -18,7 +18,7 @@ import stat
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
-from stapinit.service.settings import Settings
+from stapinit.initscript.settings import Settings
 
 
 class UntrustedPathError(Exception):
