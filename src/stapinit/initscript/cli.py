@@ -177,7 +177,7 @@ def run(command: str, service: Service, request: Request) -> int:
     if command == "compile":
         return service.compile(request)
     if command == "watch":
-        from stapinit.service import watch
+        from stapinit.initscript import watch
 
         return watch.watch(service, request)
     if command in ("pack", "unpack"):

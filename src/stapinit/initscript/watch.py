@@ -41,12 +41,12 @@ from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager, suppress
 from typing import NamedTuple
 
-from stapinit.lsb import EXIT_FAILED, EXIT_OK
-from stapinit.service import status
-from stapinit.service.commands import Request, Service
-from stapinit.service.lock import LockError, ServiceLock
-from stapinit.service.log import Log, LogError
-from stapinit.service.runtimes import runtime_for
+from stapinit.core.lsb import EXIT_FAILED, EXIT_OK
+from stapinit.initscript import status
+from stapinit.initscript.commands import Request, Service
+from stapinit.initscript.lock import LockError, ServiceLock
+from stapinit.initscript.log import Log, LogError
+from stapinit.initscript.runtimes import runtime_for
 
 #: Seconds between two looks at the status files when nothing wakes us.
 SCAN_SECONDS = 2.0
