@@ -37,7 +37,7 @@ import select
 import signal
 import socket
 import sys
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager, suppress
 from typing import NamedTuple
 
@@ -184,11 +184,11 @@ def wait(pids: Sequence[int], wakeup: int, timeout: float) -> None:
             os.close(handle)
 
 
-def watch(service: Service, request: Request, notify: Callable[[str], None] | None = None) -> int:
+def watch(service: Service, request: Request) -> int:
     """Start the scripts, report readiness, then follow them (see the module docstring).
 
-    Returns 0 when every script was stopped or finished, 1 when one died, or
-    ``start``'s failure code. ``notify`` defaults to sd_notify on $NOTIFY_SOCKET.
+    Returns 0 when every script was stopped or finished (or on SIGTERM), 1 when
+    one died, or ``start``'s failure code. Messages go to $NOTIFY_SOCKET, if set.
     """
     # The scripts must not inherit systemd's socket: only this process speaks for them.
     address = notify_address(os.environ)
@@ -196,7 +196,7 @@ def watch(service: Service, request: Request, notify: Callable[[str], None] | No
 
     def tell(message: str) -> None:
         try:
-            (notify or (lambda text: sd_notify(address, text)))(message)
+            sd_notify(address, message)
         except OSError as error:
             with _log_open(service.log) as log:
                 log.warning(f"cannot notify systemd: {error.strerror or error}")
