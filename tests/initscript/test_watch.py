@@ -21,6 +21,7 @@ from stapinit.initscript.watch import (
     notify_address,
     sd_notify,
 )
+from tests.initscript.conftest import FakeTools
 from tests.support.prefix import COMMAND, Prefix, process_alive, wait_for
 
 TICK = 'global n\nprobe timer.ms(50) { n++ }\nprobe end { printf("end %d\\n", n) }\n'
@@ -251,3 +252,21 @@ def test_watch_fails_like_start(bpf_prefix: Prefix, listener: tuple[socket.socke
     sock.settimeout(0.5)
     with pytest.raises(TimeoutError):
         sock.recv(4096)  # never READY=1: systemd sees the start fail
+
+
+def test_watch_notices_an_unloaded_kernel_module(
+    kmod_prefix: Prefix, fake_tools: FakeTools, listener: tuple[socket.socket, str]
+) -> None:
+    """A module loaded with staprun -L has no process: the watcher looks at MODULES_LIST."""
+    sock, address = listener
+    kmod_prefix.add_script("mem", "probe begin { }\n")
+    watcher = start_watch(kmod_prefix, address)
+    try:
+        assert sock.recv(4096) == b"READY=1\nSTATUS=1 script running: mem"
+        # Unloaded behind the service's back (rmmod, or the module exited).
+        fake_tools.modules.write_text("")
+        code, _, err = finish(watcher)
+    finally:
+        if watcher.poll() is None:
+            watcher.kill()
+    assert code == 1 and "mem died (no longer running)" in err

@@ -7,7 +7,7 @@ added, ``systemtap.service`` is enabled, and the machine is rebooted. Each test
 then drives it and leaves it with the scripts running under the unit again.
 Every test module sets ``pytestmark = SYSTEM_MARKS``: the ``system`` mark
 (``-m "not system"`` leaves the tier out) and the xdist group "system", so one
-worker runs them, in file order, on the one container.
+worker runs them all, on the one container.
 """
 
 from __future__ import annotations
