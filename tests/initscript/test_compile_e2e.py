@@ -191,7 +191,7 @@ def test_unknown_script_and_usage_errors(bpf_prefix: Prefix) -> None:
     usage = bpf_prefix.run("frobnicate")
     assert usage.returncode == 2 and "usage:" in usage.stderr
     bad_option = bpf_prefix.run("compile", "-Z")
-    assert bad_option.returncode == 2 and "option -Z not recognized" in bad_option.stderr
+    assert bad_option.returncode == 2 and "unrecognized arguments: -Z" in bad_option.stderr
 
 
 def test_dependency_errors_exit_6_before_anything_runs(bpf_prefix: Prefix) -> None:
@@ -211,8 +211,10 @@ def test_missing_log_directory_is_named(bpf_prefix: Prefix, tmp_path: Path) -> N
     bpf_prefix.add_script("alpha", TICK, options="--runtime=bpf")
     bpf_prefix.write_config(LOG_FILE=str(tmp_path / "nowhere" / "x.log"))
     done = bpf_prefix.run("compile")
-    assert done.returncode == 1
+    # The log is a convenience: the command does its job and says why it has none.
+    assert done.returncode == 0, done.stderr
     assert f"log directory {tmp_path / 'nowhere'} does not exist" in done.stderr
+    assert "logging to the console only" in done.stderr
 
 
 def test_names_and_releases_cannot_reach_outside_the_cache(bpf_prefix: Prefix) -> None:
@@ -227,10 +229,14 @@ def test_names_and_releases_cannot_reach_outside_the_cache(bpf_prefix: Prefix) -
 
 def test_missing_script_path_is_a_configuration_error(bpf_prefix: Prefix, tmp_path: Path) -> None:
     bpf_prefix.write_config(SCRIPT_PATH=str(tmp_path / "typo"))
-    for command in ("compile", "start", "status"):
+    for command in ("compile", "start"):
         done = bpf_prefix.run(command)
         assert done.returncode == 6
         assert f"SCRIPT_PATH {tmp_path / 'typo'} does not exist" in done.stderr
+    # status (like stop) goes by the status records, and says why.
+    status = bpf_prefix.run("status")
+    assert status.returncode == 3
+    assert f"SCRIPT_PATH {tmp_path / 'typo'} does not exist; going by the status" in status.stderr
 
 
 def test_junk_in_cache_and_status_dirs_gives_no_traceback(bpf_prefix: Prefix) -> None:

@@ -8,6 +8,7 @@ from stapinit.initscript.deps import (
     CycleError,
     MissingRequirementError,
     blocked_by,
+    levels,
     start_order,
     stop_order,
     with_dependents,
@@ -77,3 +78,15 @@ def test_any_acyclic_result_respects_every_requirement(raw: dict[str, list[str]]
     for name, required in reqs.items():
         for req in required:
             assert order.index(req) < order.index(name)
+
+
+def test_levels_group_what_may_start_together() -> None:
+    requires = {"a": [], "b": [], "c": ["a"], "d": ["c", "b"], "e": []}
+    order = start_order(requires, requires)
+    assert levels(order, requires) == [["a", "b", "e"], ["c"], ["d"]]
+
+
+def test_levels_follow_requirements_through_scripts_left_out() -> None:
+    # x is not being started (already running), yet a needs b through it.
+    requires = {"a": ["x"], "x": ["b"], "b": []}
+    assert levels(["b", "a"], requires) == [["b"], ["a"]]

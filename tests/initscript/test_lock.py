@@ -7,14 +7,14 @@ from pathlib import Path
 
 import pytest
 
-from stapinit.initscript.lock import LockError, ServiceLock
+from stapinit.initscript.lock import CommandLock, LockError
 from tests.initscript.conftest import FakeTools
 from tests.support.prefix import Prefix
 
 
 def test_the_lock_records_its_holder_and_is_emptied_after(tmp_path: Path) -> None:
     lock = tmp_path / ".lock"
-    with ServiceLock(tmp_path, 1, "stop"):
+    with CommandLock(tmp_path, 1, "stop"):
         assert lock.read_text() == f"pid {os.getpid()}: stop\n"
     assert lock.read_text() == ""
 
@@ -42,7 +42,7 @@ def test_a_symlinked_lock_is_refused_and_its_target_untouched(
 def test_a_dangling_symlink_is_not_followed_to_create_a_file(tmp_path: Path) -> None:
     target = tmp_path / "created-elsewhere"
     (tmp_path / ".lock").symlink_to(target)
-    with pytest.raises(LockError, match=r"it is a symbolic link$"), ServiceLock(tmp_path, 1, "x"):
+    with pytest.raises(LockError, match=r"it is a symbolic link$"), CommandLock(tmp_path, 1, "x"):
         pass
     assert not target.exists()
 
@@ -50,10 +50,10 @@ def test_a_dangling_symlink_is_not_followed_to_create_a_file(tmp_path: Path) -> 
 def test_a_lock_that_is_no_regular_file_is_refused(tmp_path: Path) -> None:
     os.mkfifo(tmp_path / ".lock")
     not_regular = r"\.lock: it is not a regular file$"
-    with pytest.raises(LockError, match=not_regular), ServiceLock(tmp_path, 1, "x"):
+    with pytest.raises(LockError, match=not_regular), CommandLock(tmp_path, 1, "x"):
         pass
     (tmp_path / ".lock").unlink()
     (tmp_path / ".lock").mkdir()
     directory = r"cannot open lock file .*\.lock: Is a directory$"
-    with pytest.raises(LockError, match=directory), ServiceLock(tmp_path, 1, "x"):
+    with pytest.raises(LockError, match=directory), CommandLock(tmp_path, 1, "x"):
         pass

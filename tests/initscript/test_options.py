@@ -2,9 +2,9 @@ from __future__ import annotations
 
 import pytest
 
+from stapinit.core.runtime import LoadOptions
 from stapinit.initscript.options import (
     OptionError,
-    StartOptions,
     compile_options,
     parse_options,
     runtime_of,
@@ -69,7 +69,7 @@ def test_start_filter_keeps_only_what_the_loader_takes() -> None:
     options = parse_options(
         split_options("-v -o /log/out -S 2,4 -s 16 -c 'a b' -x 7 -DX=1 -I /t -g -b -F --vp 01")
     )
-    assert start_options(options) == StartOptions("/log/out", "2,4", "16", "a b", "7")
+    assert start_options(options) == LoadOptions("/log/out", "2,4", "16", "a b", "7")
 
 
 def test_bad_buffer_size_is_an_error() -> None:

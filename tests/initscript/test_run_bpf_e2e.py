@@ -205,7 +205,7 @@ def test_a_script_that_fails_to_load_is_a_failed_start(bpf_prefix: Prefix) -> No
     os.utime(module, ns=(stat.st_atime_ns, stat.st_mtime_ns))
     done = bpf_prefix.run("start")
     assert done.returncode == 1
-    assert "Failed to start corrupt: stapbpf failed:" in done.stderr
+    assert "Failed to start corrupt: stapbpf failed (exit status 1): Error loading" in done.stderr
     assert not (bpf_prefix.stat / "corrupt").exists()
 
 

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from stapinit.core.runtime import State
 from stapinit.initscript.watch import (
     Ended,
     Observation,
@@ -28,28 +29,32 @@ TICK = 'global n\nprobe timer.ms(50) { n++ }\nprobe end { printf("end %d\\n", n)
 
 
 def running(name: str, pid: int) -> Observation:
-    return Observation(name, True, True, pid, None)
+    return Observation(name, State.RUNNING, pid, None)
 
 
 def gone(name: str, pid: int, ended: Ended | None) -> Observation:
-    return Observation(name, True, False, pid, ended)
+    return Observation(name, State.DEAD, pid, ended)
 
 
 # -- verdicts ---------------------------------------------------------------------
 
 
 def test_all_running_keeps_watching_and_lists_them_by_name() -> None:
-    verdict = judge([running("b", 20), running("a", 10), Observation("m", True, True, 0, None)])
+    module = Observation("m", State.RUNNING, 0, None)
+    starting = Observation("s", State.STARTING, 30, None)
+    verdict = judge([running("b", 20), running("a", 10), module, starting])
     assert verdict.exit_code is None
-    assert verdict.status == "3 scripts running: a (pid 10), b (pid 20), m"
+    assert verdict.status == "4 scripts running: a (pid 10), b (pid 20), m, s (pid 30)"
     assert judge([running("a", 10)]).status == "1 script running: a (pid 10)"
 
 
 def test_a_script_whose_status_file_went_was_stopped_not_killed() -> None:
-    stopped = Observation("b", False, False, 0, None)
+    stopped = Observation("b", State.STOPPED, 0, None)
     verdict = judge([running("a", 10), stopped])
     assert (verdict.exit_code, verdict.status) == (None, "1 script running: a (pid 10)")
     assert judge([stopped]) == judge([])
+    # Recorded as exited (by start, or by an earlier look): done, no failure.
+    assert judge([Observation("once", State.EXITED, 11, None)]) == judge([])
     assert judge([]).exit_code == 0 and judge([]).status == "no scripts running"
 
 
@@ -224,8 +229,9 @@ def test_watch_survives_a_restart_and_a_script_that_finishes(
         a = pid_of(two_tickers, "a")
         assert wait_for(lambda: "done" in (two_tickers.root / "once.out").read_text())
         assert sock.recv(4096).startswith(b"STATUS=2 scripts running: a (pid ")
-        # It finished: its status file is gone, so status says stopped, not dead.
-        assert two_tickers.status_json()["once"]["state"] == "stopped"
+        # It finished: status says so, not that it is dead.
+        once = two_tickers.status_json()["once"]
+        assert (once["state"], once["exit_status"]) == ("exited", 0)
         # Another command restarts a and b: stopped, then running again, no death.
         assert two_tickers.run("restart", "a", "b").returncode == 0
         new_a = pid_of(two_tickers, "a")
@@ -238,7 +244,7 @@ def test_watch_survives_a_restart_and_a_script_that_finishes(
             watcher.kill()
     # SIGTERM (systemd's, after ExecStop) ends the watcher, not the scripts.
     assert (code, err) == (0, "")
-    assert "once finished (exit status 0)" in out
+    assert "once ran and exited (status 0)" in out
     assert process_alive(new_a)
     assert two_tickers.run("stop").returncode == 0
 

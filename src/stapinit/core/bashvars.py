@@ -11,6 +11,8 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import NamedTuple
 
+from stapinit.core.errors import ConfigFileError
+
 NAME_START = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ_")
 NAME_CHARS = NAME_START | frozenset("0123456789")
 # Characters that end an unquoted word or start shell syntax we do not accept.
@@ -18,14 +20,8 @@ _METACHARS = frozenset(" \t\n;&|<>()")
 _EXPORT_WORDS = frozenset({"export", "readonly", "declare", "typeset", "local"})
 
 
-class ConfigError(Exception):
+class ConfigError(ConfigFileError):
     """A configuration file is not something we accept; str() is ``FILE:LINE: why``."""
-
-    def __init__(self, filename: str, line: int, message: str) -> None:
-        super().__init__(f"{filename}:{line}: {message}")
-        self.filename = filename
-        self.line = line
-        self.message = message
 
 
 class Assignment(NamedTuple):

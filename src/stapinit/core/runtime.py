@@ -10,8 +10,11 @@ client and the compile server.
 from __future__ import annotations
 
 import enum
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Final, Literal, NamedTuple, Protocol
+
+from stapinit.core.errors import StapinitError
+from stapinit.core.process import Ending
 
 RuntimeKind = Literal["kmod", "bpf"]
 RUNTIME_KINDS: Final[tuple[RuntimeKind, ...]] = ("kmod", "bpf")
@@ -116,3 +119,58 @@ class LogSink(Protocol):
 
     def output(self, label: str, text: str) -> None:
         """A tool's output, in full."""
+
+
+Phase = Literal["starting", "ready", "exited"]
+
+
+class Instance(NamedTuple):
+    """One started script, as its status record keeps it.
+
+    ``pid`` is 0 for a kernel module loaded without a daemon (``staprun -L``);
+    ``start_time`` (clock ticks since boot, proc(5)) tells that pid from a
+    later process that reuses it. ``phase`` is ``starting`` from the moment the
+    process exists until it is ready, so that a start killed half-way leaves a
+    record that ``status`` and ``stop`` find; ``exited`` is a script that ran
+    and ended by itself with ``exit_status`` (a one-shot script).
+    """
+
+    name: str
+    kind: RuntimeKind
+    pid: int
+    start_time: int
+    module: str
+    phase: Phase = "ready"
+    exit_status: int | None = None
+
+
+class RuntimeFailure(StapinitError):
+    """Starting or stopping a script failed; ``str()`` is one line for the console."""
+
+
+class Runtime(Protocol):
+    """Start, watch and stop compiled scripts of one kind.
+
+    ``launch`` returns as soon as the script's process exists (or, for a
+    kernel module, right away) with a ``starting`` instance the caller records
+    at once; ``wait_ready`` then blocks (bounded) until the script's probes are
+    live, and returns the ``ready`` (or ``exited``) instance.
+    """
+
+    kind: RuntimeKind
+
+    def launch(self, name: str, module: str, options: LoadOptions, output: int) -> Instance:
+        """Start loading ``module``; ``output`` is the file descriptor for its output."""
+        ...
+
+    def wait_ready(self, instance: Instance, interrupted: Callable[[], bool]) -> Instance:
+        """Wait until the script is live; else stop it and raise :class:`RuntimeFailure`."""
+        ...
+
+    def state(self, name: str, instance: Instance | None) -> State:
+        """What ``name`` is doing, given its record (``None`` when it has none)."""
+        ...
+
+    def stop(self, name: str, instance: Instance | None, log: LogSink) -> Ending:
+        """Stop it, waiting (bounded) until it is gone; :class:`RuntimeFailure` if it stays."""
+        ...

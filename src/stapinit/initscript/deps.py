@@ -133,3 +133,30 @@ def blocked_by(
     direct = list(requires.get(script, ()))
     indirect = sorted(with_requirements(direct, requires) - set(direct))
     return next((req for req in [*direct, *indirect] if req in failed_set), None)
+
+
+def levels(order: Sequence[str], requires: Mapping[str, Sequence[str]]) -> list[list[str]]:
+    """Split a start order into levels that may start together, keeping ``order`` within each.
+
+    A script's level is one more than the highest level of what it requires
+    among ``order``, directly or through scripts outside it (0 when it requires
+    none of them), so every level needs only earlier levels to be up.
+    ``order`` must be a :func:`start_order` (so the graph has no cycle).
+    """
+    chosen = set(order)
+    level: dict[str, int] = {}
+    needs: dict[str, int] = {}  # the lowest level a dependent of this script may have
+
+    def need(name: str) -> int:
+        if name not in needs:
+            needs[name] = 0  # placeholder; the graph is acyclic
+            below = [need(r) for r in requires.get(name, ())]
+            needs[name] = level[name] + 1 if name in chosen else max(below, default=0)
+        return needs[name]
+
+    for name in order:
+        level[name] = max((need(r) for r in requires.get(name, ())), default=0)
+    grouped: list[list[str]] = [[] for _ in range(max(level.values(), default=-1) + 1)]
+    for name in order:
+        grouped[level[name]].append(name)
+    return grouped

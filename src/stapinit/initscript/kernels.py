@@ -11,7 +11,7 @@ from pathlib import Path
 
 from stapinit.core.lsb import EXIT_OK
 from stapinit.initscript.cache import target_kernel
-from stapinit.initscript.commands import CommandError, Request, Service
+from stapinit.initscript.commands import CommandError, Initscript, Request
 from stapinit.initscript.scripts import cache_dir
 
 MODULES_DIR = Path("/lib/modules")
@@ -31,7 +31,9 @@ def releases_with_build_tree(modules_dir: Path = MODULES_DIR) -> list[str]:
     return [release for release in entries if has_build_tree(modules_dir, release)]
 
 
-def compile_all_kernels(service: Service, request: Request, modules_dir: Path = MODULES_DIR) -> int:
+def compile_all_kernels(
+    initscript: Initscript, request: Request, modules_dir: Path = MODULES_DIR
+) -> int:
     """Compile the named (or all) scripts for every release with a build tree.
 
     Valid caches are left alone, so running this again (as the kernel hook
@@ -45,19 +47,21 @@ def compile_all_kernels(service: Service, request: Request, modules_dir: Path = 
     seen_any = False
     for release in releases:
         kernel = target_kernel(release)
-        scripts = service.scripts(release)
-        names = service.select(request, scripts) if request.scripts else sorted(scripts)
+        scripts = initscript.scripts(release)
+        names = initscript.select(request, scripts)[0] if request.scripts else sorted(scripts)
         compilable = [scripts[name] for name in names if scripts[name].source is not None]
         seen_any = seen_any or bool(compilable)
-        stale = service.stale_scripts(compilable, kernel, cache_dir(service.settings, release))
+        stale = initscript.stale_scripts(
+            compilable, kernel, cache_dir(initscript.settings, release)
+        )
         for script in compilable:
             if script.name not in stale:
-                print(f"{script.name} is up to date for {release}", file=service.out)
+                print(f"{script.name} is up to date for {release}", file=initscript.log.out)
         if not stale:
             continue
-        outcome = service.compile(Request(tuple(stale), release, assume_yes=True))
+        outcome = initscript.compile(Request(tuple(stale), release, assume_yes=True))
         if code == EXIT_OK:
             code = outcome
     if not seen_any:
-        service.log.warning(f"no scripts to compile in {service.settings.script_path}")
+        initscript.log.warning(f"no scripts to compile in {initscript.settings.script_path}")
     return code

@@ -7,23 +7,37 @@ import fcntl
 import os
 import stat
 import time
+from collections.abc import Callable
 from pathlib import Path
 from types import TracebackType
+
+from stapinit.core.errors import StapinitError
 
 LOCK_NAME = ".lock"
 
 
-class LockError(Exception):
+class LockError(StapinitError):
     """The lock could not be taken in time (str() names who holds it) or is no plain file."""
 
 
-class ServiceLock:
-    """An exclusive ``flock`` on ``STAT_PATH/.lock``, waited for a bounded time."""
+class CommandLock:
+    """An exclusive ``flock`` on ``STAT_PATH/.lock``, waited for a bounded time.
 
-    def __init__(self, stat_path: Path, timeout: float, command: str) -> None:
+    ``interrupted`` (polled while waiting) ends the wait early: SIGTERM must
+    not have to outlast ``LOCK_TIMEOUT``.
+    """
+
+    def __init__(
+        self,
+        stat_path: Path,
+        timeout: float,
+        command: str,
+        interrupted: Callable[[], bool] = lambda: False,
+    ) -> None:
         self.path = stat_path / LOCK_NAME
         self.timeout = timeout
         self.command = command
+        self.interrupted = interrupted
         self._fd: int | None = None
 
     def _open(self) -> int:
@@ -44,7 +58,7 @@ class ServiceLock:
             raise LockError(f"refusing lock file {self.path}: it is not a regular file")
         return fd
 
-    def __enter__(self) -> ServiceLock:
+    def __enter__(self) -> CommandLock:
         fd = self._open()
         deadline = time.monotonic() + self.timeout
         while True:
@@ -52,6 +66,9 @@ class ServiceLock:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
                 break
             except BlockingIOError:
+                if self.interrupted():
+                    os.close(fd)
+                    raise LockError(f"interrupted while waiting for {self.path}", 130) from None
                 if time.monotonic() >= deadline:
                     holder = os.pread(fd, 200, 0).decode(errors="replace").strip() or "unknown"
                     os.close(fd)

@@ -9,6 +9,8 @@ import shlex
 from collections.abc import Sequence
 from typing import NamedTuple
 
+from stapinit.core.runtime import LoadOptions, RuntimeKind
+
 # stap's short options that take an argument (from `stap --help`, 4.8), so that
 # filtering drops an option together with its argument.
 _TAKES_ARGUMENT = frozenset("psIDBGRramoEcxSdTeLl")
@@ -97,9 +99,9 @@ def _flatten(options: Sequence[Option]) -> list[str]:
     return [word for option in options for word in option.words]
 
 
-def runtime_of(options: Sequence[Option]) -> str:
+def runtime_of(options: Sequence[Option]) -> RuntimeKind:
     """``"bpf"`` when the options select the BPF runtime, else ``"kmod"``."""
-    runtime = "kmod"
+    runtime: RuntimeKind = "kmod"
     for option in options:
         if option.flag == "--runtime":
             runtime = "bpf" if option.value == "bpf" else "kmod"
@@ -122,17 +124,7 @@ def compile_options(options: Sequence[Option]) -> list[str]:
     return _flatten(kept)
 
 
-class StartOptions(NamedTuple):
-    """What the loader takes of ``NAME_OPT`` (spec §4.2.1's start-time filter)."""
-
-    output_file: str | None = None
-    file_switch: str | None = None  # -S size[,N]
-    buffer_mb: str | None = None  # -s N, passed to staprun as -b N
-    command: str | None = None  # -c CMD
-    target_pid: str | None = None  # -x PID
-
-
-def start_options(options: Sequence[Option]) -> StartOptions:
+def start_options(options: Sequence[Option]) -> LoadOptions:
     """Keep what staprun/stapbpf take at start: -o, -S, -s, -c, -x (last one wins)."""
     found: dict[str, str] = {}
     for option in options:
@@ -140,7 +132,7 @@ def start_options(options: Sequence[Option]) -> StartOptions:
             found[option.flag] = option.value
     if "s" in found and not _is_buffer_size(found["s"]):
         raise OptionError(f"-s {found['s']}: buffer size must be a number of MB from 1 to 4095")
-    return StartOptions(
+    return LoadOptions(
         output_file=found.get("o"),
         file_switch=found.get("S"),
         buffer_mb=found.get("s"),

@@ -18,11 +18,15 @@ import stat
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
+from stapinit.core.errors import StapinitError
+from stapinit.core.lsb import EXIT_NOT_CONFIGURED
 from stapinit.initscript.settings import Settings
 
 
-class UntrustedPathError(Exception):
-    """A path root would rely on is writable by someone else; str() is one line."""
+class UntrustedPathError(StapinitError):
+    """A path root would rely on is writable by someone else; str() is one line (exit 6)."""
+
+    exit_code = EXIT_NOT_CONFIGURED
 
 
 def writable_by(uid: int, mode: int, sticky_ok: bool = False) -> str | None:
@@ -97,12 +101,27 @@ def check_paths(paths: Iterable[tuple[Path, bool]]) -> None:
             raise UntrustedPathError(f"refusing to run as root: {path} is writable by {who}")
 
 
-def check_root_ownership(settings: Settings, release: str | None = None) -> None:
+def shutdown_paths(settings: Settings) -> list[tuple[Path, bool]]:
+    """What ``stop`` relies on: the configuration, the status records and ``STAPRUN``."""
+    paths: list[tuple[Path, bool]] = [(path, False) for path in settings.files_read]
+    paths.append((settings.config_path, False))
+    paths.append((settings.stat_path, False))
+    paths += [(path, False) for path in _tool_paths(settings.staprun)]
+    return paths
+
+
+def check_root_ownership(
+    settings: Settings, release: str | None = None, shutdown_only: bool = False
+) -> None:
     """As root (euid 0), refuse paths others can change; otherwise check nothing.
 
     ``release`` is the ``-r`` release, checked with the running kernel's.
+    ``shutdown_only`` checks only :func:`shutdown_paths`.
     """
     if os.geteuid() != 0:
+        return
+    if shutdown_only:
+        check_paths(shutdown_paths(settings))
         return
     releases = [os.uname().release] + ([release] if release else [])
     check_paths(trusted_paths(settings, releases))

@@ -33,10 +33,11 @@ from stapinit.core.bashvars import ConfigError, parse_assignments
 from stapinit.core.fsutil import atomic_write, stage_write
 from stapinit.core.lsb import EXIT_OK
 from stapinit.core.names import NAME_PATTERN
+from stapinit.core.runtime import KIND_OF_SUFFIX, MODULE_SUFFIX
 from stapinit.initscript import cache
 from stapinit.initscript.cache import CacheRecord, running_kernel, target_kernel
-from stapinit.initscript.commands import CommandError, Request, Service
-from stapinit.initscript.scripts import MODULE_SUFFIXES, cache_dir
+from stapinit.initscript.commands import CommandError, Initscript, Request
+from stapinit.initscript.scripts import cache_dir
 
 MANIFEST_NAME = "MANIFEST"
 FORMAT_LINE = "systemtap-service pack 1"
@@ -45,7 +46,7 @@ RECORD_SUFFIX = ".opts"
 RELEASE_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+~-]*")
 CONF_PATTERN = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.+-]*\.conf")
 _SHA256_PATTERN = re.compile(r"[0-9a-f]{64}")
-_RUNTIME_OF_SUFFIX = {suffix: runtime for runtime, suffix in MODULE_SUFFIXES.items()}
+_RUNTIME_OF_SUFFIX = KIND_OF_SUFFIX
 # Bounds on what unpack reads into memory from an untrusted archive.
 MAX_MEMBERS = 4096
 MAX_TOTAL_BYTES = 1 << 30
@@ -159,7 +160,7 @@ def check_cache_files(release: str, cache_files: Mapping[str, bytes]) -> None:
             raise PackError(f"{stem}{RECORD_SUFFIX} is not a cache record")
         if record.kernel.release != release:
             raise PackError(f"{stem}{RECORD_SUFFIX} is for {record.kernel.release}, not {release}")
-        if MODULE_SUFFIXES.get(record.runtime) != suffix:
+        if KIND_OF_SUFFIX.get(suffix) != record.runtime:
             raise PackError(f"{stem}{RECORD_SUFFIX} records runtime {record.runtime}, not {suffix}")
     orphans = sorted(set(records) - set(modules))
     if orphans:
@@ -245,7 +246,7 @@ def plan(
         else:
             others = tuple(
                 release_dir / f"{stem}{other}"
-                for other in MODULE_SUFFIXES.values()
+                for other in MODULE_SUFFIX.values()
                 if other != f".{suffix}"
             )
             removes = (cache.record_path(release_dir, stem), *others)
@@ -381,29 +382,29 @@ def _read(path: Path) -> bytes:
         raise CommandError(f"cannot read {path}: {error.strerror}") from None
 
 
-def pack(service: Service, request: Request) -> int:
+def pack(initscript: Initscript, request: Request) -> int:
     """Write the caches of ``-r`` (default: running) and their conf.d files to ``-o``.
 
     Named scripts bring their requirements along: the target could not start
     them otherwise. Every packed cache must be valid for the release.
     """
     assert request.archive is not None
-    settings = service.settings
+    settings = initscript.settings
     release = request.release or running_kernel().release
     try:
         check_release(release)
     except PackError as error:
         raise CommandError(str(error)) from None
-    scripts = service.scripts(release)
+    scripts = initscript.scripts(release)
     if request.scripts:
-        names = service.select(request._replace(recursive=True), scripts)
+        names = initscript.select(request._replace(recursive=True), scripts)[0]
     else:
         names = sorted(scripts)
     if not names:
         raise CommandError(f"no scripts to pack in {settings.script_path}")
     chosen = [scripts[name] for name in names]
     directory = cache_dir(settings, release)
-    stale = service.stale_scripts(chosen, target_kernel(release), directory)
+    stale = initscript.stale_scripts(chosen, target_kernel(release), directory)
     for name in names:
         if name in stale:
             raise CommandError(
@@ -437,15 +438,14 @@ def pack(service: Service, request: Request) -> int:
         atomic_write(request.archive, archive_bytes(manifest, files))
     except OSError as error:
         raise CommandError(f"cannot write {request.archive}: {error.strerror}") from None
-    service.log.info(f"Packed {' '.join(names)} for {release} into {request.archive}")
-    print(f"Packed {' '.join(names)} for {release} into {request.archive}", file=service.out)
+    initscript.log.report(f"Packed {' '.join(names)} for {release} into {request.archive}")
     return EXIT_OK
 
 
-def unpack(service: Service, request: Request) -> int:
+def unpack(initscript: Initscript, request: Request) -> int:
     """Verify an archive made by :func:`pack` and install it, all or nothing."""
     assert request.archive is not None
-    settings = service.settings
+    settings = initscript.settings
     try:
         manifest, files = check_members(read_archive(request.archive))
         placements = plan(manifest, files, settings.cache_path, settings.config_path)
@@ -454,18 +454,17 @@ def unpack(service: Service, request: Request) -> int:
     replaced = [placement.destination for placement in placements if _differs(placement)]
     if replaced and not request.assume_yes:
         listing = "\n".join(f"  {path}" for path in replaced)
-        print(f"These files will be replaced:\n{listing}", file=service.out)
-        if not service.confirm("Replace these files?"):
+        print(f"These files will be replaced:\n{listing}", file=initscript.log.out)
+        if not initscript.confirm("Replace these files?"):
             raise CommandError("not replacing existing files; nothing installed")
     try:
         install(placements)
     except PackError as error:
         raise CommandError(f"{request.archive}: {error}") from None
     for placement in placements:
-        service.log.info(f"Installed {placement.destination}")
-        print(f"Installed {placement.destination}", file=service.out)
+        initscript.log.report(f"Installed {placement.destination}")
     if not settings.allow_cacheonly:
-        service.log.warning(
+        initscript.log.warning(
             "ALLOW_CACHEONLY=no: scripts without a .stp file will not run from these caches"
         )
     return EXIT_OK

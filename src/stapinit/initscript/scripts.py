@@ -6,11 +6,13 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import NamedTuple
 
+from stapinit.core.errors import StapinitError
+from stapinit.core.lsb import EXIT_NOT_CONFIGURED
 from stapinit.core.names import is_valid_name
+from stapinit.core.runtime import MODULE_SUFFIX, LoadOptions, RuntimeKind
 from stapinit.initscript.options import (
     Option,
     OptionError,
-    StartOptions,
     compile_options,
     parse_options,
     runtime_of,
@@ -19,11 +21,11 @@ from stapinit.initscript.options import (
 )
 from stapinit.initscript.settings import Settings
 
-MODULE_SUFFIXES = {"kmod": ".ko", "bpf": ".bo"}
 
+class ScriptError(StapinitError):
+    """A script or its configuration cannot be used; str() is one line (exit 6)."""
 
-class ScriptError(Exception):
-    """A script or its configuration cannot be used; str() is one line."""
+    exit_code = EXIT_NOT_CONFIGURED
 
 
 class Script(NamedTuple):
@@ -33,19 +35,19 @@ class Script(NamedTuple):
     source: Path | None  # None for a cache-only script (ALLOW_CACHEONLY)
     options: tuple[Option, ...]
     requires: tuple[str, ...]
-    runtime: str  # "kmod" or "bpf"
+    runtime: RuntimeKind
 
     @property
     def module_suffix(self) -> str:
         """``.ko`` or ``.bo``, by runtime."""
-        return MODULE_SUFFIXES[self.runtime]
+        return MODULE_SUFFIX[self.runtime]
 
     @property
     def compile_options(self) -> list[str]:
         """Options for ``stap -p4``, after the §4.2.1 filter."""
         return compile_options(self.options)
 
-    def start_options(self) -> StartOptions:
+    def start_options(self) -> LoadOptions:
         """Options the loader takes, after the §4.2.1 filter."""
         try:
             return start_options(self.options)
@@ -54,7 +56,7 @@ class Script(NamedTuple):
 
 
 def make_script(
-    name: str, source: Path | None, settings: Settings, cached_runtime: str | None = None
+    name: str, source: Path | None, settings: Settings, cached_runtime: RuntimeKind | None = None
 ) -> Script:
     """Build a script from its file and its ``NAME_OPT`` / ``NAME_REQ`` settings."""
     opt = settings.script_var(name, "OPT")
@@ -82,12 +84,24 @@ def cache_dir(settings: Settings, release: str) -> Path:
 
 
 def find_scripts(
-    settings: Settings, release: str, warn: Callable[[str], None]
+    settings: Settings, release: str, warn: Callable[[str], None], lenient: bool = False
 ) -> dict[str, Script]:
     """Every script of the script directory, plus cache-only ones if allowed.
 
     Files whose names cannot be script names are skipped with a warning.
+    ``lenient`` (for stop and status) turns a script whose ``NAME_OPT`` or
+    ``NAME_REQ`` cannot be used into a warning and a script without them.
     """
+
+    def make(name: str, source: Path | None, cached: RuntimeKind | None = None) -> Script:
+        try:
+            return make_script(name, source, settings, cached)
+        except ScriptError as error:
+            if not lenient:
+                raise
+            warn(str(error))
+            return Script(name, source, (), (), cached or "kmod")
+
     found: dict[str, Script] = {}
     try:
         entries = sorted(settings.script_path.iterdir())
@@ -105,13 +119,13 @@ def find_scripts(
         if not is_valid_name(entry.stem):
             warn(f"{entry.name} is not a valid script name")
             continue
-        found[entry.stem] = make_script(entry.stem, entry, settings)
+        found[entry.stem] = make(entry.stem, entry)
     if settings.allow_cacheonly:
-        for runtime, suffix in MODULE_SUFFIXES.items():
+        for runtime, suffix in MODULE_SUFFIX.items():
             for module in sorted(cache_dir(settings, release).glob(f"*{suffix}")):
                 name = module.name[: -len(suffix)]
                 if name not in found and is_valid_name(name):
-                    found[name] = make_script(name, None, settings, cached_runtime=runtime)
+                    found[name] = make(name, None, runtime)
     return found
 
 

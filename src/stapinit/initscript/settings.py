@@ -87,11 +87,16 @@ class Settings(NamedTuple):
 
 
 def settings_from_assignments(
-    assignments: Sequence[Assignment], files_read: Sequence[Path] = ()
+    assignments: Sequence[Assignment],
+    files_read: Sequence[Path] = (),
+    on_error: Callable[[ConfigError], None] | None = None,
 ) -> Settings:
     """Build validated settings from every assignment, later ones winning.
 
-    Pure: no files are read, so the rules are tested directly.
+    Pure: no files are read, so the rules are tested directly. A bad value
+    raises :class:`ConfigError`, unless ``on_error`` is given (``stop`` and
+    ``status`` must work whatever else is broken): it gets the error and the
+    default is used instead.
     """
     last: dict[str, Assignment] = {}
     for assignment in assignments:
@@ -109,7 +114,11 @@ def settings_from_assignments(
         try:
             return converter(raw(key))
         except ValueError as error:
-            raise ConfigError(*where(key), f"{key}={error}") from None
+            problem = ConfigError(*where(key), f"{key}={error}")
+            if on_error is None:
+                raise problem from None
+            on_error(problem)
+            return converter(DEFAULTS[key] or "1")
 
     def boolean(key: str) -> bool:
         return convert(key, values.boolean)
@@ -168,12 +177,15 @@ def _read_file(path: Path) -> str:
 
 
 def load_settings(
-    config_file: Path | None, environment: Mapping[str, str] | None = None
+    config_file: Path | None,
+    environment: Mapping[str, str] | None = None,
+    on_error: Callable[[ConfigError], None] | None = None,
 ) -> Settings:
     """Read the global file (``-c`` or the default) and then ``CONFIG_PATH/*.conf``.
 
     A missing default global file means all defaults; a missing file named
-    with ``-c`` is an error. Raises :class:`ConfigError`.
+    with ``-c`` is an error. Raises :class:`ConfigError`; ``on_error`` (see
+    :func:`settings_from_assignments`) only softens bad values, not bad syntax.
     """
     env = dict(os.environ if environment is None else environment)
     global_file = config_file or DEFAULT_CONFIG_FILE
@@ -195,4 +207,4 @@ def load_settings(
         assignments += more
         known.update((a.name, a.value) for a in more)
         files_read.append(conf)
-    return settings_from_assignments(assignments, files_read)
+    return settings_from_assignments(assignments, files_read, on_error)

@@ -9,7 +9,8 @@ and follows them:
 * a script whose status file is gone was stopped by ``systemtap-service stop``
   (or ``reload``): not a failure;
 * a script whose process exited with status 0 finished (a script that calls
-  ``exit()``): not a failure; its status file is removed, as ``stop`` would;
+  ``exit()``): not a failure; its record says so, as ``start`` records a
+  script that exits at once (``status``: "ran and exited (status 0)");
 * any other script that is no longer running died: the watcher exits 1, so the
   unit fails and ``systemctl status`` and ``service systemtap status`` (which
   runs it under systemd) say so, with non-zero exit codes;
@@ -37,16 +38,16 @@ import select
 import signal
 import socket
 import sys
-from collections.abc import Iterable, Iterator, Mapping, Sequence
-from contextlib import contextmanager, suppress
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from contextlib import AbstractContextManager, contextmanager, suppress
 from typing import NamedTuple
 
 from stapinit.core.lsb import EXIT_FAILED, EXIT_OK
+from stapinit.core.runtime import State
 from stapinit.initscript import status
-from stapinit.initscript.commands import Request, Service
-from stapinit.initscript.lock import LockError, ServiceLock
+from stapinit.initscript.commands import Initscript, Request
+from stapinit.initscript.lock import CommandLock, LockError
 from stapinit.initscript.log import Log, LogError
-from stapinit.initscript.runtimes import runtime_for
 
 #: Seconds between two looks at the status files when nothing wakes us.
 SCAN_SECONDS = 2.0
@@ -80,9 +81,8 @@ class Observation(NamedTuple):
     """One script's state at one look."""
 
     name: str
-    recorded: bool  # it has a status file of ours
-    running: bool  # its runtime says it runs
-    pid: int  # from the status file; 0 for a detached kernel module
+    state: State  # its runtime's view of its record; STOPPED once the record is gone
+    pid: int  # from the status record; 0 for a detached kernel module
     ended: Ended | None  # how its process ended, when it was our child and was reaped
 
 
@@ -91,7 +91,7 @@ class Verdict(NamedTuple):
 
     status: str  # the STATUS= text
     exit_code: int | None  # None: keep watching
-    finished: tuple[str, ...]  # scripts that ended with status 0: remove their status files
+    finished: tuple[str, ...]  # scripts that ended with status 0: record them as exited
     deaths: tuple[str, ...]  # one line per script that died, for the log
 
 
@@ -101,10 +101,10 @@ def judge(observations: Iterable[Observation]) -> Verdict:
     finished: list[str] = []
     deaths: list[str] = []
     for seen in sorted(observations):
-        if not seen.recorded:
-            continue  # stopped by systemtap-service stop, or never ours
-        if seen.running:
+        if seen.state in (State.RUNNING, State.STARTING):
             running.append(seen)
+        elif seen.state is not State.DEAD:
+            continue  # stopped by systemtap-service stop, or ran and exited at start
         elif seen.ended is not None and seen.ended.code == 0:
             finished.append(seen.name)
         else:
@@ -150,17 +150,16 @@ def reap(endings: dict[int, Ended]) -> None:
         endings[pid] = Ended.from_wait_status(wait_status)
 
 
-def observe(service: Service, endings: Mapping[int, Ended]) -> list[Observation]:
-    """Look at every script with a status file of ours."""
-    stat_path = service.settings.stat_path
+def observe(initscript: Initscript, endings: Mapping[int, Ended]) -> list[Observation]:
+    """Look at every script with a status record of ours."""
+    stat_path = initscript.settings.stat_path
     seen: list[Observation] = []
     for name in status.recorded_names(stat_path):
         record = status.read(stat_path, name)
-        if record is None:
-            continue  # removed between listing and reading
-        running = runtime_for(record.runtime, service.tools).is_running(name, record)
-        ended = endings.get(record.pid) if record.pid and not running else None
-        seen.append(Observation(name, True, running, record.pid, ended))
+        state = initscript.runtimes[record.kind].state(name, record) if record else State.STOPPED
+        pid = record.pid if record else 0
+        ended = endings.get(pid) if pid and state is State.DEAD else None
+        seen.append(Observation(name, state, pid, ended))
     return seen
 
 
@@ -184,11 +183,16 @@ def wait(pids: Sequence[int], wakeup: int, timeout: float) -> None:
             os.close(handle)
 
 
-def watch(service: Service, request: Request) -> int:
-    """Start the scripts, report readiness, then follow them (see the module docstring).
+def watch(
+    initscript: Initscript,
+    request: Request,
+    start_lock: Callable[[], AbstractContextManager[object]],
+) -> int:
+    """Start the scripts under ``start_lock``, report readiness, then follow them.
 
-    Returns 0 when every script was stopped or finished (or on SIGTERM), 1 when
-    one died, or ``start``'s failure code. Messages go to $NOTIFY_SOCKET, if set.
+    See the module docstring. Returns 0 when every script was stopped or
+    finished (or on SIGTERM), 1 when one died, or ``start``'s failure code.
+    Messages go to $NOTIFY_SOCKET, if set.
     """
     # The scripts must not inherit systemd's socket: only this process speaks for them.
     address = notify_address(os.environ)
@@ -198,27 +202,28 @@ def watch(service: Service, request: Request) -> int:
         try:
             sd_notify(address, message)
         except OSError as error:
-            with _log_open(service.log) as log:
+            with _log_open(initscript.log) as log:
                 log.warning(f"cannot notify systemd: {error.strerror or error}")
 
-    code = service.start(request)
+    with start_lock():
+        code = initscript.start(request)
     sys.stdout.flush()
     if code != EXIT_OK:
         return code
     # From now on the log is opened for each message: logrotate may move it meanwhile.
-    service.log.close()
+    initscript.log.close()
     read_end, write_end = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
     previous_wakeup = signal.set_wakeup_fd(write_end)
     # A handler (not the default) so that a child's exit writes to the wakeup pipe.
     previous_chld = signal.signal(signal.SIGCHLD, lambda signum, frame: None)
     endings: dict[int, Ended] = {}
     try:
-        verdict, pids = _look(service, endings)
+        verdict, pids = _look(initscript, endings)
         tell(f"READY=1\nSTATUS={verdict.status}")
         shown = verdict.status
-        while verdict.exit_code is None and not service.interrupted:
+        while verdict.exit_code is None and not initscript.interrupted:
             wait(pids, read_end, SCAN_SECONDS)
-            verdict, pids = _look(service, endings)
+            verdict, pids = _look(initscript, endings)
             if verdict.status != shown:
                 tell(f"STATUS={verdict.status}")
                 shown = verdict.status
@@ -230,34 +235,43 @@ def watch(service: Service, request: Request) -> int:
         os.close(write_end)
 
 
-def _look(service: Service, endings: dict[int, Ended]) -> tuple[Verdict, list[int]]:
+def _look(initscript: Initscript, endings: dict[int, Ended]) -> tuple[Verdict, list[int]]:
     """Judge the scripts; anything but "all running" is judged again under the lock.
 
     Returns the verdict and the pids to wait for.
     """
     reap(endings)
-    observations = observe(service, endings)
+    observations = observe(initscript, endings)
     verdict = judge(observations)
     if verdict.exit_code is not None or verdict.finished:
-        settings = service.settings
+        settings = initscript.settings
+        lock = CommandLock(
+            settings.stat_path, settings.lock_timeout, "watch", initscript.is_interrupted
+        )
         try:
-            with ServiceLock(settings.stat_path, settings.lock_timeout, "watch"):
+            with lock:
                 reap(endings)
-                observations = observe(service, endings)
+                observations = observe(initscript, endings)
                 verdict = judge(observations)
-                for name in verdict.finished:
-                    status.remove(settings.stat_path, name)
+                for seen in observations:
+                    record = status.read(settings.stat_path, seen.name)
+                    if seen.name in verdict.finished and record is not None:
+                        # As start records a one-shot script that exits at once.
+                        status.write(
+                            settings.stat_path, record._replace(phase="exited", exit_status=0)
+                        )
         except LockError as error:
             # A command holds the lock too long: keep watching, decide next time.
-            with _log_open(service.log) as log:
+            with _log_open(initscript.log) as log:
                 log.warning(str(error))
             return verdict._replace(exit_code=None, finished=(), deaths=()), []
-        _report(service, verdict)
-    # Exit statuses of processes no status file names any more are spent.
+        _report(initscript, verdict)
+    # Exit statuses of processes no status record names any more are spent.
     recorded = {seen.pid for seen in observations}
     for pid in [pid for pid in endings if pid not in recorded]:
         del endings[pid]
-    return verdict, [seen.pid for seen in observations if seen.running and seen.pid]
+    running = (State.RUNNING, State.STARTING)
+    return verdict, [seen.pid for seen in observations if seen.state in running and seen.pid]
 
 
 @contextmanager
@@ -271,11 +285,10 @@ def _log_open(log: Log) -> Iterator[Log]:
         log.close()
 
 
-def _report(service: Service, verdict: Verdict) -> None:
+def _report(initscript: Initscript, verdict: Verdict) -> None:
     """Log the scripts that finished or died."""
-    with _log_open(service.log) as log:
+    with _log_open(initscript.log) as log:
         for name in verdict.finished:
-            log.info(f"{name} finished (exit status 0)")
-            print(f"{name} finished (exit status 0)", file=service.out, flush=True)
+            log.report(f"{name} ran and exited (status 0)")
         for line in verdict.deaths:
             log.error(line)
