@@ -192,10 +192,12 @@ def test_a_script_that_finishes_is_no_failure(
         time.sleep(3)  # more than the watcher's scan interval
         assert unit_state(machine) == "active"
         assert status_text(machine).startswith("2 scripts running: counter")
-        # It finished, so it is stopped, not dead.
-        assert "once is stopped" in machine.run("systemtap-service", "status", "once").stdout
+        # It finished: not dead, and the whole service is fine.
+        once = machine.run("systemtap-service", "status", "once")
+        assert (once.returncode, once.stdout) == (0, "once ran and exited (status 0)\n")
+        assert machine.run("service", "systemtap", "status").returncode == 0
         journal = machine.run("journalctl", "-b", "-u", UNIT, "-o", "cat").stdout
-        assert "once finished (exit status 0)" in journal
+        assert "once ran and exited (status 0)" in journal
     finally:
         machine.path(f"{SCRIPTS}/once.stp").unlink()
         conf.unlink()
