@@ -5,9 +5,9 @@ minutes): it is booted once, the three packages are installed in it with
 ``dpkg -i`` as an administrator would, scripts and an ordinary service are
 added, ``systemtap.service`` is enabled, and the machine is rebooted. Each test
 then drives it and leaves it with the scripts running under the unit again.
-Every test module sets ``pytestmark = SYSTEM_MARKS``: the ``system`` mark
-(``-m "not system"`` leaves the tier out) and the xdist group "system", so one
-worker runs them all, on the one container.
+Every test module sets ``pytestmark`` to the ``system`` mark (``-m "not
+system"`` leaves the tier out; this conftest registers it) and the xdist group
+"system", so one worker runs them all, on the one container.
 """
 
 from __future__ import annotations
@@ -60,9 +60,6 @@ WantedBy=multi-user.target
 """
 #: A member of stapusr (may load modules signed by a trusted signer).
 USER = "alice"
-
-#: Every test module here carries these: the mark, and one worker for the one container.
-SYSTEM_MARKS = [pytest.mark.system, pytest.mark.xdist_group("system")]
 
 
 def wait_until(what: str, check: Callable[[], bool], timeout: float = 30.0) -> None:

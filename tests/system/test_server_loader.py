@@ -9,10 +9,10 @@ from __future__ import annotations
 
 import pytest
 
-from tests.system.conftest import SYSTEM_MARKS, USER, wait_until
+from tests.system.conftest import USER, wait_until
 from tests.system.container import Container
 
-pytestmark = SYSTEM_MARKS
+pytestmark = [pytest.mark.system, pytest.mark.xdist_group("system")]
 CERT = "/var/lib/stap-server/.systemtap/ssl/server/stap.cert"
 SOCKET = "/run/stap-loader.sock"
 HELLO = 'probe begin { printf ("Hello\\n"); exit (); }'

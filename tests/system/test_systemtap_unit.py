@@ -14,10 +14,10 @@ from collections.abc import Callable, Iterator
 
 import pytest
 
-from tests.system.conftest import OUTPUT, SCRIPTS, SYSTEM_MARKS, wait_until
+from tests.system.conftest import OUTPUT, SCRIPTS, wait_until
 from tests.system.container import Container
 
-pytestmark = SYSTEM_MARKS
+pytestmark = [pytest.mark.system, pytest.mark.xdist_group("system")]
 UNIT = "systemtap.service"
 
 
