@@ -21,6 +21,17 @@ pytestmark = [pytest.mark.system, pytest.mark.xdist_group("system")]
 UNIT = "systemtap.service"
 
 
+def systemctl(machine: Container, verb: str) -> None:
+    """``systemctl VERB systemtap.service``, as often as the tests need.
+
+    systemd refuses a sixth start within ten seconds ("Start request repeated
+    too quickly"); an administrator resets that with ``reset-failed``, and so
+    do the tests, which restart far more often than anyone would.
+    """
+    machine.check("systemctl", "reset-failed", UNIT)
+    machine.check("systemctl", verb, UNIT)
+
+
 def pids(machine: Container) -> dict[str, int]:
     """``systemtap-service status``'s running scripts and their pids."""
     text = machine.run("systemtap-service", "status").stdout
@@ -58,8 +69,7 @@ def scripts_running(machine: Container) -> Iterator[Callable[[], dict[str, int]]
 
     yield healthy
     if unit_state(machine) != "active" or set(pids(machine)) != {"ticker", "counter"}:
-        machine.run("systemctl", "reset-failed", UNIT)
-        machine.check("systemctl", "restart", UNIT)
+        systemctl(machine, "restart")
 
 
 def test_boot_starts_the_scripts_before_sysinit_and_reports_them(machine: Container) -> None:
@@ -101,11 +111,11 @@ def test_systemctl_stop_start_restart_act_on_the_scripts(
     shown = machine.run("systemctl", "status", UNIT)
     assert shown.returncode == 3 and "inactive (dead)" in shown.stdout
 
-    machine.check("systemctl", "start", UNIT)
+    systemctl(machine, "start")
     started = scripts_running()
     assert not set(started.values()) & set(before.values())
 
-    machine.check("systemctl", "restart", UNIT)
+    systemctl(machine, "restart")
     restarted = scripts_running()
     assert not set(restarted.values()) & set(started.values())
     assert not any(stapbpf_alive(machine, pid) for pid in started.values())
@@ -136,7 +146,7 @@ def test_a_killed_script_fails_the_unit_and_status_says_so(
     machine: Container, scripts_running: Callable[[], dict[str, int]], status_command: list[str]
 ) -> None:
     # Started by the unit's own process, whose children they are: it knows how they end.
-    machine.check("systemctl", "restart", UNIT)
+    systemctl(machine, "restart")
     running = scripts_running()
     assert machine.run(*status_command).returncode == 0
 
@@ -153,7 +163,7 @@ def test_a_killed_script_fails_the_unit_and_status_says_so(
     journal = machine.run("journalctl", "-b", "-u", UNIT, "-o", "cat").stdout
     assert "counter died (killed by SIGKILL)" in journal
 
-    machine.check("systemctl", "restart", UNIT)
+    systemctl(machine, "restart")
     scripts_running()
     assert machine.run(*status_command).returncode == 0
 
@@ -185,7 +195,7 @@ def test_a_script_that_finishes_is_no_failure(
     conf = machine.path("/etc/systemtap/conf.d/once.conf")
     conf.write_text(f'once_OPT="--runtime=bpf -o {OUTPUT}/once.out"\n')
     try:
-        machine.check("systemctl", "restart", UNIT)
+        systemctl(machine, "restart")
         assert set(pids(machine)) == {"ticker", "counter", "once"}
         wait_until("once finishes", lambda: "once" not in pids(machine))
         assert machine.path(f"{OUTPUT}/once.out").read_text() == "done\n"
@@ -201,7 +211,7 @@ def test_a_script_that_finishes_is_no_failure(
     finally:
         machine.path(f"{SCRIPTS}/once.stp").unlink()
         conf.unlink()
-    machine.check("systemctl", "restart", UNIT)
+    systemctl(machine, "restart")
 
 
 def test_shutdown_stops_the_scripts_after_ordinary_services(
