@@ -13,7 +13,7 @@ from stapinit.client.config import (
     config_files,
     read_client_config,
 )
-from stapinit.client.options import ServerAddress
+from stapinit.trust.address import ServerAddress
 from stapinit.trust.stores import StorePaths
 
 

@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from stapinit.client.connection import ServerUntrustedError, connect_pinned
-from stapinit.client.options import ServerAddress
+from stapinit.trust.address import ServerAddress
 from stapinit.trust.certs import fingerprint, generate_identity
+from stapinit.trust.connection import ServerUntrustedError, connect_pinned
 
 
 @dataclass

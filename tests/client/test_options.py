@@ -8,11 +8,11 @@ from hypothesis import strategies as st
 
 from stapinit.client.options import (
     ClientOptions,
-    ServerAddress,
     UsageError,
     parse_args,
     parse_server,
 )
+from stapinit.trust.address import ServerAddress
 
 HELLO = 'probe begin { printf ("Hello\\n"); exit (); }'
 

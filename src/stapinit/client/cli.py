@@ -15,11 +15,11 @@ from pathlib import Path
 from typing import Final
 
 from stapinit.client.config import ClientConfig, ClientConfigError, read_client_config
-from stapinit.client.connection import ServerError, compile_remote, connect_pinned
 from stapinit.client.load import LoadError, run_directly, run_via_loader
 from stapinit.client.options import USAGE, ClientOptions, UsageError, parse_args
 from stapinit.core.fsutil import atomic_write
 from stapinit.protocol import DEFAULT_PORT, CompileRequest, CompileResponse, Tapset
+from stapinit.trust.connection import ServerError, compile_remote, connect_pinned
 from stapinit.trust.signing import SIGNATURE_SUFFIX
 from stapinit.trust.stores import StorePaths, trusted_server_fingerprints
 

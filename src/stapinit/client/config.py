@@ -16,10 +16,11 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Final
 
-from stapinit.client.options import ServerAddress, UsageError, parse_server
+from stapinit.client.options import UsageError, parse_server
 from stapinit.core.inifile import IniError, read_section
 from stapinit.core.runtime import RuntimeKind
 from stapinit.loader.config import DEFAULT_SOCKET
+from stapinit.trust.address import ServerAddress
 from stapinit.trust.stores import StorePaths
 
 CONFIG_NAME: Final = "client.conf"

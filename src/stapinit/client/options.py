@@ -9,13 +9,13 @@ arguments.
 from __future__ import annotations
 
 import getopt
-import ipaddress
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from typing import Final
 
 from stapinit.core.runtime import RuntimeKind
 from stapinit.protocol import Privilege, ProtocolError, check_module_name
+from stapinit.trust.address import AddressError, ServerAddress, parse_address
 
 _SHORT: Final = "e:p:m:o:vI:r:h"
 _LONG: Final = ("runtime=", "unprivileged", "privilege=", "server=", "help")
@@ -46,17 +46,6 @@ class UsageError(Exception):
 
 
 @dataclass(frozen=True)
-class ServerAddress:
-    """A server named by the user or the client configuration."""
-
-    host: str
-    port: int
-
-    def __str__(self) -> str:
-        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
-
-
-@dataclass(frozen=True)
 class ClientOptions:
     """What the user asked ``stap-client`` to do."""
 
@@ -77,28 +66,10 @@ class ClientOptions:
 
 def parse_server(text: str, default_port: int) -> ServerAddress:
     """Parse ``HOST``, ``HOST:PORT``, ``[V6]`` or ``[V6]:PORT``."""
-    host, port_text = text, None
-    if text.startswith("["):
-        close = text.find("]")
-        rest = text[close + 1 :] if close >= 0 else ""
-        if close < 0 or (rest and not rest.startswith(":")):
-            raise UsageError(f"invalid server address {text!r}")
-        host, port_text = text[1:close], (rest[1:] if rest else None)
-        try:
-            ipaddress.IPv6Address(host)
-        except ValueError:
-            raise UsageError(f"invalid IPv6 address in {text!r}") from None
-    elif text.count(":") == 1:
-        host, port_text = text.split(":")
-    elif ":" in text:
-        raise UsageError(f"invalid server address {text!r} (write IPv6 addresses as [ADDR]:PORT)")
-    if not host:
-        raise UsageError(f"invalid server address {text!r}: no host")
-    if port_text is None:
-        return ServerAddress(host, default_port)
-    if not port_text.isdigit() or not 0 < int(port_text) < 65536:
-        raise UsageError(f"invalid port in server address {text!r}")
-    return ServerAddress(host, int(port_text))
+    try:
+        return parse_address(text, default_port)
+    except AddressError as error:
+        raise UsageError(str(error)) from None
 
 
 def _privilege(value: str) -> Privilege:
