@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import subprocess
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -76,8 +77,25 @@ def pytest_configure(config: pytest.Config) -> None:
     )
 
 
+def dependencies(debs: BuiltDebs) -> list[str]:
+    """The packages the built packages depend on, first alternatives, without versions."""
+    names: set[str] = set()
+    for package in PACKAGES:
+        done = subprocess.run(
+            ["dpkg-deb", "-f", str(debs.deb(package)), "Depends"],
+            capture_output=True,
+            text=True,
+            check=True,
+        )
+        for relation in done.stdout.split(","):
+            name = relation.split("|")[0].split("(")[0].strip().partition(":")[0]
+            if name and name not in PACKAGES:
+                names.add(name)
+    return sorted(names)
+
+
 @pytest.fixture(scope="session")
-def system_image() -> Path:
+def system_image(built_debs: BuiltDebs) -> Path:
     """The cached Debian root for the host's release (built now when missing)."""
     missing = [
         tool for tool in ("systemd-nspawn", "nsenter", "debootstrap") if not shutil.which(tool)
@@ -85,7 +103,7 @@ def system_image() -> Path:
     if missing:
         pytest.fail(f"{', '.join(missing)} not installed; run dev/setup-host --tests")
     try:
-        return ensure_root(host_suite())
+        return ensure_root(host_suite(), dependencies(built_debs))
     except RootBuildError as error:
         pytest.fail(f"cannot build the system tier's root file system: {error}")
 

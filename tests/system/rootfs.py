@@ -8,7 +8,8 @@ place only once complete, under a lock, so concurrent runs build it once and
 never boot a half-made root. Nothing ever boots the cache itself: each run
 boots an overlay on top of it (see :mod:`tests.system.container`).
 
-Run ``python -m tests.system.rootfs [SUITE]`` to build it ahead of a test run.
+The tests add what the built packages depend on (:func:`ensure_root`), so a
+new dependency rebuilds the root.
 """
 
 from __future__ import annotations
@@ -18,8 +19,8 @@ import hashlib
 import os
 import shutil
 import subprocess
-import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 CACHE = Path("/var/cache/systemtap-initscript-tests")
@@ -27,20 +28,10 @@ CACHE = Path("/var/cache/systemtap-initscript-tests")
 MIRROR = os.environ.get("SYSTEM_TEST_MIRROR", "http://deb.debian.org/debian")
 #: debootstrap's minimal base plus the init system (what a Debian install boots).
 BASE_PACKAGES = ("systemd", "systemd-sysv", "dbus")
-#: What the tier needs inside: SystemTap and headers (stap refuses to work
-#: without a build tree), everything the three packages depend on (they are
-#: installed offline), gcc for the tests' memlock shim.
-PACKAGES = (
-    "systemtap",
-    "systemtap-runtime",
-    "linux-headers-amd64",
-    "python3",
-    "python3-cryptography",
-    "adduser",
-    "gcc",
-    "libc6-dev",
-    "procps",
-)
+#: What the tier needs inside besides what the built packages depend on (see
+#: :func:`ensure_root`): kernel headers (stap refuses to work without a build
+#: tree), gcc for the tests' memlock shim, procps.
+PACKAGES = ("systemtap", "linux-headers-amd64", "gcc", "libc6-dev", "procps")
 #: Written last into a finished root: the recipe it was built from.
 MARKER = ".stapinit-system-test-root"
 BUILD_TIMEOUT = 40 * 60  # seconds, for debootstrap and for apt-get
@@ -63,9 +54,14 @@ def host_suite() -> str:
     raise RootBuildError("/etc/os-release names no VERSION_CODENAME; set SYSTEM_TEST_SUITE")
 
 
-def recipe(suite: str) -> str:
+def wanted(depends: Sequence[str]) -> list[str]:
+    """:data:`PACKAGES` and ``depends``, sorted, without duplicates."""
+    return sorted({*PACKAGES, *depends})
+
+
+def recipe(suite: str, depends: Sequence[str]) -> str:
     """What the root is made of; a cached root with another recipe is rebuilt."""
-    text = "\n".join([suite, MIRROR, *BASE_PACKAGES, *PACKAGES])
+    text = "\n".join([suite, MIRROR, *BASE_PACKAGES, *wanted(depends)])
     return hashlib.sha256(text.encode()).hexdigest()
 
 
@@ -73,9 +69,9 @@ def root_path(suite: str) -> Path:
     return CACHE / f"{suite}-boot"
 
 
-def is_complete(root: Path, suite: str) -> bool:
+def is_complete(root: Path, suite: str, depends: Sequence[str]) -> bool:
     try:
-        return (root / MARKER).read_text().strip() == recipe(suite)
+        return (root / MARKER).read_text().strip() == recipe(suite, depends)
     except OSError:
         return False
 
@@ -116,8 +112,8 @@ def in_root(root: Path, *argv: str) -> list[str]:
     ]
 
 
-def build(target: Path, suite: str) -> None:
-    """debootstrap ``suite`` into ``target`` and install :data:`PACKAGES` there."""
+def build(target: Path, suite: str, depends: Sequence[str]) -> None:
+    """debootstrap ``suite`` into ``target`` and install :func:`wanted` packages there."""
     _run(
         "debootstrap",
         [
@@ -135,13 +131,15 @@ def build(target: Path, suite: str) -> None:
     _run("apt-get update", in_root(target, "apt-get", "update", "-q"))
     _run(
         "apt-get install",
-        in_root(target, "apt-get", "install", "-y", "-q", "--no-install-recommends", *PACKAGES),
+        in_root(
+            target, "apt-get", "install", "-y", "-q", "--no-install-recommends", *wanted(depends)
+        ),
     )
     _run("apt-get clean", in_root(target, "apt-get", "clean"))
     # Booted copies must not pretend to be this root's first boot (it would
     # ask questions on the console) nor share one machine id.
     (target / "etc/machine-id").write_text("uninitialized\n")
-    (target / MARKER).write_text(recipe(suite) + "\n")
+    (target / MARKER).write_text(recipe(suite, depends) + "\n")
 
 
 def remove_tree(path: Path) -> None:
@@ -160,10 +158,12 @@ def remove_tree(path: Path) -> None:
     shutil.rmtree(path)
 
 
-def ensure_root(suite: str) -> Path:
+def ensure_root(suite: str, depends: Sequence[str] = ()) -> Path:
     """The cached root for ``suite``, built now if missing or outdated.
 
-    Raises :class:`RootBuildError`. Waits (bounded) for another run building it.
+    ``depends``: what the packages to be installed in it depend on (they are
+    installed offline, with ``dpkg -i``). Raises :class:`RootBuildError`.
+    Waits (bounded) for another run building it.
     """
     root = root_path(suite)
     CACHE.mkdir(mode=0o755, parents=True, exist_ok=True)
@@ -179,18 +179,12 @@ def ensure_root(suite: str) -> Path:
                         f"another run held {lock.name} for {LOCK_TIMEOUT}s"
                     ) from None
                 time.sleep(1)
-        if is_complete(root, suite):
+        if is_complete(root, suite, depends):
             return root
         fresh = root.with_name(root.name + ".new")
         for leftover in (fresh, root):
             if leftover.exists():
                 remove_tree(leftover)
-        build(fresh, suite)
+        build(fresh, suite, depends)
         fresh.rename(root)
     return root
-
-
-if __name__ == "__main__":
-    chosen = sys.argv[1] if len(sys.argv) > 1 else host_suite()
-    started = time.monotonic()
-    print(ensure_root(chosen), f"({time.monotonic() - started:.0f}s)")
