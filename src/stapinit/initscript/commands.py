@@ -64,6 +64,7 @@ class Request(NamedTuple):
     json: bool = False
     archive: Path | None = None  # pack: the file to write (-o); unpack: the file to read
     all_kernels: bool = False  # compile: every release with a build tree (--all-kernels)
+    releases: tuple[str, ...] = ()  # pack: every -r given (it may repeat)
 
 
 Confirm = Callable[[str], bool]

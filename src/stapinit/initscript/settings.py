@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, NamedTuple, TypeVar
 
 from stapinit.core import values
 from stapinit.core.bashvars import Assignment, ConfigError, parse_assignments
+from stapinit.core.safeio import read_regular
 
 if TYPE_CHECKING:
     from stapinit.trust.address import ServerAddress
@@ -193,11 +194,20 @@ def settings_from_assignments(
     )
 
 
+#: A configuration file is a page of assignments; anything larger is a mistake.
+MAX_CONFIG_BYTES = 1 << 20
+
+
 def _read_file(path: Path) -> str:
+    """The text of a config file: regular, bounded, never blocking on a FIFO.
+
+    A link is followed: as root, the ownership check judged where it leads.
+    """
     try:
-        return path.read_text(encoding="utf-8", errors="surrogateescape")
+        data = read_regular(path, MAX_CONFIG_BYTES, follow_links=True)
     except OSError as error:
         raise ConfigError(str(path), 0, f"cannot read: {error.strerror}") from None
+    return data.decode("utf-8", errors="surrogateescape")
 
 
 def _is_dev_null(path: Path) -> bool:
@@ -219,7 +229,9 @@ def load_settings(
     with ``-c`` is an error. Raises :class:`ConfigError`; ``on_error`` (see
     :func:`settings_from_assignments`) only softens bad values, not bad syntax.
     """
-    env = dict(os.environ if environment is None else environment)
+    # Upstream's initscript set its defaults before sourcing the files, so a
+    # file may use them: X_OPT="-I $SCRIPT_PATH/inc".
+    env = {**(os.environ if environment is None else environment), **DEFAULTS}
     global_file = config_file or DEFAULT_CONFIG_FILE
     assignments: list[Assignment] = []
     files_read: list[Path] = []
