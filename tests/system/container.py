@@ -78,16 +78,22 @@ class OwnCgroup:
         )
         return ["sh", "-c", enter, "sh", *(str(d) for d in self.directories), "--", *argv]
 
-    def remove(self) -> None:
-        """Remove the cgroups (and what systemd left in them), deepest first."""
-        for top in self.directories:
-            for directory in sorted(
-                (p for p in top.rglob("*") if p.is_dir()), key=lambda p: len(p.parts), reverse=True
-            ):
-                with contextlib.suppress(OSError):
-                    directory.rmdir()
-            with contextlib.suppress(OSError):
-                top.rmdir()
+    def remove(self, timeout: float = 5.0) -> None:
+        """Remove the cgroups (and what systemd left in them), deepest first.
+
+        The kernel frees a cgroup a moment after its last process exits
+        (rmdir fails with EBUSY until then), so this retries for ``timeout`` seconds.
+        """
+        deadline = time.monotonic() + timeout
+        while True:
+            for top in self.directories:
+                inner = [p for p in top.rglob("*") if p.is_dir()]
+                for directory in [*sorted(inner, key=lambda p: len(p.parts), reverse=True), top]:
+                    with contextlib.suppress(OSError):
+                        directory.rmdir()
+            if not any(top.exists() for top in self.directories) or time.monotonic() > deadline:
+                return
+            time.sleep(0.1)
 
 
 class Container:
