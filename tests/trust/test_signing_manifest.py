@@ -63,3 +63,17 @@ def test_a_signature_of_the_first_format_is_malformed() -> None:
     del doc["manifest"]["options"], doc["manifest"]["runtime"]
     with pytest.raises(SignatureError, match="not stap-module-signature/2"):
         verify_module(json.dumps(doc).encode(), MODULE, [CERT])
+
+
+@pytest.mark.parametrize(
+    "hostile",
+    [
+        b'{"format": ' + b"9" * 5000 + b"}",
+        b"[" * 100_000 + b"]" * 100_000,
+        b"\xff\xfe not utf-8",
+        b"{}" + b" " * (128 * 1024),
+    ],
+)
+def test_a_hostile_signature_file_is_a_clean_refusal(hostile: bytes) -> None:
+    with pytest.raises(SignatureError, match="malformed signature file"):
+        verify_module(hostile, MODULE, [CERT])

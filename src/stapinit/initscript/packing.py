@@ -58,7 +58,7 @@ from typing import IO, NamedTuple, Protocol
 from stapinit.core.bashvars import ConfigError, parse_assignments
 from stapinit.core.fsutil import stage_write
 from stapinit.core.lsb import EXIT_OK
-from stapinit.core.names import NAME_PATTERN
+from stapinit.core.names import is_valid_name
 from stapinit.core.runtime import KIND_OF_SUFFIX, MODULE_SUFFIX
 from stapinit.core.values import is_release
 from stapinit.initscript import cache
@@ -86,9 +86,6 @@ RECORD_SUFFIX = ".opts"
 # would load the crypto library for every pack and unpack.
 SIGNATURE_SUFFIX = ".sgn"
 _SHA256_PATTERN = re.compile(r"[0-9a-f]{64}")
-# A script name in an archive: stap's module names are at most 55 characters,
-# and every archive path must fit a ustar header (155 + 100 characters).
-_MAX_NAME = 64
 
 # Bounds on what unpack reads from an untrusted archive, each checked against
 # a member's header before its body is read. Modules wait in an anonymous
@@ -209,7 +206,7 @@ def check_release(release: str) -> None:
 
 
 def _script_name(stem: str) -> bool:
-    return len(stem) <= _MAX_NAME and NAME_PATTERN.fullmatch(stem) is not None
+    return is_valid_name(stem)
 
 
 def classify(path: str, releases: Collection[str]) -> Entry:

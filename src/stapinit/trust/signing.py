@@ -125,13 +125,20 @@ def sign_module(
     return (json.dumps(doc, sort_keys=True, indent=2) + "\n").encode("utf-8")
 
 
+#: A signature file is a short manifest and a signature; anything larger is hostile.
+MAX_SIGNATURE_FILE_BYTES = 64 * 1024
+
+
 def _parse(sgn_bytes: bytes) -> tuple[Manifest, bytes]:
     def bad(why: str) -> SignatureError:
         return SignatureError("malformed", f"malformed signature file: {why}")
 
+    if len(sgn_bytes) > MAX_SIGNATURE_FILE_BYTES:
+        raise bad(f"larger than {MAX_SIGNATURE_FILE_BYTES} bytes")
     try:
+        # ValueError: integers past Python's digit limit; RecursionError: deep nesting.
         doc: Any = json.loads(sgn_bytes.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError):
+    except (ValueError, RecursionError):
         raise bad("not JSON") from None
     if not isinstance(doc, dict) or doc.get("format") != FORMAT:
         raise bad(f"not {FORMAT}")
