@@ -14,6 +14,7 @@ import pytest
 from stapinit.loader import wire
 from stapinit.trust.certs import fingerprint, load_certificate
 from tests.client.conftest import HELLO, Site
+from tests.support import shared_install
 from tests.trust.people import SYSTEM_PATH, VENV_BIN
 
 
@@ -61,7 +62,7 @@ def load_as(site: Site, who: str, name: str, module: bytes, sgn: bytes) -> list[
     request = site.homes[who] / "request"
     request.write_bytes(wire.encode_load_request(wire.LoadRequest(name, module, sgn)))
     request.chmod(0o644)
-    probe = Path(__file__).parents[1] / "loader" / "probe_client.py"
+    probe = shared_install.helper("probe_client.py")
     result = site.run(
         who, [str(VENV_BIN / "python"), str(probe), str(site.loader.socket), str(request), "all"]
     )

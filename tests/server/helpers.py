@@ -18,8 +18,10 @@ from pathlib import Path
 from typing import Any
 
 from stapinit.protocol import CompileRequest, encode_compile_request
+from tests.support import shared_install
 
-STAP_SERVER = Path(__file__).resolve().parents[2] / ".venv" / "bin" / "stap-server"
+#: The copy every user can run: a server started as root drops to the service user.
+STAP_SERVER = shared_install.bin_dir() / "stap-server"
 SERVICE_USER = "stap-server"
 HOST = "127.0.0.1"
 RELEASE = os.uname().release
