@@ -124,6 +124,10 @@ class Server:
         """Start in the background and wait until it answers TLS."""
         proc = self.command(*extra, "start")
         assert proc.returncode == 0, proc.stderr
+        self.wait_until_serving()
+
+    def wait_until_serving(self) -> None:
+        """Wait until a started server answers TLS."""
         deadline = time.monotonic() + 10
         while True:
             try:

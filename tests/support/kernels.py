@@ -30,27 +30,32 @@ def build_tree_release(build: Path) -> str | None:
     return found.group(1) if found else None
 
 
+def build_link_target(root: Path, release: str) -> Path:
+    """Where ``ROOT/lib/modules/RELEASE/build`` leads, its symlinks taken inside ``root``.
+
+    Debian's header packages make ``build`` a symlink, absolute (Debian 12) or relative
+    (Debian 13); an absolute one means ``root``'s own ``/usr/src``, not this host's.
+    """
+    build = root / "lib" / "modules" / release / "build"
+    if root != Path("/") and build.is_symlink():
+        target = Path(os.readlink(build))
+        if target.is_absolute():
+            return root / target.relative_to("/")
+    return build.resolve()
+
+
 def own_build_releases(root: Path = Path("/")) -> list[str]:
     """Releases R whose ``ROOT/lib/modules/R/build`` is R's own build tree, sorted.
 
     The running kernel here may borrow another release's headers through its build link
     (dev/setup-host makes one); such a release is left out, since a module compiled
-    against it is really for the headers' release. Symlinks are resolved inside ``root``.
+    against it is really for the headers' release.
     """
-    modules = root / "lib" / "modules"
     try:
-        entries = sorted(os.listdir(modules))
+        entries = sorted(os.listdir(root / "lib" / "modules"))
     except OSError:
         return []
-    found = []
-    for release in entries:
-        build = modules / release / "build"
-        if root != Path("/") and build.is_symlink():
-            target = Path(os.readlink(build))
-            build = root / target.relative_to("/") if target.is_absolute() else build
-        if build_tree_release(build) == release:
-            found.append(release)
-    return found
+    return [r for r in entries if build_tree_release(build_link_target(root, r)) == r]
 
 
 def other_release() -> str | None:

@@ -1,0 +1,111 @@
+"""Real kernel modules, compiled once per test run and shared by the tests here.
+
+SystemTap 5.1 (Debian 13) builds modules; 4.8 (Debian 12) does not against any header
+package Debian 12 offers. So on a host whose stap is 5 or newer the tests use it and the
+host's own headers; otherwise they use stap of a cached Debian 13 root
+(``build_root.py``) through a wrapper named by ``STAP``. Either way the modules are for a
+kernel this host does not run: nothing here loads one (this kernel has no module support;
+loading is tested with stand-ins in tests/service/test_run_kmod_e2e.py).
+"""
+
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+import tempfile
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from tests.kmod_real import build_root
+from tests.support.kernels import own_build_releases
+from tests.support.prefix import Prefix
+
+#: Two small scripts: ``ticker`` requires ``hello``, so packing ``ticker`` brings both.
+HELLO = 'probe begin { printf("hello\\n") }\nprobe end { printf("bye\\n") }\n'
+TICKER = "global ticks\nprobe timer.s(1) { ticks++ }\n"
+#: Modules only compile below /tmp when stap runs in the Debian 13 root (see the wrapper).
+SHARED_TOP = Path("/tmp")
+
+
+@dataclass(frozen=True)
+class Toolchain:
+    """What compiles kernel modules here: ``stap`` to name in ``STAP``, for ``release``."""
+
+    stap: Path
+    release: str
+    root: Path | None  # the Debian 13 root stap runs in, or None: this host's stap
+
+    @property
+    def where(self) -> str:
+        """For messages."""
+        return "this host" if self.root is None else f"the Debian 13 root {self.root}"
+
+
+@dataclass(frozen=True)
+class Built:
+    """A prefix whose ``compile -r RELEASE`` made real modules of ``hello`` and ``ticker``."""
+
+    prefix: Prefix
+    toolchain: Toolchain
+
+    @property
+    def cache(self) -> Path:
+        return self.prefix.cache_dir(self.toolchain.release)
+
+
+def stap_major(stap: str) -> int:
+    """The major version ``stap -V`` reports (``version 5.1/0.192``), or 0."""
+    done = subprocess.run([stap, "-V"], capture_output=True, text=True, timeout=60, check=False)
+    found = re.search(r"version (\d+)\.", done.stdout + done.stderr)
+    return int(found.group(1)) if found else 0
+
+
+def shared_dir(prefix: str) -> Path:
+    """A fresh root-only directory under /tmp, where the wrapper maps paths."""
+    return Path(tempfile.mkdtemp(prefix=prefix, dir=SHARED_TOP))
+
+
+@pytest.fixture(scope="session")
+def toolchain() -> Iterator[Toolchain]:
+    """This host's stap when it builds modules, else stap of the Debian 13 root."""
+    host_stap = shutil.which("stap")
+    if host_stap is not None and stap_major(host_stap) >= 5:
+        releases = own_build_releases()
+        if not releases:
+            pytest.fail("no kernel headers with a build tree here; run dev/setup-host")
+        yield Toolchain(Path(host_stap), releases[-1], None)
+        return
+    try:
+        root = build_root.ensure_root()
+    except build_root.BuildRootError as error:
+        pytest.fail(f"cannot build the Debian 13 root for real kernel modules: {error}")
+    releases = own_build_releases(root)
+    if not releases:
+        pytest.fail(f"{root} has no kernel headers; remove it to have it rebuilt")
+    # Reachable by the compile server's service user, who runs stap too.
+    directory = shared_dir("stapinit-kmod-stap-")
+    directory.chmod(0o755)
+    wrapper = build_root.write_wrapper(directory / "stap", root)
+    yield Toolchain(wrapper, releases[-1], root)
+    shutil.rmtree(directory, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def built(toolchain: Toolchain) -> Iterator[Built]:
+    """``systemtap-service compile -r RELEASE -y`` of both scripts, once for the session."""
+    base = shared_dir("stapinit-kmod-")
+    prefix = Prefix(base / "build", {"STAP": str(toolchain.stap)})
+    prefix.add_script("hello", HELLO)
+    prefix.add_script("ticker", TICKER, requires="hello")
+    done = prefix.run("compile", "-r", toolchain.release, "-y", timeout=600)
+    if done.returncode != 0:
+        pytest.fail(
+            f"compiling real modules with stap of {toolchain.where} failed:\n"
+            f"{done.stderr}\n{prefix.log()[-4000:]}"
+        )
+    yield Built(prefix, toolchain)
+    shutil.rmtree(base, ignore_errors=True)
