@@ -32,17 +32,15 @@ PYTHON ?= /usr/bin/python3
 
 INSTALL ?= install
 # What systemtap-service imports: its package and the helpers it shares.
-PACKAGE_FILES := src/stapinit/__init__.py src/stapinit/fsutil.py src/stapinit/lsb.py \
-	src/stapinit/py.typed \
-	$(shell find src/stapinit/service -name '*.py' | sort)
+PACKAGE_FILES := src/stapinit/__init__.py src/stapinit/py.typed \
+	$(shell find src/stapinit/core -name '*.py' | sort) \
+	$(shell find src/stapinit/initscript -name '*.py' | sort)
 # What every server and client command shares: the top-level modules
-# (version, protocol, atomic writes, config files) and the trust code.
+# (version, wire formats), the core and the trust code.
 TRUST_FILES := src/stapinit/py.typed \
 	$(shell find src/stapinit -maxdepth 1 -name '*.py' | sort) \
-	$(shell find src/stapinit/trust -name '*.py' | sort)
-# stap-server reads its config with systemtap-service's parser.
-SERVER_PACKAGE_FILES := $(TRUST_FILES) $(shell find src/stapinit/server -name '*.py' | sort) \
-	src/stapinit/service/__init__.py src/stapinit/service/bashvars.py
+	$(shell find src/stapinit/core src/stapinit/trust -name '*.py' | sort)
+SERVER_PACKAGE_FILES := $(TRUST_FILES) $(shell find src/stapinit/server -name '*.py' | sort)
 # stap-client runs modules the way stap-loader does, so they ship together.
 CLIENT_PACKAGE_FILES := $(TRUST_FILES) \
 	$(shell find src/stapinit/client src/stapinit/loader -name '*.py' | sort)
@@ -80,7 +78,7 @@ all:
 install:
 	$(call python_files,$(PACKAGE_FILES),$(LIBDIR))
 	$(INSTALL) -d -m 755 "$(DESTDIR)$(SBINDIR)"
-	$(call launcher,systemtap-service,$(SBINDIR),$(LIBDIR),stapinit.service.cli,main,run SystemTap scripts as services; see systemtap-service(8))
+	$(call launcher,systemtap-service,$(SBINDIR),$(LIBDIR),stapinit.initscript.cli,main,run SystemTap scripts as services; see systemtap-service(8))
 	$(INSTALL) -d -m 755 "$(DESTDIR)$(SYSCONFDIR)/systemtap/script.d" \
 		"$(DESTDIR)$(SYSCONFDIR)/systemtap/conf.d" "$(DESTDIR)$(LOCALSTATEDIR)/cache/systemtap"
 # Never overwrite a configuration someone has edited.

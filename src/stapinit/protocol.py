@@ -21,6 +21,8 @@ from dataclasses import dataclass
 from pathlib import PurePosixPath
 from typing import Any, Final, Literal, cast
 
+from stapinit.core.runtime import RUNTIME_KINDS, RuntimeKind
+
 SERVER_NAME: Final = "stap-server"
 INFO_PATH: Final = "/"
 COMPILE_PATH: Final = "/compile"
@@ -29,9 +31,7 @@ CONTENT_TYPE: Final = "application/json"
 DEFAULT_PORT: Final = 9740
 
 Privilege = Literal["stapdev", "stapusr"]
-Runtime = Literal["kmod", "bpf"]
 PRIVILEGES: Final[tuple[Privilege, ...]] = ("stapdev", "stapusr")
-RUNTIMES: Final[tuple[Runtime, ...]] = ("kmod", "bpf")
 
 #: A module name (the file name without its suffix): stap's own rule for ``-m``
 #: (longer names are silently truncated by stap, so refuse), which also covers the
@@ -39,8 +39,6 @@ RUNTIMES: Final[tuple[Runtime, ...]] = ("kmod", "bpf")
 MODULE_NAME_RE: Final = re.compile(r"[a-z0-9_]{1,55}")
 #: Largest module the server returns and the loader accepts.
 MAX_MODULE_BYTES: Final = 64 * 1024 * 1024
-#: Extension of a compiled module per runtime.
-MODULE_SUFFIX: Final[Mapping[Runtime, str]] = {"kmod": ".ko", "bpf": ".bo"}
 MAX_NAME_BYTES: Final = 255
 MAX_TAPSET_DEPTH: Final = 16
 MAX_TAPSETS: Final = 256
@@ -91,7 +89,7 @@ class CompileRequest:
     options: tuple[str, ...] = ()
     module_name: str | None = None
     privilege: Privilege = "stapdev"
-    runtime: Runtime = "kmod"
+    runtime: RuntimeKind = "kmod"
 
 
 @dataclass(frozen=True)
@@ -271,7 +269,7 @@ def validate_compile_request(req: CompileRequest) -> CompileRequest:
     _check_release_or_arch(req.arch, "architecture")
     if req.privilege not in PRIVILEGES:
         raise ProtocolError(f"compile request: unknown privilege {req.privilege!r}")
-    if req.runtime not in RUNTIMES:
+    if req.runtime not in RUNTIME_KINDS:
         raise ProtocolError(f"compile request: unknown runtime {req.runtime!r}")
     return req
 
@@ -308,7 +306,7 @@ def decode_compile_request(data: bytes) -> CompileRequest:
     runtime = _get(obj, "runtime", str, what)
     if privilege not in PRIVILEGES:
         raise ProtocolError(f"{what}: unknown privilege {privilege!r}")
-    if runtime not in RUNTIMES:
+    if runtime not in RUNTIME_KINDS:
         raise ProtocolError(f"{what}: unknown runtime {runtime!r}")
     req = CompileRequest(
         script_name=_get(script, "name", (str, type(None)), "script"),
@@ -320,7 +318,7 @@ def decode_compile_request(data: bytes) -> CompileRequest:
         release=_get(obj, "release", str, what),
         arch=_get(obj, "arch", str, what),
         privilege=cast(Privilege, privilege),
-        runtime=cast(Runtime, runtime),
+        runtime=cast(RuntimeKind, runtime),
     )
     return validate_compile_request(req)
 

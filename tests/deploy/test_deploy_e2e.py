@@ -170,12 +170,12 @@ def test_pack_refuses_a_stale_cache_and_options_outside_conf_d(hosts: Hosts) -> 
     ("args", "message"),
     [
         (["pack"], "pack needs -o FILE"),
-        (["start", "-o", "x.tar.gz"], "-o is valid only with pack"),
+        (["start", "-o", "x.tar.gz"], "-o is not valid with start"),
         (["unpack"], "unpack takes exactly one archive file"),
         (["unpack", "a.tgz", "b.tgz"], "unpack takes exactly one archive file"),
-        (["compile", "--all-kernels", "-r", RELEASE], "--all-kernels is valid only"),
-        (["status", "--all-kernels"], "--all-kernels is valid only"),
-        (["unpack", "-r", RELEASE, "a.tgz"], "-r is valid only with compile, cleanup and pack"),
+        (["compile", "--all-kernels", "-r", RELEASE], "--all-kernels and -r exclude each other"),
+        (["status", "--all-kernels"], "--all-kernels is not valid with status"),
+        (["unpack", "-r", RELEASE, "a.tgz"], "-r is not valid with unpack"),
     ],
 )
 def test_usage_errors(hosts: Hosts, args: list[str], message: str) -> None:

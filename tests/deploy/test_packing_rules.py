@@ -8,9 +8,9 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from stapinit.service.cache import CacheRecord, KernelIdentity
-from stapinit.service.kernels import releases_with_build_tree
-from stapinit.service.packing import (
+from stapinit.initscript.cache import CacheRecord, KernelIdentity
+from stapinit.initscript.kernels import releases_with_build_tree
+from stapinit.initscript.packing import (
     Manifest,
     PackError,
     check_members,

@@ -189,10 +189,10 @@ HOSTILE = {
 
 
 def snapshot(root: Path, log_file: Path) -> dict[str, bytes]:
-    """Every path under ``root`` with its contents (the log aside: errors go there)."""
+    """Every path under ``root`` with its contents (but the log, where errors go, and the lock)."""
     found: dict[str, bytes] = {}
     for path in sorted(root.rglob("*")):
-        if path == log_file or path.suffix == ".gz":
+        if path == log_file or path.suffix == ".gz" or path.name == ".lock":
             continue
         key = str(path.relative_to(root))
         found[key] = path.read_bytes() if path.is_file() and not path.is_symlink() else b"<dir>"

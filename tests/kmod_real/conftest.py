@@ -5,7 +5,7 @@ package Debian 12 offers. So on a host whose stap is 5 or newer the tests use it
 host's own headers; otherwise they use stap of a cached Debian 13 root
 (``build_root.py``) through a wrapper named by ``STAP``. Either way the modules are for a
 kernel this host does not run: nothing here loads one (this kernel has no module support;
-loading is tested with stand-ins in tests/service/test_run_kmod_e2e.py).
+loading is tested with stand-ins in tests/initscript/test_run_kmod_e2e.py).
 """
 
 from __future__ import annotations

@@ -3,7 +3,7 @@ server (spec §2.2.5, §5.7-5.8, §6).
 
 Only the compiles are real: the modules are for a kernel release this host does not run,
 and this kernel cannot load modules at all, so starting and stopping kernel-module
-scripts stays with the stand-ins of tests/service/test_run_kmod_e2e.py.
+scripts stays with the stand-ins of tests/initscript/test_run_kmod_e2e.py.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from stapinit.service.cache import CacheRecord
+from stapinit.initscript.cache import CacheRecord
 from stapinit.trust.certs import load_certificate
 from stapinit.trust.signing import verify_module
 from tests.kmod_real.conftest import HELLO, Built, Toolchain

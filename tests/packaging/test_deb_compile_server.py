@@ -182,7 +182,7 @@ def test_each_package_ships_its_own_files_and_declares_what_it_needs(
     commands = {STAP_CLIENT, AUTHORIZE_SERVER, AUTHORIZE_SIGNER, STAP_LOADER}
     assert {str(c) for c in commands} | {str(CLIENT_CONF)} <= client
     assert {str(units / "stap-loader.socket"), str(units / "stap-loader.service")} <= client
-    assert not any("/stapinit/server/" in f or "/stapinit/service/" in f for f in client)
+    assert not any("/stapinit/server/" in f or "/stapinit/initscript/" in f for f in client)
 
     server_deb, client_deb = built_debs.deb(SERVER_PACKAGE), built_debs.deb(CLIENT_PACKAGE)
     assert {"systemtap", "python3", "python3-cryptography", "adduser"} <= set(

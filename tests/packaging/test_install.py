@@ -13,11 +13,11 @@ from pathlib import Path
 import pytest
 
 from stapinit import __version__
-from stapinit.service.bashvars import parse_assignments
-from stapinit.service.cli import COMMANDS
-from stapinit.service.settings import DEFAULTS, settings_from_assignments
+from stapinit.core.bashvars import parse_assignments
+from stapinit.initscript.cli import COMMANDS
+from stapinit.initscript.settings import DEFAULTS, settings_from_assignments
+from tests.initscript.conftest import FakeTools
 from tests.packaging.conftest import REPO, SYSTEM_PATH, Installed, make_install
-from tests.service.conftest import FakeTools
 from tests.support.prefix import RELEASE, Prefix
 
 SCRIPT_FILES = {
@@ -37,8 +37,9 @@ EMPTY_DIRS = ("etc/systemtap/script.d", "etc/systemtap/conf.d", "var/cache/syste
 def python_sources() -> set[str]:
     """What systemtap-service imports: the service package and the shared helpers."""
     src = REPO / "src"
-    files = {src / "stapinit" / name for name in ("__init__.py", "fsutil.py", "lsb.py", "py.typed")}
-    files |= set((src / "stapinit" / "service").rglob("*.py"))
+    files = {src / "stapinit" / name for name in ("__init__.py", "py.typed")}
+    for package in ("core", "initscript"):
+        files |= set((src / "stapinit" / package).rglob("*.py"))
     return {f"usr/lib/systemtap-initscript/{p.relative_to(src)}" for p in files}
 
 

@@ -45,19 +45,17 @@ CLIENT_FILES = {
 TRUST_STORES = ("etc/systemtap/ssl/client", "etc/systemtap/staprun")
 
 
-def python_sources(library: str, *packages: str, extra: tuple[str, ...] = ()) -> set[str]:
+def python_sources(library: str, *packages: str) -> set[str]:
     """The top-level modules, the trust code and ``packages``, as installed in ``library``."""
     root = SRC / "stapinit"
-    files = {*root.glob("*.py"), root / "py.typed", *(root / name for name in extra)}
-    for package in ("trust", *packages):
+    files = {*root.glob("*.py"), root / "py.typed"}
+    for package in ("core", "trust", *packages):
         files |= set((root / package).rglob("*.py"))
     return {f"usr/lib/{library}/{p.relative_to(SRC)}" for p in files}
 
 
 def server_sources() -> set[str]:
-    # stap-server reads its config with systemtap-service's parser.
-    extra = ("service/__init__.py", "service/bashvars.py")
-    return python_sources("systemtap-compile-server", "server", extra=extra)
+    return python_sources("systemtap-compile-server", "server")
 
 
 def client_sources() -> set[str]:

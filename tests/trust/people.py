@@ -18,7 +18,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from stapinit.system import SYSTEM_PATH as SYSTEM_PATH  # re-exported for the tests
+from stapinit.core.system import SYSTEM_PATH as SYSTEM_PATH  # re-exported for the tests
 from tests.support import shared_install
 
 #: The commands, as a copy every user can run (tests/support/shared_install.py).

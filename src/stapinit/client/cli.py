@@ -18,7 +18,7 @@ from stapinit.client.config import ClientConfig, ClientConfigError, read_client_
 from stapinit.client.connection import ServerError, compile_remote, connect_pinned
 from stapinit.client.load import LoadError, run_directly, run_via_loader
 from stapinit.client.options import USAGE, ClientOptions, UsageError, parse_args
-from stapinit.fsutil import atomic_write
+from stapinit.core.fsutil import atomic_write
 from stapinit.protocol import DEFAULT_PORT, CompileRequest, CompileResponse, Tapset
 from stapinit.trust.signing import SIGNATURE_SUFFIX
 from stapinit.trust.stores import StorePaths, trusted_server_fingerprints

@@ -17,9 +17,9 @@ from pathlib import Path
 from typing import Final
 
 from stapinit.client.options import ServerAddress, UsageError, parse_server
-from stapinit.inifile import IniError, read_section
+from stapinit.core.inifile import IniError, read_section
+from stapinit.core.runtime import RuntimeKind
 from stapinit.loader.config import DEFAULT_SOCKET
-from stapinit.protocol import Runtime
 from stapinit.trust.stores import StorePaths
 
 CONFIG_NAME: Final = "client.conf"
@@ -35,7 +35,7 @@ class ClientConfig:
     """Settings from the configuration files."""
 
     servers: tuple[ServerAddress, ...] = ()
-    runtime: Runtime | None = None
+    runtime: RuntimeKind | None = None
     loader_socket: Path = DEFAULT_SOCKET
     stapbpf: str = "stapbpf"
     staprun: str = "staprun"

@@ -17,6 +17,7 @@ from pathlib import Path
 from types import FrameType
 from typing import BinaryIO, Final
 
+from stapinit.core.runtime import kind_of_module
 from stapinit.loader import wire
 from stapinit.loader.config import ConfigError, resolve_tool
 
@@ -29,7 +30,7 @@ class LoadError(Exception):
 
 
 def _runner(module_name: str, stapbpf: str, staprun: str) -> str:
-    tool = stapbpf if wire.RUNTIME_BY_SUFFIX.get(Path(module_name).suffix) == "bpf" else staprun
+    tool = stapbpf if kind_of_module(module_name) == "bpf" else staprun
     try:
         return resolve_tool(tool)
     except ConfigError as exc:

@@ -14,7 +14,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from typing import Final
 
-from stapinit.protocol import Privilege, ProtocolError, Runtime, check_module_name
+from stapinit.core.runtime import RuntimeKind
+from stapinit.protocol import Privilege, ProtocolError, check_module_name
 
 _SHORT: Final = "e:p:m:o:vI:r:h"
 _LONG: Final = ("runtime=", "unprivileged", "privilege=", "server=", "help")
@@ -67,7 +68,7 @@ class ClientOptions:
     output_file: str | None = None
     verbose: int = 0
     include_dirs: tuple[str, ...] = ()
-    runtime: Runtime | None = None
+    runtime: RuntimeKind | None = None
     privilege: Privilege = "stapdev"
     release: str | None = None
     servers: tuple[ServerAddress, ...] = ()
@@ -110,7 +111,7 @@ def _privilege(value: str) -> Privilege:
     raise UsageError(f"invalid privilege level {value!r} (stapusr or stapdev)")
 
 
-def _runtime(value: str) -> Runtime:
+def _runtime(value: str) -> RuntimeKind:
     if value == "bpf":
         return "bpf"
     if value == "kmod":

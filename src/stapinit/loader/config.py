@@ -24,8 +24,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Final
 
-from stapinit.inifile import IniError, read_section
-from stapinit.system import SYSTEM_PATH
+from stapinit.core.inifile import IniError, read_section
+from stapinit.core.system import SYSTEM_PATH
 from stapinit.trust.stores import StorePaths
 
 DEFAULT_SOCKET: Final = Path("/run/stap-loader.sock")

@@ -32,6 +32,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Final
 
+from stapinit.core.runtime import KIND_OF_SUFFIX
+from stapinit.core.system import SYSTEM_PATH
 from stapinit.loader import wire
 from stapinit.loader.config import ConfigError, LoaderConfig, resolve_tool
 from stapinit.loader.policy import (
@@ -46,7 +48,6 @@ from stapinit.loader.policy import (
     ordinary_refusal,
 )
 from stapinit.protocol import MAX_MODULE_BYTES
-from stapinit.system import SYSTEM_PATH
 from stapinit.trust.bpfelf import user_space_probes
 from stapinit.trust.signing import Manifest, SignatureError, verify_module
 from stapinit.trust.stores import TrustStore, signer_store_at
@@ -445,7 +446,7 @@ class Service:
         if not decision.allowed:
             _refuse(conn, decision.reason)
             return
-        runtime = wire.RUNTIME_BY_SUFFIX[Path(req.module_name).suffix]
+        runtime = KIND_OF_SUFFIX[Path(req.module_name).suffix]
         try:
             tool = resolve_tool(self.config.stapbpf if runtime == "bpf" else self.config.staprun)
         except ConfigError as exc:

@@ -24,14 +24,13 @@ import time
 from dataclasses import dataclass
 from typing import Any, Final, Literal, cast
 
+from stapinit.core.runtime import KIND_OF_SUFFIX
 from stapinit.protocol import ProtocolError, check_module_name
 
 #: Largest JSON header accepted; headers are small, anything bigger is an attack.
 MAX_HEADER: Final = 64 * 1024
 #: Largest output chunk in one frame.
 MAX_OUTPUT_CHUNK: Final = 1024 * 1024
-#: Module file suffix -> the runtime that loads it.
-RUNTIME_BY_SUFFIX: Final = {".bo": "bpf", ".ko": "kmod"}
 
 _LEN = struct.Struct(">I")
 Stream = Literal["stdout", "stderr"]
@@ -99,7 +98,7 @@ def parse_header(data: bytes) -> tuple[dict[str, Any], int]:
 def check_module_file_name(name: str) -> str:
     """Return ``name`` if it is ``<stap module name>.bo`` or ``.ko``, else raise WireError."""
     stem, dot, suffix = name.rpartition(".")
-    if not dot or f".{suffix}" not in RUNTIME_BY_SUFFIX:
+    if not dot or f".{suffix}" not in KIND_OF_SUFFIX:
         raise WireError(f"module file {name!r} does not end in .bo or .ko")
     try:
         check_module_name(stem)

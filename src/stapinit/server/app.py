@@ -17,11 +17,11 @@ import threading
 from dataclasses import dataclass, field
 from typing import Final
 
+from stapinit.core.runtime import RuntimeKind
 from stapinit.protocol import (
     CompileRequest,
     CompileResponse,
     ProtocolError,
-    Runtime,
     ServerInfo,
     decode_compile_request,
     encode_compile_response,
@@ -149,7 +149,7 @@ class Outcome:
     log: dict[str, str] = field(default_factory=dict)
 
 
-def request_log_fields(req: CompileRequest, runtime: Runtime | None = None) -> dict[str, str]:
+def request_log_fields(req: CompileRequest, runtime: RuntimeKind | None = None) -> dict[str, str]:
     """What the log records about a request: script hash, target and options.
 
     ``runtime`` is the one the policy found (:class:`ParsedOptions`), absent for a

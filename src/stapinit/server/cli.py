@@ -22,7 +22,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import NoReturn
 
-from stapinit import lsb
+from stapinit.core import lsb
 from stapinit.server import service
 from stapinit.server.config import DEFAULT_CONFIG, BadConfig, ServerConfig, load_config
 from stapinit.server.service import ServiceError

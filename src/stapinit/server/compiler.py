@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Final
 
+from stapinit.core.system import SYSTEM_PATH
 from stapinit.protocol import MAX_MODULE_BYTES, CompileRequest, Module
 from stapinit.server.policy import (
     EVAL_SCRIPT_FILE,
@@ -34,7 +35,6 @@ from stapinit.server.policy import (
     module_file_name,
     stap_command,
 )
-from stapinit.system import SYSTEM_PATH
 
 MASK: Final = "<tmpdir>"
 #: Bytes of stdout and of stderr kept from one stap run; the rest is read and dropped.

@@ -1,6 +1,6 @@
 """stap-server's configuration file: ``KEY=value`` lines in shell syntax.
 
-The syntax is systemtap-service's (parsed by :mod:`stapinit.service.bashvars`, so
+The syntax is systemtap-service's (parsed by :mod:`stapinit.core.bashvars`, so
 quoting and ``$NAME`` work and nothing is ever executed).  Every key has a default;
 an unknown key or a bad value is an error naming the file and line.
 """
@@ -15,8 +15,8 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, Final
 
+from stapinit.core.bashvars import ConfigError, parse_assignments
 from stapinit.protocol import DEFAULT_PORT
-from stapinit.service.bashvars import ConfigError, parse_assignments
 
 DEFAULT_CONFIG: Final = Path("/etc/stap-server/stap-server.conf")
 

@@ -22,7 +22,8 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from stapinit import __version__, lsb
+from stapinit import __version__
+from stapinit.core import lsb
 from stapinit.protocol import ServerInfo
 from stapinit.server import service
 from stapinit.server.app import CompileService, CompileSlots

@@ -16,7 +16,8 @@ from enum import Enum
 from pathlib import PurePosixPath
 from typing import Final
 
-from stapinit.protocol import MODULE_NAME_RE, MODULE_SUFFIX, CompileRequest, Runtime
+from stapinit.core.runtime import MODULE_SUFFIX, RuntimeKind
+from stapinit.protocol import MODULE_NAME_RE, CompileRequest
 
 
 class PolicyError(ValueError):
@@ -83,7 +84,7 @@ class ParsedOptions:
 
     options: tuple[str, ...]
     script_args: tuple[str, ...]
-    runtime: Runtime
+    runtime: RuntimeKind
 
 
 def stapusr_refusal(option: str) -> str:
@@ -110,7 +111,7 @@ def _check_value(option: str, spec: _Spec, value: str) -> str:
     return value
 
 
-def parse_options(options: Sequence[str], stapusr: bool, runtime: Runtime) -> ParsedOptions:
+def parse_options(options: Sequence[str], stapusr: bool, runtime: RuntimeKind) -> ParsedOptions:
     """Check client options as stap's getopt would read them; raise PolicyError.
 
     ``runtime`` is the request's field; ``--runtime=bpf`` or ``--bpf`` among the
@@ -226,7 +227,7 @@ def stap_command(
     return [*argv, *parsed.script_args]
 
 
-def module_file_name(stdout: str, module_name: str | None, runtime: Runtime) -> str | None:
+def module_file_name(stdout: str, module_name: str | None, runtime: RuntimeKind) -> str | None:
     """Name of the module stap -p4 wrote, from the request or from stap's stdout.
 
     stap prints the module's file name as the last line of its output at pass 4.

@@ -24,8 +24,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Final
 
-from stapinit.fsutil import atomic_write
-from stapinit.lsb import (
+from stapinit.core.fsutil import atomic_write
+from stapinit.core.lsb import (
     EXIT_FAILED,
     EXIT_NOT_CONFIGURED,
     EXIT_NOT_INSTALLED,

@@ -18,7 +18,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-from stapinit.fsutil import atomic_write
+from stapinit.core.fsutil import atomic_write
 
 #: Default validity of a generated certificate: five years (renewal is documented).
 DEFAULT_DAYS = 5 * 365

@@ -27,7 +27,7 @@ from pathlib import Path
 from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding
 
-from stapinit.fsutil import atomic_write
+from stapinit.core.fsutil import atomic_write
 from stapinit.trust.certs import (
     FINGERPRINT_PREFIX,
     CertificateError,

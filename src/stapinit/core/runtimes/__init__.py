@@ -1,0 +1,1 @@
+"""The two runtimes behind :class:`stapinit.core.runtime.Runtime`: BPF and kernel modules."""

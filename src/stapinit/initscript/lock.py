@@ -1,0 +1,94 @@
+"""One state-changing command at a time: an exclusive lock under ``STAT_PATH``."""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import os
+import stat
+import time
+from collections.abc import Callable
+from pathlib import Path
+from types import TracebackType
+
+from stapinit.core.errors import StapinitError
+
+LOCK_NAME = ".lock"
+
+
+class LockError(StapinitError):
+    """The lock could not be taken in time (str() names who holds it) or is no plain file."""
+
+
+class CommandLock:
+    """An exclusive ``flock`` on ``STAT_PATH/.lock``, waited for a bounded time.
+
+    ``interrupted`` (polled while waiting) ends the wait early: SIGTERM must
+    not have to outlast ``LOCK_TIMEOUT``.
+    """
+
+    def __init__(
+        self,
+        stat_path: Path,
+        timeout: float,
+        command: str,
+        interrupted: Callable[[], bool] = lambda: False,
+    ) -> None:
+        self.path = stat_path / LOCK_NAME
+        self.timeout = timeout
+        self.command = command
+        self.interrupted = interrupted
+        self._fd: int | None = None
+
+    def _open(self) -> int:
+        """Open (or create) the lock file itself, never what a symlink there points to.
+
+        ``STAT_PATH`` may sit where others could plant a link; following it
+        would truncate the file it names. O_NONBLOCK keeps a FIFO from hanging us.
+        """
+        flags = os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NONBLOCK
+        try:
+            fd = os.open(self.path, flags, 0o644)
+        except OSError as error:
+            if error.errno == errno.ELOOP:
+                raise LockError(f"refusing lock file {self.path}: it is a symbolic link") from None
+            raise LockError(f"cannot open lock file {self.path}: {error.strerror}") from None
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            os.close(fd)
+            raise LockError(f"refusing lock file {self.path}: it is not a regular file")
+        return fd
+
+    def __enter__(self) -> CommandLock:
+        fd = self._open()
+        deadline = time.monotonic() + self.timeout
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if self.interrupted():
+                    os.close(fd)
+                    raise LockError(f"interrupted while waiting for {self.path}", 130) from None
+                if time.monotonic() >= deadline:
+                    holder = os.pread(fd, 200, 0).decode(errors="replace").strip() or "unknown"
+                    os.close(fd)
+                    raise LockError(
+                        f"another systemtap-service holds {self.path} ({holder}); "
+                        f"gave up after {self.timeout:g}s"
+                    ) from None
+                time.sleep(0.05)
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"pid {os.getpid()}: {self.command}\n".encode(), 0)
+        self._fd = fd
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        if self._fd is not None:
+            os.ftruncate(self._fd, 0)
+            os.close(self._fd)
+            self._fd = None

@@ -1,0 +1,129 @@
+"""The message log and the console: every outcome reported once (spec §3.5).
+
+Everything goes to ``LOG_FILE`` with a timestamp: messages, every command run
+(``Exec: ...``) and stap's full output. Outcomes (``Started X``) also go to
+stdout; errors and warnings to stderr and, when a syslog socket exists, to
+syslog (which may not run yet at boot). A log that cannot be written (a full
+file system) costs one warning, never the command: stopping must always work.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shlex
+import sys
+import threading
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TextIO
+
+from stapinit.core.errors import StapinitError
+
+_SYSLOG_SOCKET = "/dev/log"
+
+
+class LogError(StapinitError):
+    """The log file cannot be opened; str() names it."""
+
+
+class Log:
+    """Writes the service's messages to the log file, console and syslog."""
+
+    def __init__(
+        self, path: Path | None, console: TextIO | None = None, out: TextIO | None = None
+    ) -> None:
+        self.path = path
+        self.console = console or sys.stderr
+        self.out = out or sys.stdout
+        self._handle: TextIO | None = None
+        self._syslog_checked = False
+        self._syslog = False
+        # Scripts start in parallel threads; their lines must not interleave.
+        self._lock = threading.Lock()
+
+    def open(self) -> None:
+        """Open the log file now, so a bad location fails before any work."""
+        if self.path is None or self._handle is not None:
+            return
+        if not self.path.parent.is_dir():
+            raise LogError(f"log directory {self.path.parent} does not exist")
+        try:
+            self._handle = self.path.open("a+", encoding="utf-8", errors="replace")
+        except OSError as error:
+            raise LogError(f"cannot write log file {self.path}: {error.strerror}") from None
+
+    def close(self) -> None:
+        """Close the log file (a failing flush is no error: see :meth:`_write`)."""
+        if self._handle is not None:
+            handle, self._handle = self._handle, None
+            with contextlib.suppress(OSError):
+                handle.close()
+
+    def output_fd(self) -> int | None:
+        """The log file's descriptor, for the scripts' own output; None without a log."""
+        return self._handle.fileno() if self._handle is not None else None
+
+    def _write(self, text: str) -> None:
+        with self._lock:
+            if self._handle is None:
+                return
+            stamp = time.strftime("%Y-%m-%d %H:%M:%S")
+            lines = "".join(
+                f"{stamp} [{os.getpid()}] {line}\n" for line in text.splitlines() or [""]
+            )
+            try:
+                self._handle.write(lines)
+                self._handle.flush()
+            except (OSError, ValueError) as error:
+                # Keep going without the file: the console still says what happened.
+                handle, self._handle = self._handle, None
+                reason = getattr(error, "strerror", None) or str(error)
+                print(
+                    f"systemtap-service: warning: cannot write log file {self.path}: {reason};"
+                    " logging to the console only",
+                    file=self.console,
+                )
+                with contextlib.suppress(OSError):
+                    handle.close()
+
+    def report(self, message: str) -> None:
+        """An outcome: log file and stdout."""
+        self._write(message)
+        print(message, file=self.out, flush=True)
+
+    def info(self, message: str) -> None:
+        """A message for the log file only."""
+        self._write(message)
+
+    def exec(self, argv: Sequence[str]) -> None:
+        """Record a command about to run."""
+        self._write("Exec: " + shlex.join(argv))
+
+    def output(self, label: str, text: str) -> None:
+        """Record a tool's output in full."""
+        if text.strip():
+            self._write(f"{label}:\n{text.rstrip()}")
+
+    def warning(self, message: str) -> None:
+        """A warning: log file, stderr and syslog."""
+        self._write(f"WARNING: {message}")
+        print(f"systemtap-service: warning: {message}", file=self.console)
+        self._to_syslog(4, message)
+
+    def error(self, message: str) -> None:
+        """An error: log file, stderr and syslog."""
+        self._write(f"ERROR: {message}")
+        print(f"systemtap-service: {message}", file=self.console)
+        self._to_syslog(3, message)
+
+    def _to_syslog(self, priority: int, message: str) -> None:
+        if not self._syslog_checked:
+            self._syslog_checked = True
+            self._syslog = os.path.exists(_SYSLOG_SOCKET)
+        if self._syslog:
+            import syslog  # only when there is a syslog to talk to
+
+            syslog.openlog("systemtap-service", 0, syslog.LOG_DAEMON)
+            syslog.syslog(priority, message)
