@@ -42,8 +42,20 @@ def compile_command(stap: str, script: Script, release: str) -> list[str]:
     return [*argv, *script.compile_options, str(script.source)]
 
 
-def _failure_line(stderr: str, returncode: int) -> str:
+def _failure_line(stderr: str, returncode: int, release: str) -> str:
+    """The line of stap's output that says why it failed, for the console.
+
+    stap refuses everything, BPF scripts too, without the release's build tree
+    (``Checking "/lib/modules/R/build/.config" failed with error: ...``), which a
+    fresh install meets first: that line is replaced by what to install.
+    """
     lines = [line.strip() for line in stderr.splitlines() if line.strip()]
+    for line in lines:
+        if line.startswith(f'Checking "/lib/modules/{release}/build/.config" failed'):
+            return (
+                f"no kernel headers for {release}: stap needs /lib/modules/{release}/build; "
+                f"install them (Debian: apt-get install linux-headers-{release})"
+            )
     for line in lines:
         lowered = line.lower()
         if "error" in lowered and not lowered.startswith("pass "):
@@ -76,7 +88,7 @@ def compile_one(
             return CompileResult(script.name, False, f"cannot run {stap}: {error.strerror}")
         output = done.stdout + done.stderr
         if done.returncode != 0:
-            summary = _failure_line(done.stderr, done.returncode)
+            summary = _failure_line(done.stderr, done.returncode, kernel.release)
             return CompileResult(script.name, False, summary, tuple(argv), output)
         built = workdir / f"{script.name}{script.module_suffix}"
         if not built.is_file():
