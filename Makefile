@@ -7,8 +7,9 @@
 #   make install-client [DESTDIR=/staging] [PREFIX=/usr/local]
 # The configuration stays in /etc and the caches in /var whatever PREFIX is,
 # because those are the paths the commands and the spec use by default.
-# systemtap-service needs nothing but python3; the server and the client also
-# need python3-cryptography. Each of the three has its own private copy of
+# systemtap-service needs nothing but python3 (and python3-cryptography for
+# COMPILE_SERVER and REQUIRE_SIGNED); the server and the client also need
+# python3-cryptography. Each of the three has its own private copy of
 # the Python code it runs, so that they install (and package) independently.
 #
 # The server runs as the system user stap-server: "make server-user" (as root)
@@ -31,10 +32,12 @@ LOCALSTATEDIR ?= /var
 PYTHON ?= /usr/bin/python3
 
 INSTALL ?= install
-# What systemtap-service imports: its package and the helpers it shares.
-PACKAGE_FILES := src/stapinit/__init__.py src/stapinit/py.typed \
+# What systemtap-service imports: its package and the helpers it shares,
+# with the wire format and trust code that COMPILE_SERVER and REQUIRE_SIGNED
+# load (only then, and only those need python3-cryptography).
+PACKAGE_FILES := src/stapinit/__init__.py src/stapinit/py.typed src/stapinit/protocol.py \
 	$(shell find src/stapinit/core -name '*.py' | sort) \
-	$(shell find src/stapinit/initscript -name '*.py' | sort)
+	$(shell find src/stapinit/initscript src/stapinit/trust -name '*.py' | sort)
 # What every server and client command shares: the top-level modules
 # (version, wire formats), the core and the trust code.
 TRUST_FILES := src/stapinit/py.typed \
@@ -100,6 +103,10 @@ install:
 			> "$(DESTDIR)$(SYSCONFDIR)/kernel/$$hooks/systemtap" || exit 1; \
 		chmod 755 "$(DESTDIR)$(SYSCONFDIR)/kernel/$$hooks/systemtap" || exit 1; \
 	done
+# postrm.d runs when a kernel image is removed: its caches go too.
+	$(INSTALL) -d -m 755 "$(DESTDIR)$(SYSCONFDIR)/kernel/postrm.d"
+	$(SUBSTITUTE) data/kernel/postrm.d/systemtap > "$(DESTDIR)$(SYSCONFDIR)/kernel/postrm.d/systemtap"
+	chmod 755 "$(DESTDIR)$(SYSCONFDIR)/kernel/postrm.d/systemtap"
 	$(INSTALL) -d -m 755 "$(DESTDIR)$(MANDIR)/man8"
 	$(INSTALL) -m 644 doc/systemtap-service.8 "$(DESTDIR)$(MANDIR)/man8/systemtap-service.8"
 	$(INSTALL) -d -m 755 "$(DESTDIR)$(BASHCOMPDIR)"

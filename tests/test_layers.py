@@ -12,12 +12,17 @@ SRC = Path(__file__).resolve().parent.parent / "src" / "stapinit"
 # wire format (protocol) and trust code, never on each other.
 ALLOWED = {
     "core": {"core"},
-    "trust": {"core", "trust"},
+    # The pinned TLS connection (trust.connection) speaks the wire format.
+    "trust": {"core", "trust", "protocol"},
     "protocol": {"core"},
-    "initscript": {"core", "initscript"},
+    # The local wire format between stap-client and stap-loader.
+    "loader_wire": {"core", "protocol"},
+    # COMPILE_SERVER and REQUIRE_SIGNED (initscript.remote, .verify) load the wire
+    # format and the trust code, only when set: the boot path imports neither otherwise.
+    "initscript": {"core", "initscript", "trust", "protocol"},
     "server": {"core", "trust", "protocol", "server"},
-    "loader": {"core", "trust", "protocol", "loader"},
-    "client": {"core", "trust", "protocol", "client"},
+    "loader": {"core", "trust", "protocol", "loader_wire", "loader"},
+    "client": {"core", "trust", "protocol", "loader_wire", "client"},
 }
 
 

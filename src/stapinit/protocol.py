@@ -42,6 +42,10 @@ MAX_MODULE_BYTES: Final = 64 * 1024 * 1024
 MAX_NAME_BYTES: Final = 255
 MAX_TAPSET_DEPTH: Final = 16
 MAX_TAPSETS: Final = 256
+#: Deepest nesting of JSON arrays and objects a message may have (requests have 3).
+MAX_JSON_DEPTH: Final = 8
+#: Longest JSON integer accepted (an exit status or a size needs far fewer digits).
+MAX_INT_DIGITS: Final = 20
 
 
 class ProtocolError(ValueError):
@@ -77,7 +81,7 @@ class CompileRequest:
     with dedicated fields (``-e -I -r -p -m --privilege --unprivileged``) are not
     repeated there.  ``runtime`` is the runtime field; ``--runtime=bpf`` or ``--bpf``
     among the options select BPF as well, which only the server's option parser
-    (:func:`stapinit.server.policy.parse_options`) decides.
+    (:func:`stapinit.server.policy.parse_compile_options`) decides.
     """
 
     script_text: str
@@ -164,13 +168,58 @@ def _check_release_or_arch(value: str, what: str) -> str:
 # --- JSON helpers ------------------------------------------------------------------
 
 
+def _parse_int(text: str) -> int:
+    if len(text.lstrip("-")) > MAX_INT_DIGITS:
+        raise ValueError(f"an integer of more than {MAX_INT_DIGITS} digits")
+    return int(text)
+
+
+def _parse_constant(text: str) -> Any:
+    raise ValueError(f"{text} is not a JSON number")
+
+
+def _check_tree(obj: Any, what: str) -> None:
+    """Refuse nesting deeper than :data:`MAX_JSON_DEPTH` and strings that are not Unicode.
+
+    JSON's ``\\ud800`` escapes give lone surrogates, which no file, command
+    line or log line can carry.  Iterative: no recursion limit to hit.
+    """
+    stack: list[tuple[Any, int]] = [(obj, 1)]
+    while stack:
+        value, depth = stack.pop()
+        if isinstance(value, dict):
+            children = [*value.keys(), *value.values()]
+        elif isinstance(value, list):
+            children = value
+        else:
+            if isinstance(value, str):
+                try:
+                    value.encode("utf-8")
+                except UnicodeEncodeError:
+                    raise ProtocolError(f"{what}: a string is not valid Unicode") from None
+            continue
+        if depth > MAX_JSON_DEPTH:
+            raise ProtocolError(f"{what}: nested deeper than {MAX_JSON_DEPTH} levels")
+        stack.extend((child, depth + 1) for child in children)
+
+
 def _load(data: bytes, what: str) -> dict[str, Any]:
+    """A JSON object from untrusted bytes; every failure is a one-line :class:`ProtocolError`."""
     try:
-        obj = json.loads(data.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError:
+        raise ProtocolError(f"{what} is not UTF-8 text") from None
+    try:
+        obj = json.loads(text, parse_int=_parse_int, parse_constant=_parse_constant)
+    except json.JSONDecodeError as exc:
         raise ProtocolError(f"{what} is not JSON: {exc}") from None
+    except ValueError as exc:  # from the hooks above
+        raise ProtocolError(f"{what} is not acceptable JSON: {exc}") from None
+    except RecursionError:
+        raise ProtocolError(f"{what}: nested deeper than {MAX_JSON_DEPTH} levels") from None
     if not isinstance(obj, dict):
         raise ProtocolError(f"{what} is not a JSON object")
+    _check_tree(obj, what)
     return cast(dict[str, Any], obj)
 
 
@@ -227,12 +276,15 @@ def decode_server_info(data: bytes) -> ServerInfo:
     """Parse the ``GET /`` answer; raises ProtocolError."""
     what = "server info"
     obj = _load(data, what)
+    releases = _str_list(obj, "releases", what)
+    for release in releases:
+        _check_release_or_arch(release, "kernel release")
     return ServerInfo(
         server=_get(obj, "server", str, what),
         version=_get(obj, "version", str, what),
         stap_version=_get(obj, "stap_version", str, what),
-        arch=_get(obj, "arch", str, what),
-        releases=_str_list(obj, "releases", what),
+        arch=_check_release_or_arch(_get(obj, "arch", str, what), "architecture"),
+        releases=releases,
         fingerprint=_get(obj, "fingerprint", str, what),
     )
 
@@ -350,10 +402,16 @@ def decode_compile_response(data: bytes) -> CompileResponse:
     module = None
     if module_obj is not None:
         name = check_file_name(_get(module_obj, "name", str, "module"), "module file name")
-        module = Module(name, _b64decode(_get(module_obj, "data", str, "module"), "module data"))
+        text = _get(module_obj, "data", str, "module")
+        if len(text) > (MAX_MODULE_BYTES + 2) // 3 * 4:
+            raise ProtocolError(f"{what}: module larger than {MAX_MODULE_BYTES} bytes")
+        module = Module(name, _b64decode(text, "module data"))
     sig_text = _get(obj, "signature", (str, type(None)), what)
+    status = _get(obj, "status", int, what)
+    if not 0 <= status <= 255:
+        raise ProtocolError(f"{what}: status {status} is not an exit status (0 to 255)")
     return CompileResponse(
-        status=_get(obj, "status", int, what),
+        status=status,
         stdout=_get(obj, "stdout", str, what),
         stderr=_get(obj, "stderr", str, what),
         module=module,

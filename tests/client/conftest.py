@@ -13,6 +13,7 @@ import pytest
 
 from tests.loader.conftest import Loader, start_loader, stop_loader
 from tests.server.helpers import Server, ensure_service_user, make_server
+from tests.trust.bpfmodules import build_victim
 from tests.trust.people import User, ensure_users, home_for, run_as, shared_tmpdir
 
 HELLO = 'probe begin { printf ("Hello\\n"); exit (); }'
@@ -67,11 +68,19 @@ def server() -> Iterator[Server]:
     """A real stap-server on loopback, shared by this worker's tests."""
     ensure_service_user()
     base = shared_tmpdir("sttest-srv-")
-    running = make_server(base, "server")
+    # Programs the tests probe live in base/victim: the server's compiles may read it.
+    (base / "victim").mkdir(mode=0o755)
+    running = make_server(base, "server", SANDBOX_PATHS=str(base / "victim"))
     running.start()
     yield running
     running.stop()
     shutil.rmtree(base, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def victim(server: Server) -> Path:
+    """A small program (function ``work``) where the server's compiles can see it."""
+    return build_victim(server.root.parent / "victim")
 
 
 @pytest.fixture

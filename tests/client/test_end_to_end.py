@@ -5,17 +5,18 @@ from __future__ import annotations
 import json
 import os
 import signal
-import subprocess
 import time
 from pathlib import Path
 
 import pytest
 
-from stapinit.loader import wire
+from stapinit import loader_wire as wire
 from stapinit.trust.certs import fingerprint, load_certificate
 from tests.client.conftest import HELLO, Site
+from tests.loader.conftest import encode_load_request, popen_as
 from tests.support import shared_install
-from tests.trust.people import SYSTEM_PATH, VENV_BIN
+from tests.trust.bpfmodules import process_probe_script
+from tests.trust.people import VENV_BIN
 
 
 def untrusted_line(site: Site) -> str:
@@ -42,15 +43,22 @@ def test_6_2_1_hello_for_root_and_stapdev_once_authorized(site: Site) -> None:
 
 def test_6_1_2_stapusr_needs_a_trusted_signer(site: Site) -> None:
     site.authorize_server()
-    unsigned = site.client("sttest_usr", "-e", HELLO)
-    assert unsigned.returncode == 1 and unsigned.stdout == ""
-    assert "does not have authority to load the unsigned module" in unsigned.stderr
+    # The server signs every module; one compiled for stapdev is signed for stapdev.
+    for_stapdev = site.client("sttest_usr", "-e", HELLO)
+    assert for_stapdev.returncode == 1 and for_stapdev.stdout == ""
+    assert "the server is not a trusted signer" in for_stapdev.stderr
 
     signed = site.client("sttest_usr", "-e", HELLO, "--unprivileged")
     assert signed.returncode == 1 and signed.stdout == ""
     assert "the server is not a trusted signer" in signed.stderr
 
     site.authorize_signer()
+    beyond = site.client("sttest_usr", "-e", HELLO)
+    assert beyond.returncode == 1 and beyond.stdout == ""
+    assert (
+        "was signed for privilege 'stapdev', beyond user 'sttest_usr''s stapusr; "
+        "compile it with --unprivileged"
+    ) in beyond.stderr
     works = site.client("sttest_usr", "-e", HELLO, "--unprivileged")
     assert (works.returncode, works.stdout) == (0, "Hello\n"), works.stderr
     same = site.client("sttest_usr", "-e", HELLO, "--privilege=stapusr")
@@ -60,7 +68,7 @@ def test_6_1_2_stapusr_needs_a_trusted_signer(site: Site) -> None:
 def load_as(site: Site, who: str, name: str, module: bytes, sgn: bytes) -> list[wire.Frame]:
     """Hand a module straight to stap-loader, as ``who``, without stap-client."""
     request = site.homes[who] / "request"
-    request.write_bytes(wire.encode_load_request(wire.LoadRequest(name, module, sgn)))
+    request.write_bytes(encode_load_request(wire.LoadRequest(name, module, sgn)))
     request.chmod(0o644)
     probe = shared_install.helper("probe_client.py")
     result = site.run(
@@ -108,7 +116,7 @@ def test_6_1_3_ordinary_user_compiles_but_cannot_load(site: Site) -> None:
         name = result.stdout.strip()
         assert name.endswith(".bo") and "\n" not in name
         assert (home / name).stat().st_uid == site.users["sttest_plain"].uid
-        assert (home / f"{name}.sgn").exists() == bool(extra)
+        assert (home / f"{name}.sgn").exists()  # every module comes signed
     for extra in ([], ["--unprivileged"]):
         refused = site.client("sttest_plain", "-e", HELLO, *extra)
         assert refused.returncode == 1 and refused.stdout == ""
@@ -156,35 +164,34 @@ def test_stap_messages_and_status_come_through(site: Site) -> None:
     assert (site.homes["sttest_dev"] / "out.txt").read_text() == "word-42\n"
 
 
-def test_ctrl_c_stops_the_module_cleanly(site: Site) -> None:
+TICKING = 'probe timer.ms(50) { printf("tick\\n") } probe end { printf("bye\\n") }'
+
+
+@pytest.mark.parametrize(
+    ("who", "signum"),
+    [
+        ("sttest_dev", signal.SIGINT),  # through stap-loader
+        ("root", signal.SIGINT),  # root runs it itself, in its own session
+        ("root", signal.SIGTERM),
+        ("root", signal.SIGHUP),
+    ],
+)
+def test_a_signal_stops_the_module_cleanly(site: Site, who: str, signum: int) -> None:
     site.authorize_server()
-    script = 'probe timer.ms(50) { printf("tick\\n") } probe end { printf("bye\\n") }'
-    user = site.users["sttest_dev"]
-    proc = subprocess.Popen(
-        ["stap-client", "-e", script],
-        env={
-            "PATH": f"{VENV_BIN}:{SYSTEM_PATH}",
-            "STAP_TRUST_ROOT": str(site.trust_root),
-            "HOME": str(site.homes["sttest_dev"]),
-        },
-        cwd=site.homes["sttest_dev"],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        user=user.uid,
-        group=user.gid,
-        extra_groups=list(user.groups),
-    )
+    user = None if who == "root" else site.users[who]
+    env = {"STAP_TRUST_ROOT": str(site.trust_root), "HOME": str(site.homes[who])}
+    proc = popen_as(user, ["stap-client", "-e", TICKING], env, site.homes[who])
     assert proc.stdout is not None
     assert proc.stdout.readline() == "tick\n"
-    proc.send_signal(signal.SIGINT)
+    proc.send_signal(signum)
     out, err = proc.communicate(timeout=20)
     assert proc.returncode == 0, err
     assert out.rstrip().endswith("bye")
-    deadline = time.monotonic() + 5
-    while "exited with status" not in site.loader.log.read_text():
-        assert time.monotonic() < deadline
-        time.sleep(0.05)
+    if user is not None:
+        deadline = time.monotonic() + 5
+        while "exited with status" not in site.loader.log.read_text():
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
 
 
 def test_root_output_file_and_tapsets(site: Site) -> None:
@@ -229,3 +236,16 @@ def test_without_a_loader_the_user_is_told_so(site: Site) -> None:
         f"stap-client: cannot reach stap-loader at {site.base / 'none.sock'}: "
         "No such file or directory; non-root users load modules through the stap-loader service\n"
     )
+
+
+def test_a_refused_compile_prints_nothing_on_stdout(site: Site, victim: Path) -> None:
+    # Issue 13: the server refuses to sign a BPF module that probes user space
+    # for stapusr; stap had printed the module's name, and nothing was produced.
+    site.authorize_server()
+    script = process_probe_script(victim)
+    for extra in (["-p4"], []):
+        result = site.client("sttest_usr", "--unprivileged", *extra, "-e", script)
+        assert result.returncode == 1
+        assert result.stdout == "", result.stdout
+        assert "user-space probes" in result.stderr
+        assert not list(site.homes["sttest_usr"].glob("*.bo"))

@@ -10,8 +10,9 @@ from pathlib import Path
 
 import pytest
 
+from stapinit import loader_wire as wire
 from stapinit.client.load import LoadError, run_via_loader
-from stapinit.loader import wire
+from tests.loader.conftest import parse_load_request
 
 Behaviour = Callable[[socket.socket], None]
 
@@ -80,7 +81,7 @@ def test_output_and_status_come_through(
     def run(conn: socket.socket) -> None:
         frame = wire.read_frame(conn, 1 << 20)
         assert frame is not None
-        req = wire.parse_load_request(frame)
+        req = parse_load_request(frame)
         conn.sendall(wire.started("ok"))
         conn.sendall(wire.output("stdout", b"got " + bytes(req.module)))
         conn.sendall(wire.exited(128 + 15))
@@ -92,3 +93,38 @@ def test_output_and_status_come_through(
 
 def test_exit_status_is_shell_style() -> None:
     assert (wire.exit_status(0), wire.exit_status(3), wire.exit_status(-9)) == (0, 3, 137)
+
+
+@pytest.mark.parametrize(
+    "header",
+    [
+        b'{"type":"exit","status":' + b"9" * 5000 + b"}",
+        b'{"type":"output","stream":"stdout","size":' + b"9" * 5000 + b"}",
+        b"[" * 30000 + b"]" * 30000,
+    ],
+)
+def test_a_hostile_loader_frame_is_one_line(
+    fake_loader: Callable[[Behaviour], Path], tmp_path: Path, header: bytes
+) -> None:
+    def run(conn: socket.socket) -> None:
+        assert wire.read_frame(conn, 1 << 20) is not None
+        conn.sendall(wire.started("ok"))
+        conn.sendall(len(header).to_bytes(4, "big") + header)
+
+    with pytest.raises(LoadError) as info:
+        run_via_loader(fake_loader(run), "m.bo", b"module", None, str(tmp_path / "out"))
+    assert str(info.value) == (
+        "lost the connection to stap-loader: frame header is not JSON within the protocol's limits"
+    )
+
+
+@pytest.mark.parametrize("status", [-1, 256, 1 << 40])
+def test_an_exit_status_out_of_range_is_a_failure(
+    fake_loader: Callable[[Behaviour], Path], tmp_path: Path, status: int
+) -> None:
+    def run(conn: socket.socket) -> None:
+        assert wire.read_frame(conn, 1 << 20) is not None
+        conn.sendall(wire.started("ok"))
+        conn.sendall(wire.encode_frame({"type": "exit", "status": status}))
+
+    assert run_via_loader(fake_loader(run), "m.bo", b"m", None, str(tmp_path / "out")) == 1

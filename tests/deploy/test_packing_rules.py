@@ -11,6 +11,8 @@ from hypothesis import strategies as st
 from stapinit.initscript.cache import CacheRecord, KernelIdentity
 from stapinit.initscript.kernels import releases_with_build_tree
 from stapinit.initscript.packing import (
+    Blob,
+    Entry,
     Manifest,
     PackError,
     check_members,
@@ -28,8 +30,13 @@ def record(release: str = RELEASE, runtime: str = "bpf") -> bytes:
     return CacheRecord(kernel, runtime, ("-DX=1",)).to_text().encode()
 
 
-def members(files: dict[str, bytes]) -> dict[str, bytes]:
-    return {"MANIFEST": make_manifest(RELEASE, files).to_text().encode(), **files}
+def blobs(files: dict[str, bytes]) -> dict[str, Blob]:
+    return {path: Blob.of(data) for path, data in files.items()}
+
+
+def members(files: dict[str, bytes], releases: tuple[str, ...] = (RELEASE,)) -> dict[str, Blob]:
+    manifest = make_manifest(releases, blobs(files)).to_text().encode()
+    return {"MANIFEST": Blob.of(manifest), **blobs(files)}
 
 
 GOOD = {
@@ -37,21 +44,22 @@ GOOD = {
     f"cache/{RELEASE}/a.opts": record(),
     f"cache/{RELEASE}/b.ko": b"\x7fELF b",
     f"cache/{RELEASE}/b.opts": record(runtime="kmod"),
-    "conf.d/group1.conf": b"a_OPT=--runtime=bpf\n",
+    "conf.d/a.conf": b"a_OPT=--runtime=bpf\n",
 }
 
 
 @pytest.mark.parametrize(
     ("path", "expected"),
     [
-        (f"cache/{RELEASE}/tick.bo", ("cache", "tick.bo")),
-        (f"cache/{RELEASE}/tick.ko", ("cache", "tick.ko")),
-        (f"cache/{RELEASE}/tick_2.opts", ("cache", "tick_2.opts")),
-        ("conf.d/group-1.conf", ("conf", "group-1.conf")),
+        (f"cache/{RELEASE}/tick.bo", Entry("module", RELEASE, "tick.bo", "tick")),
+        (f"cache/{RELEASE}/tick.ko", Entry("module", RELEASE, "tick.ko", "tick")),
+        (f"cache/{RELEASE}/tick_2.opts", Entry("record", RELEASE, "tick_2.opts", "tick_2")),
+        (f"cache/{RELEASE}/t.ko.sgn", Entry("signature", RELEASE, "t.ko.sgn", "t")),
+        ("conf.d/tick_2.conf", Entry("conf", "", "tick_2.conf", "tick_2")),
     ],
 )
-def test_classify_accepts_only_cache_and_conf_files(path: str, expected: tuple[str, str]) -> None:
-    assert classify(path, RELEASE) == expected
+def test_classify_accepts_only_cache_and_conf_files(path: str, expected: Entry) -> None:
+    assert classify(path, (RELEASE,)) == expected
 
 
 @pytest.mark.parametrize(
@@ -65,6 +73,11 @@ def test_classify_accepts_only_cache_and_conf_files(path: str, expected: tuple[s
         f"cache/{RELEASE}/sub/tick.bo",
         "cache/other/tick.bo",
         "conf.d/group1",
+        "conf.d/group-1.conf",
+        "conf.d/a.b.conf",
+        f"cache/{RELEASE}/tick.opts.sgn",
+        f"cache/{RELEASE}/tick.sgn",
+        f"cache/{RELEASE}/{'x' * 65}.bo",
         "conf.d/.hidden.conf",
         "conf.d/../x.conf",
         "/etc/systemtap/conf.d/x.conf",
@@ -74,7 +87,7 @@ def test_classify_accepts_only_cache_and_conf_files(path: str, expected: tuple[s
 )
 def test_classify_refuses_everything_else(path: str) -> None:
     with pytest.raises(PackError):
-        classify(path, RELEASE)
+        classify(path, (RELEASE,))
 
 
 PIECES = st.sampled_from(["..", ".", "", "cache", RELEASE, "conf.d", "a.bo", "x.conf", "etc"])
@@ -84,22 +97,26 @@ PIECES = st.sampled_from(["..", ".", "", "cache", RELEASE, "conf.d", "a.bo", "x.
 def test_no_accepted_path_can_leave_its_directory(parts: list[str]) -> None:
     path = "/".join(parts)
     try:
-        area, name = classify(path, RELEASE)
+        entry = classify(path, (RELEASE,))
     except PackError:
         return
     assert not path.startswith("/")
     assert ".." not in parts and "." not in parts and "" not in parts
-    assert "/" not in name and name not in (".", "..")
-    assert area in ("cache", "conf")
+    assert "/" not in entry.filename and entry.filename not in (".", "..")
+    assert entry.area in ("module", "record", "signature", "conf")
 
 
 def test_manifest_round_trips_and_lists_sha256() -> None:
-    manifest = make_manifest(RELEASE, GOOD)
+    manifest = make_manifest((RELEASE, "5.10.0-9"), blobs(GOOD))
     assert parse_manifest(manifest.to_text()) == manifest
-    assert manifest.to_text().splitlines()[:2] == ["systemtap-service pack 1", f"release {RELEASE}"]
+    assert manifest.to_text().splitlines()[:3] == [
+        "systemtap-service pack 1",
+        f"release {RELEASE}",
+        "release 5.10.0-9",
+    ]
     line = f"sha256 {'0' * 64} conf.d/group1.conf"
     assert parse_manifest(f"systemtap-service pack 1\nrelease {RELEASE}\n{line}\n") == Manifest(
-        RELEASE, {"conf.d/group1.conf": "0" * 64}
+        (RELEASE,), {"conf.d/group1.conf": "0" * 64}
     )
 
 
@@ -115,6 +132,9 @@ def test_manifest_round_trips_and_lists_sha256() -> None:
         f"systemtap-service pack 1\nrelease {RELEASE}\nsha256 {'0' * 64} ../a.conf\n",
         f"systemtap-service pack 1\nrelease {RELEASE}\n"
         f"sha256 {'0' * 64} conf.d/a.conf\nsha256 {'1' * 64} conf.d/a.conf\n",
+        f"systemtap-service pack 1\nrelease {RELEASE}\nrelease {RELEASE}\n",
+        f"systemtap-service pack 1\nrelease {RELEASE}\nsha256 {'0' * 64} cache/9.9/a.bo\n",
+        "systemtap-service pack 1\n" + "".join(f"release 1.{n}\n" for n in range(65)),
     ],
 )
 def test_bad_manifests_are_refused(text: str) -> None:
@@ -124,7 +144,7 @@ def test_bad_manifests_are_refused(text: str) -> None:
 
 def test_check_members_accepts_a_complete_archive() -> None:
     manifest, files = check_members(members(GOOD))
-    assert manifest.release == RELEASE and files == GOOD
+    assert manifest.releases == (RELEASE,) and files == blobs(GOOD)
 
 
 @pytest.mark.parametrize(
@@ -135,6 +155,9 @@ def test_check_members_accepts_a_complete_archive() -> None:
         ({f"cache/{RELEASE}/a.opts": record(runtime="kmod")}, "records runtime kmod"),
         ({f"cache/{RELEASE}/a.ko": b"\x7fELF"}, "both a .ko and a .bo"),
         ({f"cache/{RELEASE}/c.opts": record()}, "c.opts comes without a module"),
+        ({f"cache/{RELEASE}/b.bo.sgn": b"{}"}, "signs cache/.*/b.bo, which the archive lacks"),
+        ({"conf.d/c.conf": b"c_OPT=-v\n"}, "configures c, which the archive does not carry"),
+        ({"conf.d/a.conf": b"b_OPT=-v\n"}, "conf.d/a.conf:1: b_OPT is not a_OPT or a_REQ"),
     ],
 )
 def test_check_members_refuses_inconsistent_caches(change: dict[str, bytes], message: str) -> None:
@@ -143,23 +166,31 @@ def test_check_members_refuses_inconsistent_caches(change: dict[str, bytes], mes
 
 
 def test_plan_puts_conf_first_and_each_record_after_its_module(tmp_path: Path) -> None:
-    manifest, files = check_members(members(GOOD))
+    signed = {**GOOD, f"cache/{RELEASE}/b.ko.sgn": b"{}"}
+    _, files = check_members(members(signed))
     cache, conf = tmp_path / "cache", tmp_path / "conf.d"
-    placements = plan(manifest, files, cache, conf)
+    placements = plan(files, (RELEASE,), cache, conf)
     release_dir = cache / RELEASE
     assert [p.destination for p in placements] == [
-        conf / "group1.conf",
+        conf / "a.conf",
         release_dir / "a.bo",
         release_dir / "a.opts",
         release_dir / "b.ko",
+        release_dir / "b.ko.sgn",
         release_dir / "b.opts",
     ]
     by_name = {p.destination.name: p for p in placements}
-    # The old record goes before a module lands, and so does a module of the other runtime.
-    assert by_name["a.bo"].removes_first == (release_dir / "a.opts", release_dir / "a.ko")
-    assert by_name["b.ko"].removes_first == (release_dir / "b.opts", release_dir / "b.bo")
+    # The old record goes before a module lands, and so do a module of the
+    # other runtime and old signatures.
+    assert by_name["a.bo"].removes_first == (
+        release_dir / "a.opts",
+        release_dir / "a.ko",
+        release_dir / "a.ko.sgn",
+        release_dir / "a.bo.sgn",
+    )
+    assert by_name["b.ko"].removes_first[:2] == (release_dir / "b.opts", release_dir / "b.bo")
     assert by_name["a.opts"].removes_first == ()
-    assert by_name["a.bo"].data == GOOD[f"cache/{RELEASE}/a.bo"]
+    assert by_name["a.bo"].path == f"cache/{RELEASE}/a.bo"
 
 
 def test_releases_with_build_tree(tmp_path: Path) -> None:

@@ -2,71 +2,14 @@
 
 from __future__ import annotations
 
-import hashlib
-import io
 import tarfile
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
-from tests.deploy.conftest import TICK, Hosts
+from tests.deploy.conftest import Entry, Hosts, listed, manifest, regular, special, write_tar
 from tests.support.prefix import RELEASE
-
-Entry = tuple[tarfile.TarInfo, bytes]
-
-
-def regular(name: str, data: bytes) -> Entry:
-    info = tarfile.TarInfo(name)
-    info.size, info.mode = len(data), 0o644
-    return info, data
-
-
-def special(name: str, kind: bytes, linkname: str = "") -> Entry:
-    info = tarfile.TarInfo(name)
-    info.type, info.linkname = kind, linkname
-    return info, b""
-
-
-def manifest(files: dict[str, bytes], release: str = RELEASE) -> Entry:
-    """The MANIFEST format, written independently of the product's code."""
-    text = f"systemtap-service pack 1\nrelease {release}\n"
-    text += "".join(
-        f"sha256 {hashlib.sha256(data).hexdigest()} {path}\n" for path, data in files.items()
-    )
-    return regular("MANIFEST", text.encode())
-
-
-def write_tar(path: Path, entries: list[Entry]) -> None:
-    with tarfile.open(path, "w:gz") as archive:
-        for info, data in entries:
-            archive.addfile(info, io.BytesIO(data) if info.isfile() else None)
-    with tarfile.open(path) as check:  # the hostile names survive as written
-        assert check.getnames() == [info.name for info, _ in entries]
-
-
-@pytest.fixture
-def packed(hosts: Hosts) -> dict[str, bytes]:
-    """The files (MANIFEST aside) of a real pack of one script."""
-    hosts.build.add_script("tick", TICK, options="--runtime=bpf")
-    assert hosts.build.run("compile", "-y").returncode == 0
-    archive = hosts.root / "good.tar.gz"
-    done = hosts.build.run("pack", "-o", str(archive))
-    assert done.returncode == 0, done.stderr
-    with tarfile.open(archive) as members:
-        files = {}
-        for info in members.getmembers():
-            handle = members.extractfile(info)
-            assert handle is not None
-            files[info.name] = handle.read()
-    assert files.pop("MANIFEST").startswith(b"systemtap-service pack 1\n")
-    return files
-
-
-def listed(files: dict[str, bytes]) -> list[Entry]:
-    """A manifest listing ``files``, then the files, all regular."""
-    return [manifest(files)] + [regular(path, data) for path, data in files.items()]
-
 
 BO = f"cache/{RELEASE}/tick.bo"
 OPTS = f"cache/{RELEASE}/tick.opts"
@@ -130,39 +73,75 @@ def directory(files: dict[str, bytes], root: Path) -> list[Entry]:
     return [special(f"cache/{RELEASE}", tarfile.DIRTYPE), *listed(files)]
 
 
-def with_conf(text: str) -> Callable[[dict[str, bytes], Path], list[Entry]]:
-    """The packed files plus ``conf.d/zz.conf`` holding ``text``, listed in the manifest."""
+def with_conf(text: str, name: str = "tick") -> Callable[[dict[str, bytes], Path], list[Entry]]:
+    """The packed files with ``conf.d/NAME.conf`` holding ``text``, listed in the manifest."""
 
     def build(files: dict[str, bytes], root: Path) -> list[Entry]:
-        return listed({**files, "conf.d/zz.conf": text.format(root=root).encode()})
+        return listed({**files, f"conf.d/{name}.conf": text.format(root=root).encode()})
 
     return build
 
 
-# conf.d files an archive may not carry: what they say, and the error's tail.
+# conf.d/tick.conf files an archive may not carry: what they say, and the error's tail.
 HOSTILE_CONF = {
     "command substitution": (
-        "tick_OPT=--runtime=bpf\nc_OPT=$(reboot)\n",
-        "conf.d/zz.conf:2: command substitution",
+        "tick_OPT=--runtime=bpf\nc_OPT=`reboot`\n",
+        "conf.d/tick.conf:2: an archive's settings must be literal (no $ or `)",
+    ),
+    "variable expansion": (
+        'tick_OPT="--runtime=bpf $EXTRA"\n',
+        "conf.d/tick.conf:1: an archive's settings must be literal (no $ or `)",
     ),
     "tool path": (
         "tick_REQ=\nSTAPBPF={root}/evil\n",
-        "conf.d/zz.conf:2: STAPBPF is not NAME_OPT or NAME_REQ of a script in the archive (tick)",
+        "conf.d/tick.conf:2: STAPBPF is not tick_OPT or tick_REQ",
     ),
     "global parameter": (
         "# quiet\nexport PASSALL=no\n",
-        "conf.d/zz.conf:2: PASSALL is not NAME_OPT or NAME_REQ of a script in the archive (tick)",
+        "conf.d/tick.conf:2: PASSALL is not tick_OPT or tick_REQ",
     ),
-    "script not in the archive": (
+    "another script's options": (
         "other_OPT=-g\n",
-        "conf.d/zz.conf:1: other_OPT is not NAME_OPT or NAME_REQ of a script in the archive (tick)",
+        "conf.d/tick.conf:1: other_OPT is not tick_OPT or tick_REQ",
     ),
     "another per-script suffix": (
         "tick_ENV=x\n",
-        "conf.d/zz.conf:1: tick_ENV is not NAME_OPT or NAME_REQ of a script in the archive (tick)",
+        "conf.d/tick.conf:1: tick_ENV is not tick_OPT or tick_REQ",
+    ),
+    "command run at start (-c)": (
+        "tick_OPT='--runtime=bpf -c reboot'\n",
+        "conf.d/tick.conf:1: tick_OPT: -c reboot is a run-time option; "
+        "only the target's own configuration sets those",
+    ),
+    "output file (-o)": (
+        "tick_OPT='--runtime=bpf -o/etc/shadow'\n",
+        "conf.d/tick.conf:1: tick_OPT: -o /etc/shadow is a run-time option; "
+        "only the target's own configuration sets those",
+    ),
+    "tapset directory (-I)": (
+        "tick_OPT='--runtime=bpf -I /tmp'\n",
+        "conf.d/tick.conf:1: tick_OPT: -I /tmp is not one of the compile options "
+        "an archive may set",
+    ),
+    "kbuild make option (-B)": (
+        "tick_OPT='-B CC=/tmp/evil'\n",
+        "conf.d/tick.conf:1: tick_OPT: -B CC=/tmp/evil is not one of the compile options "
+        "an archive may set",
+    ),
+    "remote host (--remote)": (
+        "tick_OPT='--runtime=bpf --remote=evil.example'\n",
+        "conf.d/tick.conf:1: tick_OPT: --remote=evil.example cannot be used here: "
+        "runs the script on another host",
+    ),
+    "macro with shell syntax (-D)": (
+        "tick_OPT='--runtime=bpf -DX=\\;reboot'\n",
+        "conf.d/tick.conf:1: tick_OPT: -D X=;reboot: an archive may give this option only a value",
+    ),
+    "requirement that is not a name": (
+        "tick_REQ='../x'\n",
+        "conf.d/tick.conf:1: tick_REQ: '../x' is not a script name",
     ),
 }
-
 
 HOSTILE = {
     "parent directory": with_extra("../evil.conf"),
@@ -185,6 +164,8 @@ HOSTILE = {
     "module without record": module_without_record,
     "record for another release": record_for_other_release,
     **{f"conf.d file with a {case}": with_conf(text) for case, (text, _) in HOSTILE_CONF.items()},
+    "conf.d file of a script not in the archive": with_conf("other_OPT=-v\n", "other"),
+    "conf.d file of another name": with_conf("tick_OPT=--runtime=bpf\n", "zz"),
 }
 
 
@@ -255,7 +236,7 @@ def test_conf_file_setting_more_than_the_scripts_options_is_refused(
     assert done.returncode == 1
     assert done.stderr.startswith(f"systemtap-service: {archive}: {why}"), done.stderr
     assert done.stderr.endswith("; nothing installed\n")
-    assert not (hosts.target.root / "conf.d" / "zz.conf").exists()
+    assert not (hosts.target.root / "conf.d" / "tick.conf").exists()
     assert not hosts.target.cache_dir().exists()
     # The target still works: nothing it reads was changed.
     assert hosts.target.run("status").returncode == 3
@@ -265,8 +246,8 @@ def test_conf_file_with_options_and_requirements_of_carried_scripts_is_accepted(
     hosts: Hosts, packed: dict[str, bytes]
 ) -> None:
     archive = hosts.root / "options.tar.gz"
-    conf = "# tick's settings\nexport tick_OPT='--runtime=bpf'\ntick_REQ=\"\"\n"
+    conf = "# tick's settings\nexport tick_OPT='--runtime=bpf -DMAXACTION=5000 -g'\ntick_REQ=\"\"\n"
     write_tar(archive, with_conf(conf)(packed, hosts.root))
     done = hosts.target.run("unpack", "-y", str(archive))
     assert done.returncode == 0, done.stderr
-    assert (hosts.target.root / "conf.d" / "zz.conf").read_text() == conf
+    assert (hosts.target.root / "conf.d" / "tick.conf").read_text() == conf

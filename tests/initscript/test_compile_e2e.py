@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import time
 from pathlib import Path
@@ -10,7 +11,6 @@ import pytest
 
 from stapinit.initscript.cache import CacheRecord
 from tests.initscript.conftest import FakeTools
-from tests.support.kernels import other_release
 from tests.support.prefix import RELEASE, Prefix
 
 TICK = 'global n\nprobe timer.ms(100) { n++; printf("tick %d\\n", n) }\n'
@@ -22,8 +22,21 @@ def compiled_names(prefix: Prefix, release: str = RELEASE) -> list[str]:
     return sorted(p.name for p in directory.iterdir()) if directory.exists() else []
 
 
+def other_release() -> str:
+    """A kernel release with a build tree here, other than the running one."""
+    found = sorted(
+        entry.name
+        for entry in Path("/lib/modules").iterdir()
+        if entry.name != RELEASE and (entry / "build" / ".config").exists()
+    )
+    if not found:
+        pytest.skip("no build tree for a kernel other than the running one")
+    return found[-1]
+
+
 def test_compile_all_with_real_stap(bpf_prefix: Prefix) -> None:
-    bpf_prefix.add_script("alpha", TICK, options="--runtime=bpf -o /tmp/unused -DX=1")
+    unused = bpf_prefix.root / "log" / "unused"
+    bpf_prefix.add_script("alpha", TICK, options=f"--runtime=bpf -o {unused} -DX=1")
     bpf_prefix.add_script("beta", TICK, options="--runtime=bpf")
     done = bpf_prefix.run("compile")
     assert done.returncode == 0, done.stderr
@@ -36,7 +49,7 @@ def test_compile_all_with_real_stap(bpf_prefix: Prefix) -> None:
     assert record.kernel.release == RELEASE and record.kernel.version == os.uname().version
     log = bpf_prefix.log()
     assert f"Exec: stap -p4 -m alpha -r {RELEASE} --runtime=bpf -D X=1 " in log
-    assert "-o /tmp/unused" not in log
+    assert f"-o {unused}" not in log
     # Nothing is left behind in TEMP_PATH.
     assert list((bpf_prefix.root / "tmp").iterdir()) == []
 
@@ -115,10 +128,8 @@ def test_compile_failure_is_one_line_on_console_and_full_in_log(bpf_prefix: Pref
 
 
 def test_compile_for_another_release(bpf_prefix: Prefix) -> None:
-    other = other_release()
-    if other is None:
-        pytest.skip("needs the headers of a kernel release other than the running one")
     bpf_prefix.add_script("alpha", TICK, options="--runtime=bpf")
+    other = other_release()
     done = bpf_prefix.run("compile", "-r", other)
     assert done.returncode == 0, done.stderr
     assert compiled_names(bpf_prefix, other) == ["alpha.bo", "alpha.opts"]
@@ -146,11 +157,17 @@ def test_kernel_module_compile_command_line(kmod_prefix: Prefix, fake_tools: Fak
     )
     done = kmod_prefix.run("compile")
     assert done.returncode == 0, done.stderr
-    script = str(kmod_prefix.scripts / "mod.stp")
-    assert fake_tools.calls_of("stap") == [
-        ["-p4", "-m", "mod", "-r", RELEASE, "-v", "-D", "A=1", script]
-    ]
+    [argv] = fake_tools.calls_of("stap")
+    assert argv[:-1] == ["-p4", "-m", "mod", "-r", RELEASE, "-v", "-D", "A=1"]
+    # stap compiled a private copy in its own directory of TEMP_PATH, now gone.
+    copy = Path(argv[-1])
+    assert copy.parent.parent == kmod_prefix.root / "tmp" and copy.name == "mod.stp"
+    assert not copy.parent.exists()
     assert compiled_names(kmod_prefix) == ["mod.ko", "mod.opts"]
+    built = json.loads((kmod_prefix.cache_dir() / "mod.ko").read_text())
+    assert built["script"] == "probe begin {}\n"
+    # The log shows the command with the script's own path.
+    assert f"-D A=1 {kmod_prefix.scripts / 'mod.stp'}" in kmod_prefix.log()
 
 
 def test_bad_config_changes_nothing(bpf_prefix: Prefix) -> None:
@@ -256,3 +273,121 @@ def test_junk_in_cache_and_status_dirs_gives_no_traceback(bpf_prefix: Prefix) ->
     bpf_prefix.write_config(CACHE_PATH=str(bpf_prefix.root / "config"))  # a file
     cleanup = bpf_prefix.run("cleanup", "-y")
     assert cleanup.returncode == 0 and "Traceback" not in cleanup.stderr
+
+
+def test_changing_only_run_time_options_keeps_the_cache(
+    kmod_prefix: Prefix, fake_tools: FakeTools
+) -> None:
+    out = kmod_prefix.root / "log"
+    kmod_prefix.add_script("mod", "probe begin {}\n", options=f"-DA=1 -o {out}/a -S 1,2 -s 4 -F")
+    assert kmod_prefix.run("compile").returncode == 0
+    record = (kmod_prefix.cache_dir() / "mod.opts").read_text()
+    kmod_prefix.configure("mod", options=f"-DA=1 -o {out}/b -S 5,9 -s 8 -v -w")
+    kmod_prefix.write_config(AUTOCOMPILE="no")
+    started = kmod_prefix.run("start")
+    assert started.returncode == 0, started.stderr
+    assert len(fake_tools.calls_of("stap")) == 1  # no recompile
+    assert (kmod_prefix.cache_dir() / "mod.opts").read_text() == record
+    [load] = fake_tools.calls_of("staprun")[-1:]
+    assert load[:7] == ["-D", "-o", f"{out}/b", "-S", "5,9", "-b", "8"]
+    assert kmod_prefix.run("stop").returncode == 0
+    # A compile-time option does make the cache stale.
+    kmod_prefix.configure("mod", options="-DA=2")
+    refused = kmod_prefix.run("start")
+    assert refused.returncode == 1 and "no valid cache for mod" in refused.stderr
+
+
+def test_touching_a_script_keeps_its_cache_and_editing_it_does_not(
+    kmod_prefix: Prefix, fake_tools: FakeTools
+) -> None:
+    script = kmod_prefix.add_script("mod", "probe begin {}\n")
+    assert kmod_prefix.run("compile").returncode == 0
+    later = time.time() + 100
+    os.utime(script, (later, later))
+    assert kmod_prefix.status_json()["mod"]["cache"] == "valid"
+    # Restored from a backup with an old time stamp: the text decides, not the time.
+    script.write_text("probe begin { exit() }\n")
+    os.utime(script, (0, 0))
+    assert kmod_prefix.status_json()["mod"]["cache"] == "stale: script changed"
+
+
+def test_names_stap_would_truncate_are_refused_up_front(
+    kmod_prefix: Prefix, fake_tools: FakeTools
+) -> None:
+    longest, too_long = "a" * 55, "b" * 56
+    kmod_prefix.add_script(longest, "probe begin {}\n")
+    kmod_prefix.add_script(too_long, "probe begin {}\n")
+    done = kmod_prefix.run("compile")
+    assert done.returncode == 0, done.stderr
+    assert (
+        f"warning: {too_long}.stp is not a valid script name: it is 56 characters long;"
+        " stap truncates module names to 55, so it could never be run"
+    ) in done.stderr
+    assert compiled_names(kmod_prefix) == [f"{longest}.ko", f"{longest}.opts"]
+    assert [argv[2] for argv in fake_tools.calls_of("stap")] == [longest]
+
+
+def test_a_dangling_script_link_is_reported(kmod_prefix: Prefix) -> None:
+    kmod_prefix.add_script("mod", "probe begin {}\n")
+    (kmod_prefix.scripts / "gone.stp").symlink_to(kmod_prefix.root / "nowhere.stp")
+    (kmod_prefix.scripts / "odd.stp").mkdir()
+    done = kmod_prefix.run("compile")
+    assert done.returncode == 0, done.stderr
+    assert f"warning: {kmod_prefix.scripts}/gone.stp is a dangling symbolic link" in done.stderr
+    assert f"warning: {kmod_prefix.scripts}/odd.stp is not a regular file" in done.stderr
+
+
+def test_refused_options_name_the_script_and_the_reason(kmod_prefix: Prefix) -> None:
+    kmod_prefix.add_script("mod", "probe begin {}\n", options="-v -L 'kernel.*'")
+    done = kmod_prefix.run("compile")
+    assert done.returncode == 6
+    assert "mod_OPT: -L cannot be used here: lists probes instead of compiling" in done.stderr
+    assert "Traceback" not in done.stderr
+
+
+def test_junk_named_like_a_cache_is_no_cache_only_script(
+    kmod_prefix: Prefix, fake_tools: FakeTools
+) -> None:
+    kmod_prefix.add_script("mod", "probe begin {}\n")
+    assert kmod_prefix.run("compile").returncode == 0
+    (kmod_prefix.cache_dir() / "dir.ko").mkdir()
+    (kmod_prefix.cache_dir() / "junk.ko").write_text("x")
+    kmod_prefix.write_config(ALLOW_CACHEONLY="yes")
+    assert sorted(kmod_prefix.status_json()) == ["mod"]
+
+
+def test_a_nul_byte_in_options_is_a_one_line_error(
+    kmod_prefix: Prefix, fake_tools: FakeTools
+) -> None:
+    kmod_prefix.add_script("mod", "probe begin {}\n")
+    conf = kmod_prefix.root / "conf.d" / "mod.conf"
+    for value in (b"-I /t\0x", b"-c 'ls\0-l'", b"-o /log/a\0b"):
+        conf.write_bytes(b'mod_OPT="' + value + b'"\n')
+        for command in ("compile", "start"):
+            done = kmod_prefix.run(command)
+            assert done.returncode == 6, (value, command)
+            assert done.stderr.count("\n") == 1 and "NUL" in done.stderr, (value, command)
+    assert fake_tools.calls_of("stap") == [] and fake_tools.calls_of("staprun") == []
+
+
+def test_cleanup_gets_past_a_directory_named_like_a_cache(
+    kmod_prefix: Prefix, fake_tools: FakeTools
+) -> None:
+    kmod_prefix.add_script("mod", "probe begin {}\n")
+    assert kmod_prefix.run("compile").returncode == 0
+    (kmod_prefix.cache_dir() / "dir.ko").mkdir()
+    (kmod_prefix.cache_dir() / "junk.ko").write_text("x")
+    done = kmod_prefix.run("cleanup", "-y")
+    assert done.returncode == 0, done.stderr
+    assert compiled_names(kmod_prefix) == ["dir.ko"]
+
+
+def test_a_script_linked_into_script_d_compiles(kmod_prefix: Prefix, tmp_path: Path) -> None:
+    shared = tmp_path / "shared" / "linked.stp"
+    shared.parent.mkdir()
+    shared.write_text("probe begin {}\n")
+    (kmod_prefix.scripts / "linked.stp").symlink_to(shared)
+    done = kmod_prefix.run("compile")
+    assert done.returncode == 0, done.stderr
+    assert compiled_names(kmod_prefix) == ["linked.ko", "linked.opts"]
+    assert kmod_prefix.status_json()["linked"]["cache"] == "valid"

@@ -81,6 +81,7 @@ def assert_refused(
     path: Path,
     who: str,
     shutdown_too: bool = True,
+    context: str = "",
 ) -> None:
     """start and compile refuse; stop and status too when ``shutdown_too``.
 
@@ -97,11 +98,11 @@ def assert_refused(
             assert (done.returncode, done.stdout, done.stderr) == (
                 code,
                 "",
-                f"systemtap-service: {refusal}\n",
+                f"systemtap-service: {refusal}{context}\n",
             ), command
         else:
             assert done.returncode == (3 if command == "status" else 0), command
-            assert f"warning: {refusal}; going on" in done.stderr, command
+            assert f"warning: {refusal}{context}; going on" in done.stderr, command
     assert not marker.exists()
     assert fake_tools.calls_of("stap") == [] and fake_tools.calls_of("staprun") == []
     if shutdown_too:
@@ -157,7 +158,9 @@ def test_tool_in_a_directory_others_may_write_is_refused(
     staprun.write_text(EVIL.format(marker=marker))
     staprun.chmod(0o755)
     prefix.write_config(STAPRUN=str(staprun))
-    assert_refused(prefix, fake_tools, marker, tools, "others")
+    assert_refused(
+        prefix, fake_tools, marker, tools, "others", context=f" (on the way to STAPRUN {staprun})"
+    )
 
 
 def test_status_and_cache_directories_are_checked(

@@ -11,10 +11,11 @@ from pathlib import Path
 
 import pytest
 
-from stapinit.loader import wire
+from stapinit import loader_wire as wire
+from stapinit.protocol import MAX_MODULE_BYTES
 from tests.support import shared_install
 from tests.trust.bpfmodules import HELLO_SCRIPT, build_victim, compile_bo, process_probe_script
-from tests.trust.people import VENV_BIN, User, ensure_users, run_as, shared_tmpdir
+from tests.trust.people import SYSTEM_PATH, VENV_BIN, User, ensure_users, run_as, shared_tmpdir
 
 #: A copy other users can read (the checkout may be private to its owner).
 PROBE = shared_install.helper("probe_client.py")
@@ -32,6 +33,19 @@ case "$(cat "$1")" in
   *) echo "ran $(basename "$1"): $(cat "$1")"; echo "on stderr" >&2; exit 3 ;;
 esac
 """
+
+
+def encode_load_request(req: wire.LoadRequest) -> bytes:
+    """A whole load request, as stap-client sends it."""
+    return b"".join(wire.load_request_parts(req))
+
+
+def parse_load_request(frame: wire.Frame) -> wire.LoadRequest:
+    """A whole ``load`` frame read back, checked as the loader checks its header."""
+    head = wire.parse_load_header(frame.header, len(frame.payload), MAX_MODULE_BYTES)
+    payload = bytes(frame.payload)
+    signature = None if head.signature_size is None else payload[head.module_size :]
+    return wire.LoadRequest(head.module_name, payload[: head.module_size], signature)
 
 
 @dataclass(frozen=True)
@@ -62,6 +76,24 @@ class Loader:
             wire.Frame(f["header"], f["payload"].encode("latin-1"))
             for f in json.loads(result.stdout)
         ]
+
+
+def popen_as(
+    user: User | None, argv: list[str], env: dict[str, str], cwd: Path, stdin: int | None = None
+) -> subprocess.Popen[str]:
+    """Start ``argv`` as ``user`` (None: root) with exactly ``env``, its output piped (text)."""
+    return subprocess.Popen(
+        argv,
+        env={"PATH": f"{VENV_BIN}:{SYSTEM_PATH}", **env},
+        cwd=cwd,
+        stdin=stdin,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        user=None if user is None else user.uid,
+        group=None if user is None else user.gid,
+        extra_groups=None if user is None else list(user.groups),
+    )
 
 
 @pytest.fixture(scope="session")

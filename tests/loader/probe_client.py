@@ -16,7 +16,7 @@ import json
 import socket
 import sys
 
-from stapinit.loader import wire
+from stapinit import loader_wire as wire
 
 
 def main() -> None:

@@ -27,7 +27,9 @@ SIGNED = Manifest(
     module_name="hello.bo",
     release=HOST.release,
     arch=HOST.arch,
+    runtime="bpf",
     privilege="stapusr",
+    options=(),
     signer_fingerprint="SHA256:" + "11" * 32,
     signed_at="2025-01-01T00:00:00Z",
 )
@@ -102,7 +104,9 @@ def test_stapusr_refusals_say_why(status: SignatureStatus, phrase: str) -> None:
         ({"arch": "aarch64"}, "not this host's 6.1.0-test (x86_64)"),
     ],
 )
-def test_signed_manifest_must_fit_caller_and_host(change: dict[str, str], phrase: str) -> None:
+def test_signed_manifest_must_fit_caller_and_host(
+    change: dict[str, typing.Any], phrase: str
+) -> None:
     manifest = dataclasses.replace(SIGNED, **change)
     decision = may_load(USR, MODULE, manifest, "valid", HOST)
     assert not decision.allowed

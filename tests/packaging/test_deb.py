@@ -102,6 +102,7 @@ def test_deb_builds_installs_runs_the_example_and_uninstalls(
         str(unit_dir(shipped) / "systemtap.service"),
         "/etc/logrotate.d/systemtap",
         "/etc/kernel/postinst.d/systemtap",
+        "/etc/kernel/postrm.d/systemtap",
         "/usr/share/man/man8/systemtap-service.8.gz",
         "/usr/share/bash-completion/completions/systemtap-service",
     ):

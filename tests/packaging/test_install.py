@@ -28,6 +28,7 @@ SCRIPT_FILES = {
     "etc/logrotate.d/systemtap": 0o644,
     "etc/kernel/postinst.d/systemtap": 0o755,
     "etc/kernel/header_postinst.d/systemtap": 0o755,
+    "etc/kernel/postrm.d/systemtap": 0o755,
     "usr/share/man/man8/systemtap-service.8": 0o644,
     "usr/share/bash-completion/completions/systemtap-service": 0o644,
 }
@@ -35,10 +36,11 @@ EMPTY_DIRS = ("etc/systemtap/script.d", "etc/systemtap/conf.d", "var/cache/syste
 
 
 def python_sources() -> set[str]:
-    """What systemtap-service imports: the service package and the shared helpers."""
+    """What systemtap-service imports: the service package, the shared helpers, and the
+    wire format and trust code of COMPILE_SERVER and REQUIRE_SIGNED."""
     src = REPO / "src"
-    files = {src / "stapinit" / name for name in ("__init__.py", "py.typed")}
-    for package in ("core", "initscript"):
+    files = {src / "stapinit" / name for name in ("__init__.py", "py.typed", "protocol.py")}
+    for package in ("core", "initscript", "trust"):
         files |= set((src / "stapinit" / package).rglob("*.py"))
     return {f"usr/lib/systemtap-initscript/{p.relative_to(src)}" for p in files}
 
@@ -57,7 +59,11 @@ def test_make_install_lays_every_file_in_its_place(staged: Installed) -> None:
         assert not list((staged.root / directory).iterdir())
     # The compile server and its cryptography stay out of the boot-time install.
     assert not (staged.root / "usr/lib/systemtap-initscript/stapinit/server").exists()
-    for name in ("etc/init.d/systemtap", "etc/kernel/postinst.d/systemtap"):
+    for name in (
+        "etc/init.d/systemtap",
+        "etc/kernel/postinst.d/systemtap",
+        "etc/kernel/postrm.d/systemtap",
+    ):
         text = (staged.root / name).read_text()
         assert "@SBINDIR@" not in text
         assert "/usr/sbin/systemtap-service" in text
@@ -385,33 +391,52 @@ def test_logrotate_rule_rotates_under_a_writer_that_keeps_its_file_open(
     assert log.read_text() == "after\n"
 
 
-def test_kernel_hook_compiles_ahead_and_never_fails_a_kernel_install(
+def test_kernel_hooks_prepare_and_remove_caches_and_never_fail_the_kernel_package(
     relocated: Installed, tmp_path: Path
 ) -> None:
     hook = relocated.path(relocated.sysconfdir / "kernel/postinst.d/systemtap")
     headers_hook = relocated.path(relocated.sysconfdir / "kernel/header_postinst.d/systemtap")
+    removal_hook = relocated.path(relocated.sysconfdir / "kernel/postrm.d/systemtap")
     assert headers_hook.read_bytes() == hook.read_bytes()
     calls = tmp_path / "calls"
-    # Stand in for the command, to see how the hook calls it.
+    # Stand in for the command, to see how the hooks call it.
     relocated.command.write_text(f'#!/bin/sh\necho "$*" >> {calls}\nexit "${{FAKE_EXIT:-0}}"\n')
 
-    def run_hook(*args: str, code: str = "0") -> subprocess.CompletedProcess[str]:
+    def run_hook(
+        *args: str, code: str = "0", path: Path = hook
+    ) -> subprocess.CompletedProcess[str]:
         env = {**os.environ, "FAKE_EXIT": code}
-        return subprocess.run([str(hook), *args], capture_output=True, text=True, env=env)
+        return subprocess.run([str(path), *args], capture_output=True, text=True, env=env)
 
     done = run_hook(RELEASE, f"/boot/vmlinuz-{RELEASE}")
     assert (done.returncode, calls.read_text()) == (0, "compile --all-kernels -y\n")
     failed = run_hook(RELEASE, code="1")
     assert failed.returncode == 0
     assert failed.stderr == (
-        f"systemtap: could not compile every script for {RELEASE}; see /var/log/systemtap.log\n"
+        f"systemtap: could not prepare every script for {RELEASE}: the boot scripts may not "
+        "start on it; see /var/log/systemtap.log\n"
     )
     calls.unlink()
+    # Without a build tree the command still decides: a compile server may prepare
+    # the caches, or it says the scripts will not start on that kernel.
     assert run_hook("0.0.0-no-build-tree").returncode == 0
+    assert calls.read_text() == "compile --all-kernels -y\n"
+    calls.unlink()
+
+    removed = run_hook("0.0.0-old", "/boot/vmlinuz-0.0.0-old", path=removal_hook)
+    assert (removed.returncode, calls.read_text()) == (0, "cleanup -r 0.0.0-old -y\n")
+    not_removed = run_hook("0.0.0-old", code="1", path=removal_hook)
+    assert not_removed.returncode == 0
+    assert not_removed.stderr == (
+        "systemtap: could not remove the caches for 0.0.0-old; see /var/log/systemtap.log\n"
+    )
+    calls.unlink()
     assert run_hook().returncode == 0
+    assert run_hook(path=removal_hook).returncode == 0
     assert not calls.exists()
     relocated.command.unlink()
     assert run_hook(RELEASE).returncode == 0
+    assert run_hook(RELEASE, path=removal_hook).returncode == 0
 
 
 MAINTAINER_SCRIPTS = [
@@ -426,6 +451,7 @@ MAINTAINER_SCRIPTS = [
     [
         "data/init.d/systemtap",
         "data/kernel/postinst.d/systemtap",
+        "data/kernel/postrm.d/systemtap",
         "data/bash-completion/systemtap-service",
         *MAINTAINER_SCRIPTS,
     ],

@@ -32,7 +32,12 @@ def base_dir() -> Iterator[Path]:
 @pytest.fixture(scope="session")
 def shared_server(base_dir: Path) -> Iterator[Server]:
     """One running server for the tests that do not need special settings."""
-    server = make_server(base_dir, "shared", IO_TIMEOUT="2", MAX_REQUEST_SIZE="64K")
+    # Programs the tests probe live in base_dir/victim: the compiles may read it.
+    victims = base_dir / "victim"
+    victims.mkdir(mode=0o755, exist_ok=True)
+    server = make_server(
+        base_dir, "shared", IO_TIMEOUT="2", MAX_REQUEST_SIZE="64K", SANDBOX_PATHS=str(victims)
+    )
     server.start()
     yield server
     server.stop()

@@ -120,6 +120,33 @@ class Server:
             check=False,
         )
 
+    def command_with_env(
+        self, *args: str, env: Mapping[str, str]
+    ) -> subprocess.CompletedProcess[str]:
+        """``command`` with ``env`` added to the environment (``PATH``, say)."""
+        return subprocess.run(
+            [str(STAP_SERVER), "-c", str(self.conf), *args],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+            env={**os.environ, **env},
+        )
+
+    def command_as(self, user: str, *args: str) -> subprocess.CompletedProcess[str]:
+        """``command`` run by ``user`` (without root's groups)."""
+        entry = pwd.getpwnam(user)
+        return subprocess.run(
+            [str(STAP_SERVER), "-c", str(self.conf), *args],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+            user=entry.pw_uid,
+            group=entry.pw_gid,
+            extra_groups=[],
+        )
+
     def start(self, *extra: str) -> None:
         """Start in the background and wait until it answers TLS."""
         proc = self.command(*extra, "start")

@@ -11,7 +11,7 @@ from stapinit.protocol import CompileRequest, CompileResponse, Tapset
 from stapinit.server.app import CompileSlots, InFlight, request_log_fields
 from stapinit.server.compiler import MAX_OUTPUT, TRUNCATED, mask_paths, read_capped
 from stapinit.server.httpd import format_fields
-from stapinit.server.policy import parse_options
+from stapinit.server.policy import parse_compile_options
 
 
 def test_slots_run_wait_and_refuse() -> None:
@@ -71,7 +71,7 @@ def test_in_flight_has_one_leader_per_key() -> None:
 
 def test_log_fields_hash_script_and_tapsets() -> None:
     req = CompileRequest("probe begin {}", "r1", "x86_64", eval=True, options=("-v", "--bpf"))
-    fields = request_log_fields(req, parse_options(req.options, False, req.runtime).runtime)
+    fields = request_log_fields(req, parse_compile_options(req.options, False, req.runtime).runtime)
     assert fields["options"] == "-v --bpf"
     assert fields["runtime"] == "bpf"  # what the policy found, not the request's field
     assert "runtime" not in request_log_fields(req)  # refused before the options were read

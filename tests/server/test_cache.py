@@ -46,10 +46,15 @@ def test_key_changes_with_everything_that_shapes_the_result() -> None:
     assert len(keys) == len(variants) + 5
 
 
-def test_signer_matters_only_for_signed_results() -> None:
-    assert _key(signer="SHA256:aa") == _key(signer="SHA256:bb")
+def test_every_result_is_signed_so_the_signer_and_the_spelling_of_options_matter() -> None:
+    assert _key(signer="SHA256:aa") != _key(signer="SHA256:bb")
     usr = dataclasses.replace(REQ, privilege="stapusr")
     assert _key(usr, signer="SHA256:aa") != _key(usr, signer="SHA256:bb")
+    # "-vv" and "-v -v" compile alike, but the signed manifest names the options as asked.
+    canonical = ParsedOptions(("-v", "-v"), (), "bpf")
+    bundled = dataclasses.replace(REQ, options=("-vv",))
+    spelled = dataclasses.replace(REQ, options=("-v", "-v"))
+    assert _key(bundled, canonical) != _key(spelled, canonical)
 
 
 def test_tapset_order_does_not_matter() -> None:

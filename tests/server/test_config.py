@@ -7,7 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from stapinit.server.config import BadConfig, ServerConfig, load_config, parse_config
+from stapinit.core.errors import ConfigFileError
+from stapinit.core.lsb import EXIT_NOT_CONFIGURED
+from stapinit.server.config import ServerConfig, load_config, parse_config
 
 DATA = Path(__file__).resolve().parents[2] / "data" / "server" / "stap-server.conf"
 
@@ -36,6 +38,21 @@ def test_values_are_parsed() -> None:
     assert config.cert_dir == Path("/srv/st/.systemtap/ssl/server")
 
 
+def test_numbers_are_read_as_everywhere_else() -> None:
+    """Seconds and sizes follow the project's one rule (stapinit.core.values)."""
+    config = parse_config(
+        "COMPILE_TIMEOUT=1e3\nQUEUE_TIMEOUT=0.25\nHANDSHAKE_TIMEOUT=2\nCACHE_SIZE=64k\n"
+        "SANDBOX=no\nMAX_CONNECTIONS_PER_CLIENT=2\n",
+        "f.conf",
+    )
+    assert config.compile_timeout == 1000.0
+    assert config.queue_timeout == 0.25
+    assert config.handshake_timeout == 2.0
+    assert config.cache_size == 64 * 1024
+    assert config.sandbox is False
+    assert config.max_connections_per_client == 2
+
+
 def test_zero_compiles_means_cpu_count() -> None:
     assert parse_config("MAX_COMPILES=0\n", "f").workers == (os.cpu_count() or 1)
 
@@ -43,25 +60,48 @@ def test_zero_compiles_means_cpu_count() -> None:
 @pytest.mark.parametrize(
     ("text", "message"),
     [
-        ("PORT=0\n", "f.conf:1: PORT='0': expected a number from 1 to 65535"),
-        ("\nPORT=http\n", "f.conf:2: PORT='http': expected a whole number"),
+        ("PORT=0\n", "f.conf:1: PORT='0': '0' is not from 1 to 65535"),
+        ("\nPORT=http\n", "f.conf:2: PORT='http': 'http' is not a whole number"),
         ("LISTEN_ADDRESS=localhost\n", "f.conf:1: LISTEN_ADDRESS='localhost'"),
-        ("STATE_DIR=relative\n", "expected an absolute path"),
-        ("MAX_REQUEST_SIZE=8T\n", "expected a size"),
-        ("IO_TIMEOUT=0\n", "more than 0 seconds"),
+        ("STATE_DIR=relative\n", "is not an absolute path"),
+        ("MAX_REQUEST_SIZE=8T\n", "is not a size"),
+        ("IO_TIMEOUT=0\n", "f.conf:1: IO_TIMEOUT='0': '0' is not a positive, finite number"),
+        ("\nCOMPILE_TIMEOUT=inf\n", "f.conf:2: COMPILE_TIMEOUT='inf': 'inf' is not a positive"),
+        ("QUEUE_TIMEOUT=nan\n", "f.conf:1: QUEUE_TIMEOUT='nan': 'nan' is not a positive"),
+        ("HANDSHAKE_TIMEOUT=-5\n", "f.conf:1: HANDSHAKE_TIMEOUT='-5': '-5' is not a positive"),
+        ("SANDBOX=maybe\n", "f.conf:1: SANDBOX='maybe': 'maybe' is not a boolean"),
+        ("MAX_CONNECTIONS_PER_CLIENT=0\n", "f.conf:1: MAX_CONNECTIONS_PER_CLIENT='0'"),
+        ("STAP=bin/stap\n", "f.conf:1: STAP='bin/stap': 'bin/stap' is neither"),
         ("RELEASES='6.1 ../x'\n", "is not a kernel release"),
-        ("USER='a b'\n", "a single word"),
+        ("USER='a b'\n", "is not a single word"),
         ("POTR=1\n", "f.conf:1: unknown setting POTR"),
         ("PORT=$(id)\n", "f.conf:1:"),
     ],
 )
 def test_bad_values_name_file_and_line(text: str, message: str) -> None:
-    with pytest.raises(BadConfig) as err:
+    with pytest.raises(ConfigFileError) as err:
         parse_config(text, "f.conf")
     assert message in str(err.value)
     assert "\n" not in str(err.value)
+    assert err.value.exit_code == EXIT_NOT_CONFIGURED
 
 
 def test_unreadable_file(tmp_path: Path) -> None:
-    with pytest.raises(BadConfig, match="cannot read config file"):
+    with pytest.raises(ConfigFileError, match="cannot read config file"):
         load_config(tmp_path / "missing.conf")
+
+
+@pytest.mark.parametrize(
+    ("name", "reason"),
+    [("fifo", "not a regular file"), ("dev", "not a regular file"), ("big", "larger than")],
+)
+def test_only_a_small_regular_file_is_read(tmp_path: Path, name: str, reason: str) -> None:
+    path = tmp_path / name
+    if name == "fifo":
+        os.mkfifo(path)  # nobody writes: reading it would block for ever
+    elif name == "dev":
+        path = Path("/dev/zero")  # would never end
+    else:
+        path.write_text("# x\n" * 300_000)
+    with pytest.raises(ConfigFileError, match=f"cannot read config file: {reason}"):
+        load_config(path)

@@ -5,6 +5,8 @@ from __future__ import annotations
 import dataclasses
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from stapinit.protocol import CompileRequest, ProtocolError, Tapset, check_module_name
 from stapinit.server.policy import (
@@ -12,8 +14,9 @@ from stapinit.server.policy import (
     PolicyError,
     check_request,
     module_file_name,
-    parse_options,
+    parse_compile_options,
     stap_command,
+    string_literals,
 )
 
 RELEASES = ("6.1.0-56-amd64", "6.18.44-fc")
@@ -49,11 +52,11 @@ def test_accepted_options_are_canonical(
     options: tuple[str, ...], expected: tuple[str, ...]
 ) -> None:
     for stapusr in (False, True):
-        assert parse_options(options, stapusr, "kmod").options == expected
+        assert parse_compile_options(options, stapusr, "kmod").options == expected
 
 
 def test_script_arguments_are_kept_apart() -> None:
-    parsed = parse_options(("-v", "arg1", "second arg"), False, "kmod")
+    parsed = parse_compile_options(("-v", "arg1", "second arg"), False, "kmod")
     assert parsed.options == ("-v",)
     assert parsed.script_args == ("arg1", "second arg")
 
@@ -77,12 +80,14 @@ def test_script_arguments_are_kept_apart() -> None:
 )
 def test_stapusr_refusals_use_stap_wording(options: tuple[str, ...], named: str) -> None:
     with pytest.raises(PolicyError) as err:
-        parse_options(options, True, "bpf")
+        parse_compile_options(options, True, "bpf")
     assert str(err.value) == _usr(named)
 
 
 def test_stapdev_may_use_guru_mode_and_defines() -> None:
-    parsed = parse_options(("-g", "-D", "MAXACTION=10000", "--suppress-time-limits"), False, "kmod")
+    parsed = parse_compile_options(
+        ("-g", "-D", "MAXACTION=10000", "--suppress-time-limits"), False, "kmod"
+    )
     assert parsed.options == ("-g", "-DMAXACTION=10000", "--suppress-time-limits")
 
 
@@ -113,19 +118,19 @@ def test_stapdev_may_use_guru_mode_and_defines() -> None:
 )
 def test_refused_for_everyone(options: tuple[str, ...], message: str) -> None:
     with pytest.raises(PolicyError, match=message):
-        parse_options(options, False, "kmod")
+        parse_compile_options(options, False, "kmod")
 
 
 def test_value_that_looks_like_an_option_stays_a_value() -> None:
     # getopt reads "-D -g" as -D with value "-g"; re-emitted attached, stap agrees.
     with pytest.raises(PolicyError, match="invalid value '-g'"):
-        parse_options(("-D", "-g"), False, "kmod")
-    assert parse_options(("-E", "-g"), True, "kmod").options == ("-E-g",)
+        parse_compile_options(("-D", "-g"), False, "kmod")
+    assert parse_compile_options(("-E", "-g"), True, "kmod").options == ("-E-g",)
 
 
 @pytest.mark.parametrize("options", [("--runtime=bpf",), ("--runtime", "bpf"), ("--bpf",)])
 def test_runtime_option_selects_bpf(options: tuple[str, ...]) -> None:
-    parsed = parse_options(options, False, "kmod")
+    parsed = parse_compile_options(options, False, "kmod")
     assert parsed == ParsedOptions((), (), "bpf")
 
 
@@ -149,6 +154,65 @@ def test_stapusr_module_name_and_tapsets_refused() -> None:
     with pytest.raises(PolicyError) as err:
         check_request(dataclasses.replace(usr, tapsets=(Tapset("a.stp", ""),)), RELEASES, "x86_64")
     assert str(err.value) == _usr("-I")
+
+
+# Every way a stap script can hand @cast (or @enumname) a header, as tried against
+# the real stap 4.8: each made gcc include the file.
+_HEADER_SCRIPTS = [
+    'probe begin { println(@cast(0, "task_struct", "</var/log/x.log>")->pid) }',
+    'probe begin { println(@cast(0, "task_struct", "kernel</etc/x>")->pid) }',
+    'probe begin { println(@cast(0, "task_struct", "kernel:</etc/x>")->pid) }',
+    'probe begin { println(@cast(0, "task_struct", "</var/" "log/x>")->pid) }',
+    'probe begin { println(@cast(0, "t", "ker" "nel<" "/etc/x>")->pid) }',
+    '@define h %( "</etc/x>" %)\nprobe begin { println(@cast(0, "task_struct", @h)->pid) }',
+    'probe begin { println(@cast(0, "t", %( 1 == 1 %? "</etc/x>" %: "kernel" %))->pid) }',
+    'probe begin { println(@enumname(0, "t", "<linux/x.h>")) }',
+    'probe begin { println(@cast(0, "t", "<linux/sched.h>")->pid) } # "',
+    'probe begin { println(@cast(0, "t", "<a\\\n/etc/x>")->pid) }',
+]
+
+
+@pytest.mark.parametrize("script", _HEADER_SCRIPTS)
+def test_stapusr_header_arguments_are_refused(script: str) -> None:
+    usr = dataclasses.replace(REQ, privilege="stapusr", script_text=script)
+    with pytest.raises(PolicyError, match=r"header files .* not allowed under --privilege=stapusr"):
+        check_request(usr, RELEASES, "x86_64")
+    # stapdev may (its compile is confined by the sandbox like every other).
+    check_request(dataclasses.replace(usr, privilege="stapdev"), RELEASES, "x86_64")
+
+
+@pytest.mark.parametrize(
+    "changes",
+    [
+        {"options": ("-E", 'probe end { println(@cast(0, "t", "</etc/x>")->pid) }')},
+        {"script_text": 'probe begin { println(@cast(0, "t", @1)->pid) }', "options": ("</x>",)},
+        {"script_text": 'probe begin { println(@cast(0, "t", @1 "x>")->pid) }', "options": ("k<",)},
+    ],
+)
+def test_stapusr_headers_from_options_and_arguments_are_refused(changes: dict[str, object]) -> None:
+    usr = dataclasses.replace(REQ, privilege="stapusr", **changes)  # type: ignore[arg-type]
+    with pytest.raises(PolicyError, match="header files"):
+        check_request(usr, RELEASES, "x86_64")
+
+
+@pytest.mark.parametrize(
+    "script",
+    [
+        'probe begin { printf("<%d> a < b <= c\\n", 1 < 2) }',
+        'probe begin { println("x") } # "</etc/x>" in a comment',
+        'probe begin { println("x") } // "</etc/x>"\n/* "<y>" */',
+        'probe begin { println(@cast(0, "task_struct", "kernel")->pid) }',
+        'probe begin { println("\\074/etc/x>") }',  # stap does not decode escapes
+    ],
+)
+def test_stapusr_strings_that_name_no_header_pass(script: str) -> None:
+    usr = dataclasses.replace(REQ, privilege="stapusr", script_text=script)
+    check_request(usr, RELEASES, "x86_64")
+
+
+def test_string_literals_are_read_as_stap_reads_them() -> None:
+    script = 'a "one" # "comment"\nb "t\\"wo" // "c"\n/* "c2" */ %{ "c" %} "th\\\nree" "open\n"x"'
+    assert string_literals(script) == ["one", 't\\"wo', "th\\\nree", "open", "x"]
 
 
 def test_stap_command_for_a_file() -> None:
@@ -208,3 +272,24 @@ def test_module_names_follow_the_protocol() -> None:
     with pytest.raises(ProtocolError):
         check_module_name(longest + "m")
     assert module_file_name(f"{longest}m.ko\n", None, "kmod") is None
+
+
+_words = st.lists(st.text(st.characters(exclude_characters="\0", exclude_categories=["Cs"])))
+
+
+@given(options=_words, script=st.text(), privilege=st.sampled_from(["stapusr", "stapdev"]))
+def test_any_options_and_script_are_accepted_or_refused_cleanly(
+    options: list[str], script: str, privilege: str
+) -> None:
+    req = dataclasses.replace(
+        REQ,
+        options=tuple(options),
+        script_text=script,
+        privilege=privilege,  # type: ignore[arg-type]
+    )
+    try:
+        parsed = check_request(req, RELEASES, "x86_64")
+    except PolicyError as exc:
+        assert "\n" not in str(exc)
+    else:
+        assert stap_command("stap", req, parsed, None)[0] == "stap"

@@ -11,6 +11,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from stapinit.protocol import (
+    MAX_MODULE_BYTES,
     PRIVILEGES,
     CompileRequest,
     CompileResponse,
@@ -195,3 +196,110 @@ def test_any_valid_request_round_trips(
 def test_decoder_never_crashes(data: bytes) -> None:
     with contextlib.suppress(ProtocolError):
         decode_compile_request(data)
+
+
+# --- every decoder of untrusted bytes fails cleanly --------------------------------------
+# The server decodes requests from anyone on the network; the client decodes what a
+# server (perhaps not the one it meant to reach) answers.  Every failure must be a
+# ProtocolError (a one-line refusal), never another exception.
+
+_DECODERS = [decode_compile_request, decode_compile_response, decode_server_info]
+
+# JSON values of every type, nested, with the field names the decoders look for.
+_FIELDS = st.sampled_from(
+    [
+        "script", "name", "text", "eval", "tapsets", "path", "options", "module_name",
+        "release", "arch", "privilege", "runtime", "status", "stdout", "stderr", "module",
+        "data", "signature", "cached", "server", "version", "stap_version", "releases",
+        "fingerprint", "error",
+    ]
+)  # fmt: skip
+_SCALARS = (
+    st.none()
+    | st.booleans()
+    | st.integers()
+    | st.floats(allow_nan=False)
+    | st.text()
+    | st.sampled_from(["stapusr", "stapdev", "kmod", "bpf", "x86_64", "6.1.0", "a.stp", "QUJD"])
+)
+_JSON = st.recursive(
+    _SCALARS,
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(_FIELDS, inner, max_size=6),
+    max_leaves=20,
+)
+
+
+def _refuses_cleanly(data: bytes) -> None:
+    for decode in _DECODERS:
+        with contextlib.suppress(ProtocolError):
+            decode(data)
+    assert isinstance(decode_error(data), str)
+
+
+@given(data=st.binary(max_size=400))
+def test_decoders_refuse_any_bytes_cleanly(data: bytes) -> None:
+    _refuses_cleanly(data)
+
+
+@given(obj=st.dictionaries(_FIELDS, _JSON, max_size=12))
+def test_decoders_refuse_any_json_shape_cleanly(obj: dict[str, Any]) -> None:
+    _refuses_cleanly(json.dumps(obj).encode())
+
+
+@given(
+    field=st.sampled_from(["script", "tapsets", "options", "release", "status", "module"]),
+    value=_JSON,
+)
+def test_one_wrong_field_in_a_valid_message_is_refused_cleanly(field: str, value: Any) -> None:
+    good = {
+        **json.loads(encode_compile_request(REQ)),
+        **json.loads(encode_compile_response(CompileResponse(0, "", "", Module("a.ko", b"x")))),
+    }
+    good[field] = value
+    _refuses_cleanly(json.dumps(good).encode())
+
+
+@pytest.mark.parametrize(
+    ("data", "message"),
+    [
+        (b'{"status": ' + b"9" * 5000 + b"}", "more than 20 digits"),
+        (b"[" * 100_000 + b"]" * 100_000, "nested deeper than 8 levels"),
+        (b'{"a":' + b"[" * 5000 + b"]" * 5000 + b"}", "nested deeper than 8 levels"),
+        (b'{"a":' + b"[" * 50 + b"]" * 50 + b"}", "nested deeper than 8 levels"),
+        (b'{"script": {"name": "\\ud800", "text": ""}}', "not valid Unicode"),
+        (b'{"\\udfff": 1}', "not valid Unicode"),
+        (b'{"status": NaN}', "NaN is not a JSON number"),
+        (b'{"status": -Infinity}', "Infinity is not a JSON number"),
+        (b"\xff\xfe{}", "not UTF-8 text"),
+        (b"", "not JSON"),
+    ],
+)
+def test_hostile_json_is_a_one_line_refusal(data: bytes, message: str) -> None:
+    for decode in _DECODERS:
+        with pytest.raises(ProtocolError) as err:
+            decode(data)
+        assert message in str(err.value)
+        assert "\n" not in str(err.value)
+
+
+def test_response_status_is_an_exit_status() -> None:
+    wire = json.loads(encode_compile_response(CompileResponse(0, "", "")))
+    for status in (-1, 256, 10**19):
+        wire["status"] = status
+        with pytest.raises(ProtocolError, match="is not an exit status"):
+            decode_compile_response(json.dumps(wire).encode())
+
+
+def test_server_info_names_releases_and_arch_safely() -> None:
+    info = ServerInfo("1", "4.8", "x86_64", ("6.1.0",), "SHA256:00")
+    wire = json.loads(encode_server_info(info))
+    wire["releases"] = ["../../etc"]
+    with pytest.raises(ProtocolError, match="invalid kernel release"):
+        decode_server_info(json.dumps(wire).encode())
+
+
+def test_response_module_size_is_bounded_before_decoding() -> None:
+    wire = json.loads(encode_compile_response(CompileResponse(0, "", "", Module("a.ko", b"x"))))
+    wire["module"]["data"] = "A" * (MAX_MODULE_BYTES // 3 * 4 + 8)
+    with pytest.raises(ProtocolError, match="module larger than"):
+        decode_compile_response(json.dumps(wire).encode())

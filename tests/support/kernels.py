@@ -56,10 +56,3 @@ def own_build_releases(root: Path = Path("/")) -> list[str]:
     except OSError:
         return []
     return [r for r in entries if build_tree_release(build_link_target(root, r)) == r]
-
-
-def other_release() -> str | None:
-    """An installed release with its own build tree that is not the running kernel's."""
-    running = os.uname().release
-    others = [r for r in own_build_releases() if r != running]
-    return others[-1] if others else None

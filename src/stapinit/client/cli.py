@@ -10,23 +10,37 @@ from __future__ import annotations
 
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from pathlib import Path
 from typing import Final
 
-from stapinit.client.config import ClientConfig, ClientConfigError, read_client_config
-from stapinit.client.connection import ServerError, compile_remote, connect_pinned
-from stapinit.client.load import LoadError, run_directly, run_via_loader
-from stapinit.client.options import USAGE, ClientOptions, UsageError, parse_args
+from stapinit.client.config import ClientConfig, read_client_config
+from stapinit.client.load import root_runner, run_directly, run_via_loader
+from stapinit.client.options import USAGE, ClientOptions, ClientUsageError, parse_args
+from stapinit.core.errors import StapinitError
 from stapinit.core.fsutil import atomic_write
-from stapinit.protocol import DEFAULT_PORT, CompileRequest, CompileResponse, Tapset
+from stapinit.core.lsb import EXIT_FAILED
+from stapinit.core.runtime import kind_of_module
+from stapinit.protocol import (
+    DEFAULT_PORT,
+    CompileRequest,
+    CompileResponse,
+    ProtocolError,
+    Tapset,
+    check_module_name,
+)
+from stapinit.trust.address import ServerAddress
+from stapinit.trust.connection import ServerError, compile_remote, connect_pinned
 from stapinit.trust.signing import SIGNATURE_SUFFIX
 from stapinit.trust.stores import StorePaths, trusted_server_fingerprints
 
 PROG: Final = "stap-client"
+#: Where a server is looked for when none is named (spec §6.2.1: "a client on
+#: ... the same host"): upstream finds servers with Avahi; without it, the local one.
+LOCAL_SERVER: Final = ServerAddress("localhost", DEFAULT_PORT)
 
 
-class ClientError(Exception):
+class ClientError(StapinitError):
     """An expected failure; ``str()`` is the one line shown to the user."""
 
 
@@ -92,16 +106,26 @@ def build_request(opts: ClientOptions, config: ClientConfig) -> CompileRequest:
 def compile_on_servers(
     opts: ClientOptions, config: ClientConfig, req: CompileRequest
 ) -> CompileResponse:
-    """Send ``req`` to the first trusted, reachable server; raise ClientError if none."""
+    """Send ``req`` to the first trusted, reachable server; raise ClientError if none.
+
+    The servers are those of ``--server``, else those of client.conf, else the
+    local one (:data:`LOCAL_SERVER`), so that spec §6.2.1's example works on
+    the host running the server once it is authorized.
+    """
     servers = opts.servers or config.servers
-    if not servers:
-        raise ClientError("no server: give --server=HOST[:PORT] or list servers in client.conf")
     trusted = trusted_server_fingerprints(StorePaths.default(), os.getuid(), _warn)
+    if not servers:
+        try:
+            return _compile_on(LOCAL_SERVER, trusted, req)
+        except ServerError as exc:
+            raise ClientError(
+                f"{exc}; no other server is known: give --server=HOST[:PORT] "
+                "or list servers in client.conf"
+            ) from None
     last: ServerError | None = None
     for address in servers:
         try:
-            conn = connect_pinned(address, trusted)
-            return compile_remote(conn, address, req)
+            return _compile_on(address, trusted, req)
         except ServerError as exc:  # untrusted ones included: nothing was sent to them
             last = exc
         if len(servers) > 1:
@@ -110,13 +134,39 @@ def compile_on_servers(
     raise ClientError(str(last) if len(servers) == 1 else "no usable server")
 
 
+def _compile_on(
+    address: ServerAddress, trusted: Collection[str], req: CompileRequest
+) -> CompileResponse:
+    return compile_remote(connect_pinned(address, trusted), address, req)
+
+
+def shown_stdout(stdout: str) -> str:
+    """stap's standard output as the client shows it: without the module's name.
+
+    At pass 4 stap prints the name of the module it wrote as its last line.
+    The client prints that name itself, once it has saved a module; when
+    nothing was produced (a failed or refused compile) nothing is printed.
+    """
+    lines = stdout.splitlines(keepends=True)
+    if lines and _is_module_file_name(lines[-1].strip()):
+        lines.pop()
+    return "".join(lines)
+
+
+def _is_module_file_name(text: str) -> bool:
+    if kind_of_module(text) is None:
+        return False
+    try:
+        check_module_name(text.rpartition(".")[0])
+    except ProtocolError:
+        return False
+    return True
+
+
 def _print_messages(resp: CompileResponse) -> None:
     """Show stap's messages; the module name on stdout is printed by the caller, if at all."""
     sys.stderr.write(resp.stderr)
-    lines = resp.stdout.splitlines(keepends=True)
-    if resp.module is not None and lines and lines[-1].strip() == resp.module.name:
-        lines.pop()
-    sys.stdout.write("".join(lines))
+    sys.stdout.write(shown_stdout(resp.stdout))
     sys.stdout.flush()
     sys.stderr.flush()
 
@@ -124,28 +174,37 @@ def _print_messages(resp: CompileResponse) -> None:
 # --- results -----------------------------------------------------------------------
 
 
+def _exit_status(status: int) -> int:
+    """stap's exit status as the server reported it, kept within what a process can exit with."""
+    return status if 0 <= status <= 255 else EXIT_FAILED
+
+
 def _run(argv: Sequence[str]) -> int:
     try:
         opts = parse_args(argv, DEFAULT_PORT)
-    except UsageError as exc:
-        raise ClientError(f"{exc} (see {PROG} --help)") from None
+    except ClientUsageError as exc:
+        raise ClientUsageError(f"{exc} (see {PROG} --help)") from None
     if opts.help:
         print(USAGE, end="")
         return 0
-    try:
-        config = read_client_config(StorePaths.default(), DEFAULT_PORT)
-    except ClientConfigError as exc:
-        raise ClientError(str(exc)) from None
+    as_root = os.geteuid() == 0
+    config = read_client_config(StorePaths.default(), DEFAULT_PORT, as_root, _warn)
     req = build_request(opts, config)
     compile_only = opts.compile_only
     if not compile_only and req.release != os.uname().release:
         _warn(f"kernel release {req.release} is not this host's: compiling only (-p4)")
         compile_only = True
 
+    # Root runs the module itself: the tool is checked before a server does any work.
+    tool = (
+        None
+        if compile_only or not as_root
+        else root_runner(req.runtime, config.stapbpf, config.staprun)
+    )
     resp = compile_on_servers(opts, config, req)
     _print_messages(resp)
     if resp.status != 0:
-        return resp.status
+        return _exit_status(resp.status)
     module = resp.module
     if module is None:
         raise ClientError("the server reported success but sent no module")
@@ -159,27 +218,22 @@ def _run(argv: Sequence[str]) -> int:
             raise ClientError(f"cannot save {module.name}: {exc.strerror}") from None
         print(module.name)
         return 0
-    try:
-        if os.geteuid() == 0:
-            return run_directly(
-                module.name, module.data, opts.output_file, config.stapbpf, config.staprun
-            )
-        return run_via_loader(
-            config.loader_socket, module.name, module.data, resp.signature, opts.output_file
-        )
-    except LoadError as exc:
-        raise ClientError(str(exc)) from None
+    if tool is not None:
+        return run_directly(req.runtime, tool, module.name, module.data, opts.output_file)
+    return run_via_loader(
+        config.loader_socket, module.name, module.data, resp.signature, opts.output_file
+    )
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``stap-client``; returns the exit status."""
     try:
         return _run(sys.argv[1:] if argv is None else argv)
-    except ClientError as exc:
+    except StapinitError as exc:
         _warn(str(exc))
-        return 1
+        return exc.exit_code
     except KeyboardInterrupt:
         return 130
     except Exception as exc:  # the one-line promise holds even for the unforeseen
         _warn(f"internal error: {type(exc).__name__}: {exc}")
-        return 1
+        return EXIT_FAILED

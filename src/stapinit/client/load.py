@@ -8,62 +8,86 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
 from types import FrameType
 from typing import BinaryIO, Final
 
-from stapinit.core.runtime import kind_of_module
-from stapinit.loader import wire
-from stapinit.loader.config import ConfigError, resolve_tool
+from stapinit import loader_wire as wire
+from stapinit.core.errors import StapinitError
+from stapinit.core.process import stop_child
+from stapinit.core.runtime import RuntimeKind, foreground_command, kind_of_module
+from stapinit.core.tools import private_workdir, tool_for_root
 
 #: How long a stopped module may take to finish before it is killed / given up on.
 STOP_TIMEOUT: Final = 10.0
+#: Signals that stop a module root runs directly, besides SIGINT.
+_STOPPING: Final = (signal.SIGTERM, signal.SIGHUP)
 
 
-class LoadError(Exception):
+class LoadError(StapinitError):
     """The module could not be loaded; ``str()`` is one line."""
 
 
-def _runner(module_name: str, stapbpf: str, staprun: str) -> str:
-    tool = stapbpf if kind_of_module(module_name) == "bpf" else staprun
+def root_runner(kind: RuntimeKind, stapbpf: str, staprun: str) -> str:
+    """The tool root runs ``kind`` modules with, checked fit for root before anything is done.
+
+    It must be root's alone (:func:`stapinit.core.tools.tool_for_root`);
+    raises LoadError otherwise.
+    """
     try:
-        return resolve_tool(tool)
-    except ConfigError as exc:
+        return tool_for_root(stapbpf if kind == "bpf" else staprun)
+    except ValueError as exc:
         raise LoadError(str(exc)) from None
 
 
 def run_directly(
-    module_name: str, module: bytes, output_file: str | None, stapbpf: str, staprun: str
+    kind: RuntimeKind, tool: str, module_name: str, module: bytes, output_file: str | None
 ) -> int:
-    """Run the module with ``stapbpf``/``staprun`` as this (root) process; its status."""
-    tool = _runner(module_name, stapbpf, staprun)
-    with tempfile.TemporaryDirectory(prefix="stap-client-") as tmp:
-        path = Path(tmp) / module_name
+    """Run the module with ``tool`` (from :func:`root_runner`) as this (root) process.
+
+    Returns its exit status. The module is written to a directory only root
+    can change. Ctrl-C stops the module with :func:`stop_child` (SIGTERM, so
+    its ``end`` probes run; SIGKILL after :data:`STOP_TIMEOUT`), and so do
+    SIGTERM and SIGHUP; a second one kills it at once.
+    """
+    if kind_of_module(module_name) != kind:
+        raise LoadError(f"the server sent {module_name}, not a module for the {kind} runtime")
+    workdir = private_workdir("stap-client-")
+    try:
+        path = workdir / module_name
         path.write_bytes(module)
-        argv = [tool]
-        if output_file is not None:
-            argv += ["-o", os.path.abspath(output_file)]
-        argv.append(str(path))
+        output = None if output_file is None else os.path.abspath(output_file)
         try:
-            proc = subprocess.Popen(argv)
+            # Its own session: Ctrl-C reaches us alone, and we stop its whole group.
+            proc = subprocess.Popen(
+                foreground_command(kind, tool, str(path), output),
+                stdin=subprocess.DEVNULL,
+                start_new_session=True,
+            )
         except OSError as exc:
             raise LoadError(f"cannot run {tool}: {exc.strerror}") from None
+        # SIGTERM and SIGHUP (a closed terminal) stop it as Ctrl-C does: in its
+        # own session, it would not get them otherwise.
+        previous = {sig: signal.signal(sig, signal.default_int_handler) for sig in _STOPPING}
         try:
-            return wire.exit_status(proc.wait())
-        except KeyboardInterrupt:
-            # A terminal's Ctrl-C reached the child too; a signal sent to us alone did not.
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)
             try:
-                return wire.exit_status(proc.wait(STOP_TIMEOUT))
-            except (subprocess.TimeoutExpired, KeyboardInterrupt):
-                proc.kill()
-                return wire.exit_status(proc.wait())
+                proc.wait()
+            except KeyboardInterrupt:
+                stop_child(proc, STOP_TIMEOUT)
+        except KeyboardInterrupt:
+            stop_child(proc, 0)
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+        returncode = proc.poll()
+        return wire.exit_status(returncode if returncode is not None else -signal.SIGKILL)
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
 
 
 def run_via_loader(
@@ -158,6 +182,6 @@ def _stream(sock: socket.socket, out: BinaryIO) -> int:
                 target.flush()
             elif frame.type == "exit":
                 status = frame.header.get("status")
-                return status if isinstance(status, int) else 1
+                return status if isinstance(status, int) and 0 <= status <= 255 else 1
     finally:
         signal.signal(signal.SIGINT, previous)

@@ -9,13 +9,14 @@ arguments.
 from __future__ import annotations
 
 import getopt
-import ipaddress
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from typing import Final
 
+from stapinit.core.errors import StapinitError
 from stapinit.core.runtime import RuntimeKind
 from stapinit.protocol import Privilege, ProtocolError, check_module_name
+from stapinit.trust.address import AddressError, ServerAddress, parse_address
 
 _SHORT: Final = "e:p:m:o:vI:r:h"
 _LONG: Final = ("runtime=", "unprivileged", "privilege=", "server=", "help")
@@ -37,23 +38,13 @@ load and run the resulting module here.
   --runtime=bpf|kmod   the runtime to compile for
   --unprivileged       same as --privilege=stapusr
   --privilege=LEVEL    stapusr (the server checks and signs the module) or stapdev
-  --server=HOST[:PORT] the server to use (default: those in client.conf)
+  --server=HOST[:PORT] the server to use (default: those in client.conf, else
+                       the local server at localhost:9740)
 """
 
 
-class UsageError(Exception):
-    """The command line is wrong; ``str()`` is one line."""
-
-
-@dataclass(frozen=True)
-class ServerAddress:
-    """A server named by the user or the client configuration."""
-
-    host: str
-    port: int
-
-    def __str__(self) -> str:
-        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+class ClientUsageError(StapinitError):
+    """The command line is wrong; ``str()`` is one line (exit 1, as stap's own)."""
 
 
 @dataclass(frozen=True)
@@ -76,29 +67,13 @@ class ClientOptions:
 
 
 def parse_server(text: str, default_port: int) -> ServerAddress:
-    """Parse ``HOST``, ``HOST:PORT``, ``[V6]`` or ``[V6]:PORT``."""
-    host, port_text = text, None
-    if text.startswith("["):
-        close = text.find("]")
-        rest = text[close + 1 :] if close >= 0 else ""
-        if close < 0 or (rest and not rest.startswith(":")):
-            raise UsageError(f"invalid server address {text!r}")
-        host, port_text = text[1:close], (rest[1:] if rest else None)
-        try:
-            ipaddress.IPv6Address(host)
-        except ValueError:
-            raise UsageError(f"invalid IPv6 address in {text!r}") from None
-    elif text.count(":") == 1:
-        host, port_text = text.split(":")
-    elif ":" in text:
-        raise UsageError(f"invalid server address {text!r} (write IPv6 addresses as [ADDR]:PORT)")
-    if not host:
-        raise UsageError(f"invalid server address {text!r}: no host")
-    if port_text is None:
-        return ServerAddress(host, default_port)
-    if not port_text.isdigit() or not 0 < int(port_text) < 65536:
-        raise UsageError(f"invalid port in server address {text!r}")
-    return ServerAddress(host, int(port_text))
+    """Parse ``HOST``, ``HOST:PORT``, ``[V6]`` or ``[V6]:PORT``; else ValueError (one line)."""
+    try:
+        return parse_address(text, default_port)
+    except AddressError:
+        raise
+    except ValueError:  # a port of thousands of digits, which int() refuses
+        raise AddressError(f"invalid port in server address {text[:80]!r}") from None
 
 
 def _privilege(value: str) -> Privilege:
@@ -107,8 +82,8 @@ def _privilege(value: str) -> Privilege:
     if value == "stapdev":
         return "stapdev"
     if value == "stapsys":
-        raise UsageError("--privilege=stapsys is not supported by stap-server; use stapusr")
-    raise UsageError(f"invalid privilege level {value!r} (stapusr or stapdev)")
+        raise ClientUsageError("--privilege=stapsys is not supported by stap-server; use stapusr")
+    raise ClientUsageError(f"invalid privilege level {value!r} (stapusr or stapdev)")
 
 
 def _runtime(value: str) -> RuntimeKind:
@@ -116,7 +91,7 @@ def _runtime(value: str) -> RuntimeKind:
         return "bpf"
     if value == "kmod":
         return "kmod"
-    raise UsageError(f"unsupported runtime {value!r} (bpf or kmod)")
+    raise ClientUsageError(f"unsupported runtime {value!r} (bpf or kmod)")
 
 
 def parse_args(argv: Sequence[str], default_port: int) -> ClientOptions:
@@ -124,7 +99,7 @@ def parse_args(argv: Sequence[str], default_port: int) -> ClientOptions:
     try:
         pairs, operands = getopt.gnu_getopt(list(argv), _SHORT, list(_LONG))
     except getopt.GetoptError as exc:
-        raise UsageError(str(exc)) from None
+        raise ClientUsageError(str(exc)) from None
     opts = ClientOptions()
     includes: list[str] = []
     servers: list[ServerAddress] = []
@@ -132,17 +107,17 @@ def parse_args(argv: Sequence[str], default_port: int) -> ClientOptions:
     for opt, value in pairs:
         if opt == "-e":
             if opts.script_text is not None:
-                raise UsageError("-e given more than once")
+                raise ClientUsageError("-e given more than once")
             opts = replace(opts, script_text=value)
         elif opt == "-p":
             if value not in ("4", "5"):
-                raise UsageError(f"-p{value} is not supported (use -p4 to compile only)")
+                raise ClientUsageError(f"-p{value} is not supported (use -p4 to compile only)")
             opts = replace(opts, compile_only=value == "4")
         elif opt == "-m":
             try:
                 opts = replace(opts, module_name=check_module_name(value))
             except ProtocolError as exc:
-                raise UsageError(str(exc)) from None
+                raise ClientUsageError(str(exc)) from None
         elif opt == "-o":
             opts = replace(opts, output_file=value)
         elif opt == "-v":
@@ -158,12 +133,15 @@ def parse_args(argv: Sequence[str], default_port: int) -> ClientOptions:
         elif opt == "--privilege":
             opts = replace(opts, privilege=_privilege(value))
         elif opt == "--server":
-            servers.append(parse_server(value, default_port))
+            try:
+                servers.append(parse_server(value, default_port))
+            except ValueError as exc:
+                raise ClientUsageError(str(exc)) from None
         else:  # -h, --help
             return ClientOptions(help=True)
     if opts.script_text is None:
         if not operands:
-            raise UsageError("no script given (use -e SCRIPT or name a script file)")
+            raise ClientUsageError("no script given (use -e SCRIPT or name a script file)")
         opts = replace(opts, script_file=operands.pop(0))
     return replace(
         opts,

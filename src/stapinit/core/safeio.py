@@ -21,15 +21,17 @@ class TooLarge(OSError):
     """The file is larger than the caller allows; ``str()`` names it."""
 
 
-def read_regular(path: Path | str, limit: int) -> bytes:
+def read_regular(path: Path | str, limit: int, follow_links: bool = False) -> bytes:
     """The bytes of the regular file ``path`` (at most ``limit``).
 
-    Raises :class:`NotRegularFile` for anything but a regular file (a
-    symlink included), :class:`TooLarge` above ``limit`` bytes, and the
+    Raises :class:`NotRegularFile` for anything but a regular file (a final
+    symlink included, unless ``follow_links``: for files whose whole path
+    was judged already), :class:`TooLarge` above ``limit`` bytes, and the
     usual :class:`OSError` (``FileNotFoundError`` …) otherwise.
     """
+    flags = os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC | os.O_NOCTTY
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC | os.O_NOCTTY)
+        fd = os.open(path, flags if follow_links else flags | os.O_NOFOLLOW)
     except OSError as error:
         if error.errno == 40:  # ELOOP: the last component is a symlink
             raise NotRegularFile(error.errno, "is a symbolic link", str(path)) from None

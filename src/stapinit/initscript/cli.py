@@ -108,7 +108,7 @@ COMMANDS: dict[str, Command] = {
     ),
     "pack": Command(
         _pack,
-        "write a release's caches and the scripts' conf.d files to an archive",
+        "write caches of one or more releases, with their compile options, to an archive",
         False,
         "if-writable",
         frozenset({"release", "output"}),
@@ -129,7 +129,7 @@ USAGE = (
     "try-restart|reload|force-reload} [-r kernelrelease] [-c config] [-R] [-y] [--json] "
     "[script ...]\n"
     "       systemtap-service compile --all-kernels [-c config] [-y] [script ...]\n"
-    "       systemtap-service pack [-r kernelrelease] [-c config] -o FILE [script ...]\n"
+    "       systemtap-service pack [-r kernelrelease ...] [-c config] -o FILE [script ...]\n"
     "       systemtap-service unpack [-c config] [-y] FILE"
 )
 
@@ -153,7 +153,11 @@ def _parser() -> _Parser:
     parser.add_argument("command", metavar="COMMAND")
     parser.add_argument("scripts", nargs="*", metavar="SCRIPT")
     parser.add_argument(
-        "-r", dest="release", metavar="RELEASE", help="kernel release for compile, cleanup, pack"
+        "-r",
+        dest="releases",
+        action="append",
+        metavar="RELEASE",
+        help="kernel release for compile, cleanup, pack (pack takes several)",
     )
     parser.add_argument(
         "--all-kernels",
@@ -178,6 +182,10 @@ def parse_command_line(argv: Sequence[str]) -> tuple[str, Path | None, Request]:
     command: str = args.command
     if command not in COMMANDS:
         raise UsageError(f"unknown command: {command}")
+    releases: list[str] = args.releases or []
+    args.release = releases[-1] if releases else None
+    if len(releases) > 1 and command != "pack":
+        raise UsageError("-r may be given more than once only with pack")
     allowed = COMMANDS[command].options
     for option, flag in (
         ("release", "-r"),
@@ -201,8 +209,9 @@ def parse_command_line(argv: Sequence[str]) -> tuple[str, Path | None, Request]:
     for name in scripts:
         if not is_valid_name(name):
             raise UsageError(f"{name!r} is not a valid script name")
-    if args.release is not None and not values.is_release(args.release):
-        raise UsageError(f"{args.release!r} is not a kernel release")
+    for release in releases:
+        if not values.is_release(release):
+            raise UsageError(f"{release!r} is not a kernel release")
     request = Request(
         scripts,
         args.release,
@@ -211,6 +220,7 @@ def parse_command_line(argv: Sequence[str]) -> tuple[str, Path | None, Request]:
         args.json,
         archive,
         args.all_kernels,
+        tuple(releases),
     )
     return command, Path(args.config) if args.config is not None else None, request
 

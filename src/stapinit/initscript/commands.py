@@ -12,7 +12,6 @@ from __future__ import annotations
 import contextlib
 import os
 import re
-import threading
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import NamedTuple, TypeVar
@@ -28,6 +27,7 @@ from stapinit.core.lsb import (
     STATUS_UNKNOWN,
 )
 from stapinit.core.names import is_valid_name
+from stapinit.core.parallel import parallel_map
 from stapinit.core.process import Ending, Process
 from stapinit.core.runtime import Instance, Phase, Runtime, RuntimeFailure, RuntimeKind, State
 from stapinit.core.runtimes import bpf
@@ -64,6 +64,7 @@ class Request(NamedTuple):
     json: bool = False
     archive: Path | None = None  # pack: the file to write (-o); unpack: the file to read
     all_kernels: bool = False  # compile: every release with a build tree (--all-kernels)
+    releases: tuple[str, ...] = ()  # pack: every -r given (it may repeat)
 
 
 Confirm = Callable[[str], bool]
@@ -173,8 +174,11 @@ class Initscript:
         stale: dict[str, str] = {}
         for script in scripts:
             state = cache.inspect(directory, script.name, script.module_suffix)
-            source_mtime = _mtime(script.source) if script.source else None
-            reason = cache.staleness(state, wanted_record(script, kernel), source_mtime)
+            reason = cache.staleness(state, wanted_record(script, kernel))
+            if reason is None and self.settings.require_signed:
+                from stapinit.initscript.verify import signature_problem
+
+                reason = signature_problem(script, kernel, directory, self.log.warning)
             if reason is not None:
                 stale[script.name] = reason
         return stale
@@ -190,9 +194,28 @@ class Initscript:
             ) from None
         for script in scripts:
             self.log.info(f"Compiling {script.name} for {kernel.release}")
-        results = compile_many(
-            self.settings.stap, scripts, kernel, directory, self.settings.temp_path
-        )
+        if self.settings.compile_servers:
+            from stapinit.initscript import remote
+
+            results = remote.compile_many(
+                self.settings.compile_servers,
+                scripts,
+                kernel,
+                directory,
+                self.settings.temp_path,
+                self.settings.compile_timeout,
+                self.log.warning,
+            )
+        else:
+            results = compile_many(
+                self.settings.stap,
+                scripts,
+                kernel,
+                directory,
+                self.settings.temp_path,
+                self.settings.compile_timeout,
+                self.is_interrupted,
+            )
         self.check_interrupted()
         for result in results:
             if result.argv:
@@ -306,13 +329,20 @@ class Initscript:
             else:
                 to_start.append(name)
         stale = self.stale_scripts([scripts[n] for n in to_start], kernel, directory)
+        for name, why in stale.items():
+            self.log.info(f"The cache of {name} cannot be used: {why}")
         if stale and self.settings.autocompile:
             for result in self._compile([scripts[n] for n in stale], kernel, directory):
                 if not result.ok:
                     failed[result.name] = f"compile failed: {result.summary}"
+            if self.settings.require_signed:  # what was just compiled must verify too
+                compiled = [scripts[n] for n in stale if n not in failed]
+                for name, why in self.stale_scripts(compiled, kernel, directory).items():
+                    failed[name] = f"refused: {why}"
+                    self.log.error(f"{name} {failed[name]}")
         elif stale:
-            for name in stale:
-                failed[name] = f"no valid cache for {name}"
+            for name, why in stale.items():
+                failed[name] = f"no valid cache for {name}: {why}"
                 self.log.error(failed[name])
         requires = requirements_map(scripts)
         for level in deps.levels(to_start, requires):
@@ -334,8 +364,8 @@ class Initscript:
                     self.log.error(f"{name} {failed[name]}")
                 else:
                     startable.append(name)
-            outcomes = _parallel(
-                lambda name: self._start_one(scripts[name], directory),
+            outcomes = parallel_map(
+                _guarded(lambda name: self._start_one(scripts[name], directory)),
                 startable,
                 self.settings.start_jobs,
             )
@@ -442,8 +472,8 @@ class Initscript:
                     self.log.report(f"{name} {done}; removed its status file")
                 elif request.scripts:
                     self.log.report(f"{name} is not running")
-            outcomes = _parallel(
-                lambda item: self._stop_one(scripts[item[0]], item[1]),
+            outcomes = parallel_map(
+                _guarded(lambda item: self._stop_one(scripts[item[0]], item[1])),
                 running,
                 self.settings.start_jobs,
             )
@@ -577,44 +607,19 @@ T = TypeVar("T")
 R = TypeVar("R")
 
 
-def _parallel(work: Callable[[T], R], items: Sequence[T], jobs: int) -> list[R | StapinitError]:
-    """``work`` on every item, at most ``jobs`` at once; results (or errors) in item order.
+def _guarded(work: Callable[[T], R]) -> Callable[[T], R | StapinitError]:
+    """``work`` with a user-facing failure returned instead of raised (for :func:`parallel_map`)."""
 
-    Threads, not processes: the work is waiting on other processes. Plain
-    ``threading`` keeps ``concurrent.futures`` (and ``logging``) off the boot path.
-    """
-    results: list[R | StapinitError] = [StapinitError("not run")] * len(items)
-    if len(items) == 1 or jobs <= 1:
-        for index, item in enumerate(items):
-            results[index] = _guarded(work, item)
-        return results
-    lock = threading.Lock()
-    pending = iter(range(len(items)))
+    def guarded(item: T) -> R | StapinitError:
+        try:
+            return work(item)
+        except StapinitError as error:
+            return error
+        except OSError as error:
+            where = f"{error.filename}: " if error.filename else ""
+            return StapinitError(f"{where}{error.strerror or error}")
 
-    def worker() -> None:
-        while True:
-            with lock:
-                index = next(pending, None)
-            if index is None:
-                return
-            results[index] = _guarded(work, items[index])
-
-    threads = [threading.Thread(target=worker, daemon=True) for _ in range(min(jobs, len(items)))]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
-    return results
-
-
-def _guarded(work: Callable[[T], R], item: T) -> R | StapinitError:
-    try:
-        return work(item)
-    except StapinitError as error:
-        return error
-    except OSError as error:
-        where = f"{error.filename}: " if error.filename else ""
-        return StapinitError(f"{where}{error.strerror or error}")
+    return guarded
 
 
 def _acyclic(requires: dict[str, Sequence[str]], order: Sequence[str]) -> dict[str, list[str]]:
@@ -643,13 +648,6 @@ def _last_error(fd: int, offset: int) -> str:
     lines = [line for line in lines if line]
     errors = [line for line in lines if "ERROR" in line or "error" in line]
     return (errors or lines or [""])[-1]
-
-
-def _mtime(path: Path) -> float | None:
-    try:
-        return path.stat().st_mtime
-    except OSError:
-        return None
 
 
 def _listdir(directory: Path) -> list[Path]:

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import TextIO
 
 from stapinit.core.errors import StapinitError
+from stapinit.initscript.ownership import open_regular, writable_by
 
 _SYSLOG_SOCKET = "/dev/log"
 
@@ -44,15 +45,30 @@ class Log:
         self._lock = threading.Lock()
 
     def open(self) -> None:
-        """Open the log file now, so a bad location fails before any work."""
+        """Open the log file now, so a bad location fails before any work.
+
+        The log itself, never what a symbolic link planted in its place points
+        to, and only a regular file (a FIFO would block us, a device is not a
+        log). Created ``0640``: it holds the scripts' tracing output. As root,
+        a log that another user owns or may write, or that has another hard
+        link (``/etc/shadow`` linked in where ``fs.protected_hardlinks`` is
+        off), is refused: root would append to someone else's file.
+        """
         if self.path is None or self._handle is not None:
             return
         if not self.path.parent.is_dir():
             raise LogError(f"log directory {self.path.parent} does not exist")
         try:
-            self._handle = self.path.open("a+", encoding="utf-8", errors="replace")
+            fd = open_regular(self.path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o640)
         except OSError as error:
             raise LogError(f"cannot write log file {self.path}: {error.strerror}") from None
+        facts = os.fstat(fd)
+        who = writable_by(facts.st_uid, facts.st_mode) if os.geteuid() == 0 else None
+        if who is not None or facts.st_nlink != 1:
+            os.close(fd)
+            why = f"it is writable by {who}" if who else "it has other hard links"
+            raise LogError(f"refusing log file {self.path}: {why}")
+        self._handle = os.fdopen(fd, "a+", encoding="utf-8", errors="replace")
 
     def close(self) -> None:
         """Close the log file (a failing flush is no error: see :meth:`_write`)."""

@@ -2,19 +2,21 @@
 
 from __future__ import annotations
 
+import stat
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import NamedTuple
 
 from stapinit.core.errors import StapinitError
 from stapinit.core.lsb import EXIT_NOT_CONFIGURED
-from stapinit.core.names import is_valid_name
+from stapinit.core.names import is_valid_name, name_problem
 from stapinit.core.runtime import MODULE_SUFFIX, LoadOptions, RuntimeKind
 from stapinit.initscript.options import (
     Option,
     OptionError,
     compile_options,
     parse_options,
+    recorded_options,
     runtime_of,
     split_options,
     start_options,
@@ -44,8 +46,13 @@ class Script(NamedTuple):
 
     @property
     def compile_options(self) -> list[str]:
-        """Options for ``stap -p4``, after the §4.2.1 filter."""
+        """Options for ``stap -p4`` (phases compile and report of the option table)."""
         return compile_options(self.options)
+
+    @property
+    def recorded_options(self) -> list[str]:
+        """Options the cache record holds: only those that change the module."""
+        return recorded_options(self.options)
 
     def start_options(self) -> LoadOptions:
         """Options the loader takes, after the §4.2.1 filter."""
@@ -88,9 +95,11 @@ def find_scripts(
 ) -> dict[str, Script]:
     """Every script of the script directory, plus cache-only ones if allowed.
 
-    Files whose names cannot be script names are skipped with a warning.
-    ``lenient`` (for stop and status) turns a script whose ``NAME_OPT`` or
-    ``NAME_REQ`` cannot be used into a warning and a script without them.
+    Files whose names cannot be script names, dangling symbolic links and
+    ``.stp`` entries that are not regular files are skipped with a warning
+    saying why. ``lenient`` (for stop and status) turns a script whose
+    ``NAME_OPT`` or ``NAME_REQ`` cannot be used into a warning and a script
+    without them.
     """
 
     def make(name: str, source: Path | None, cached: RuntimeKind | None = None) -> Script:
@@ -114,19 +123,38 @@ def find_scripts(
     except OSError as error:
         raise ScriptError(f"{settings.script_path}: {error.strerror}") from None
     for entry in entries:
-        if entry.suffix != ".stp" or not entry.is_file():
+        if entry.suffix != ".stp":
             continue
-        if not is_valid_name(entry.stem):
-            warn(f"{entry.name} is not a valid script name")
+        if not entry.is_file():
+            if entry.is_symlink() and not entry.exists():
+                warn(f"{entry} is a dangling symbolic link; skipped")
+            else:
+                warn(f"{entry} is not a regular file; skipped")
+            continue
+        problem = name_problem(entry.stem)
+        if problem is not None:
+            warn(f"{entry.name} is not a valid script name: {problem}")
             continue
         found[entry.stem] = make(entry.stem, entry)
     if settings.allow_cacheonly:
         for runtime, suffix in MODULE_SUFFIX.items():
             for module in sorted(cache_dir(settings, release).glob(f"*{suffix}")):
                 name = module.name[: -len(suffix)]
-                if name not in found and is_valid_name(name):
+                if name not in found and is_valid_name(name) and _cache_entry(module):
                     found[name] = make(name, None, runtime)
     return found
+
+
+def _cache_entry(module: Path) -> bool:
+    """True for a well-formed cache entry: a regular module file and its regular record.
+
+    A directory or a stray file named like a module is no script.
+    """
+    record = module.with_suffix(".opts")
+    try:
+        return stat.S_ISREG(module.lstat().st_mode) and stat.S_ISREG(record.lstat().st_mode)
+    except OSError:
+        return False
 
 
 def requirements_map(scripts: Mapping[str, Script]) -> dict[str, Sequence[str]]:

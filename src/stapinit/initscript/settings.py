@@ -11,10 +11,14 @@ import os
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from types import MappingProxyType
-from typing import NamedTuple, TypeVar
+from typing import TYPE_CHECKING, NamedTuple, TypeVar
 
 from stapinit.core import values
 from stapinit.core.bashvars import Assignment, ConfigError, parse_assignments
+from stapinit.core.safeio import read_regular
+
+if TYPE_CHECKING:
+    from stapinit.trust.address import ServerAddress
 
 DEFAULT_CONFIG_FILE = Path("/etc/systemtap/config")
 
@@ -47,6 +51,8 @@ DEFAULTS: Mapping[str, str] = {
     "COMPILE_TIMEOUT": "900",
     # How many scripts start (or stop) at once; empty means one per CPU.
     "START_JOBS": "",
+    "COMPILE_SERVER": "",
+    "REQUIRE_SIGNED": "no",
 }
 T = TypeVar("T")
 _PATH_KEYS = ("SCRIPT_PATH", "CONFIG_PATH", "CACHE_PATH", "TEMP_PATH", "STAT_PATH", "LOG_FILE")
@@ -80,6 +86,10 @@ class Settings(NamedTuple):
     # where they were set so that errors can point there.
     script_vars: Mapping[str, Assignment] = MappingProxyType({})
     files_read: tuple[Path, ...] = ()
+    # Compile through these stap-servers instead of a local stap (issue 14).
+    compile_servers: tuple[ServerAddress, ...] = ()
+    # Load only caches whose signature verifies against the trusted signers.
+    require_signed: bool = False
 
     def script_var(self, script: str, suffix: str) -> Assignment | None:
         """The ``<script>_<suffix>`` assignment, if any file made one."""
@@ -132,6 +142,19 @@ def settings_from_assignments(
     def tool(key: str) -> str:
         return convert(key, values.tool)
 
+    def servers(key: str) -> tuple[ServerAddress, ...]:
+        words = raw(key).split()
+        if not words:
+            return ()
+        # Imported only when used: most hosts compile locally.
+        from stapinit.protocol import DEFAULT_PORT
+        from stapinit.trust.address import AddressError, parse_address
+
+        try:
+            return tuple(parse_address(word, DEFAULT_PORT) for word in words)
+        except AddressError as error:
+            raise ConfigError(*where(key), f"{key}: {error}") from None
+
     paths = {key: path(key) for key in _PATH_KEYS}
     script_vars = {
         name: assignment
@@ -166,14 +189,33 @@ def settings_from_assignments(
         ),
         script_vars=script_vars,
         files_read=tuple(files_read),
+        compile_servers=servers("COMPILE_SERVER"),
+        require_signed=boolean("REQUIRE_SIGNED"),
     )
 
 
+#: A configuration file is a page of assignments; anything larger is a mistake.
+MAX_CONFIG_BYTES = 1 << 20
+
+
 def _read_file(path: Path) -> str:
+    """The text of a config file: regular, bounded, never blocking on a FIFO.
+
+    A link is followed: as root, the ownership check judged where it leads.
+    """
     try:
-        return path.read_text(encoding="utf-8", errors="surrogateescape")
+        data = read_regular(path, MAX_CONFIG_BYTES, follow_links=True)
     except OSError as error:
         raise ConfigError(str(path), 0, f"cannot read: {error.strerror}") from None
+    return data.decode("utf-8", errors="surrogateescape")
+
+
+def _is_dev_null(path: Path) -> bool:
+    """True for the null device (whatever its name), which reads as an empty file."""
+    try:
+        return path.stat().st_rdev == os.stat(os.devnull).st_rdev and path.is_char_device()
+    except (OSError, ValueError):
+        return False
 
 
 def load_settings(
@@ -187,15 +229,21 @@ def load_settings(
     with ``-c`` is an error. Raises :class:`ConfigError`; ``on_error`` (see
     :func:`settings_from_assignments`) only softens bad values, not bad syntax.
     """
-    env = dict(os.environ if environment is None else environment)
+    # Upstream's initscript set its defaults before sourcing the files, so a
+    # file may use them: X_OPT="-I $SCRIPT_PATH/inc".
+    env = {**(os.environ if environment is None else environment), **DEFAULTS}
     global_file = config_file or DEFAULT_CONFIG_FILE
     assignments: list[Assignment] = []
     files_read: list[Path] = []
     if config_file is not None or global_file.exists():
-        if not global_file.is_file():
-            raise ConfigError(str(global_file), 0, "no such configuration file")
-        assignments += parse_assignments(_read_file(global_file), str(global_file), env)
-        files_read.append(global_file)
+        if _is_dev_null(global_file):
+            pass  # `-c /dev/null`: no global settings, as sourcing it would give
+        elif not global_file.is_file():
+            why = "not a regular file" if global_file.exists() else "no such configuration file"
+            raise ConfigError(str(global_file), 0, why)
+        else:
+            assignments += parse_assignments(_read_file(global_file), str(global_file), env)
+            files_read.append(global_file)
     known = {a.name: a.value for a in assignments}
     config_dir = Path(known.get("CONFIG_PATH", DEFAULTS["CONFIG_PATH"]))
     try:
@@ -207,4 +255,22 @@ def load_settings(
         assignments += more
         known.update((a.name, a.value) for a in more)
         files_read.append(conf)
-    return settings_from_assignments(assignments, files_read, on_error)
+    settings = settings_from_assignments(assignments, files_read, on_error)
+    if settings.require_signed or settings.compile_servers:
+        _need_cryptography(assignments)
+    return settings
+
+
+def _need_cryptography(assignments: Sequence[Assignment]) -> None:
+    """COMPILE_SERVER and REQUIRE_SIGNED need the ``cryptography`` package: say so, once.
+
+    Without it they would fail with a traceback, at boot; raises ConfigError.
+    """
+    import importlib.util
+
+    if importlib.util.find_spec("cryptography") is not None:
+        return
+    last = [a for a in assignments if a.name in ("COMPILE_SERVER", "REQUIRE_SIGNED")][-1]
+    raise ConfigError(
+        last.filename, last.line, f"{last.name} needs the python3-cryptography package"
+    )

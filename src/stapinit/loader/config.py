@@ -11,25 +11,31 @@ The file is ``/etc/systemtap/stap-loader.conf`` (see ``data/loader``), section
     max_sessions = 16
     max_sessions_per_user = 4
     io_timeout = 30
+    spool_limit = 512M
 
 Tool names without a slash are looked up in a fixed system ``PATH``, never the
-caller's.
+caller's. The loader runs as root, so the file must be root's alone
+(:func:`stapinit.core.tools.root_only_problem`): whoever could edit it would
+choose what root runs.
 """
 
 from __future__ import annotations
 
-import math
-import shutil
+import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Final
+from typing import Final, TypeVar
 
-from stapinit.core.inifile import IniError, read_section
-from stapinit.core.system import SYSTEM_PATH
+from stapinit.core import values
+from stapinit.core.errors import ConfigFileError
+from stapinit.core.inifile import IniError, read_ini_file, read_section, setting_line
+from stapinit.core.tools import root_only_problem
+from stapinit.loader_wire import DEFAULT_SOCKET
 from stapinit.trust.stores import StorePaths
 
-DEFAULT_SOCKET: Final = Path("/run/stap-loader.sock")
 CONFIG_NAME: Final = "stap-loader.conf"
+SECTION: Final = "loader"
 _KEYS: Final = frozenset(
     {
         "socket",
@@ -40,12 +46,11 @@ _KEYS: Final = frozenset(
         "max_sessions",
         "max_sessions_per_user",
         "io_timeout",
+        "spool_limit",
     }
 )
 
-
-class ConfigError(Exception):
-    """The configuration is unusable; ``str()`` is one line."""
+_T = TypeVar("_T")
 
 
 @dataclass(frozen=True)
@@ -56,12 +61,15 @@ class LoaderConfig:
     stapbpf: str
     staprun: str
     signer_store: Path
+    #: Seconds between SIGTERM and SIGKILL when a module is stopped.
     stop_timeout: float = 5.0
     max_sessions: int = 16
     #: So that one user cannot take every session from the others.
     max_sessions_per_user: int = 4
     #: How long a client may take to send its whole request, or to take a piece of output.
     io_timeout: float = 30.0
+    #: Bytes of module data held (received or running) across all sessions at once.
+    spool_limit: int = 512 << 20
 
 
 def default_config_file(paths: StorePaths) -> Path:
@@ -70,58 +78,59 @@ def default_config_file(paths: StorePaths) -> Path:
 
 
 def parse_config(text: str, origin: str, paths: StorePaths) -> LoaderConfig:
-    """Build a configuration from the text of a config file (pure)."""
+    """Build a configuration from the text of a config file (pure).
+
+    Raises :class:`ConfigFileError` naming ``origin`` and the line at fault.
+    """
     try:
-        section = read_section(text, origin, "loader", _KEYS)
+        section = read_section(text, origin, SECTION, _KEYS)
     except IniError as exc:
-        raise ConfigError(str(exc)) from None
-    try:
-        stop_timeout = float(section.get("stop_timeout", "5"))
-        max_sessions = int(section.get("max_sessions", "16"))
-        per_user = int(section.get("max_sessions_per_user", "4"))
-        io_timeout = float(section.get("io_timeout", "30"))
-    except ValueError as exc:
-        raise ConfigError(f"{origin}: {exc}") from None
-    if not all(math.isfinite(v) and v > 0 for v in (stop_timeout, io_timeout)) or (
-        min(max_sessions, per_user) <= 0
-    ):
-        raise ConfigError(
-            f"{origin}: stop_timeout, io_timeout and the session limits must be positive"
-        )
+        raise ConfigFileError(origin, 0, str(exc).removeprefix(f"{origin}: ")) from None
+
+    def get(key: str, convert: Callable[[str], _T], default: str) -> _T:
+        try:
+            return convert(section.get(key, default))
+        except ValueError as exc:
+            line = setting_line(text, SECTION, key)
+            raise ConfigFileError(origin, line, f"{key}: {exc}") from None
+
+    def sessions(text: str) -> int:
+        return values.count(text, 1, 4096)
+
+    def tool(text: str) -> str:
+        return values.tool(text.strip())
+
     return LoaderConfig(
-        socket_path=Path(section.get("socket", str(DEFAULT_SOCKET))),
-        stapbpf=section.get("stapbpf", "stapbpf"),
-        staprun=section.get("staprun", "staprun"),
-        signer_store=Path(section.get("signer_store", str(paths.signers))),
-        stop_timeout=stop_timeout,
-        max_sessions=max_sessions,
-        max_sessions_per_user=per_user,
-        io_timeout=io_timeout,
+        socket_path=Path(get("socket", values.absolute_path, str(DEFAULT_SOCKET))),
+        stapbpf=get("stapbpf", tool, "stapbpf"),
+        staprun=get("staprun", tool, "staprun"),
+        signer_store=Path(get("signer_store", values.absolute_path, str(paths.signers))),
+        stop_timeout=get("stop_timeout", values.seconds, "5"),
+        max_sessions=get("max_sessions", sessions, "16"),
+        max_sessions_per_user=get("max_sessions_per_user", sessions, "4"),
+        io_timeout=get("io_timeout", values.seconds, "30"),
+        spool_limit=get("spool_limit", values.size, "512M"),
     )
 
 
 def read_config(path: Path | None, paths: StorePaths) -> LoaderConfig:
-    """Read ``path`` (or the default file if it exists; else use defaults)."""
+    """Read ``path`` (or the default file if it exists; else use defaults).
+
+    The file must be root's alone (it says what root runs); raises
+    :class:`ConfigFileError` otherwise, or when it cannot be read or parsed.
+    """
     explicit = path is not None
     file = path if path is not None else default_config_file(paths)
+    if os.path.lexists(file):
+        reason = root_only_problem(file)
+        if reason:
+            raise ConfigFileError(str(file), 0, f"not used, since others could change it: {reason}")
     try:
-        text = file.read_text(encoding="utf-8")
-    except FileNotFoundError:
+        text = read_ini_file(file)
+    except IniError as exc:
+        raise ConfigFileError(str(file), 0, str(exc).removeprefix(f"{file}: ")) from None
+    if text is None:
         if explicit:
-            raise ConfigError(f"{file}: no such configuration file") from None
+            raise ConfigFileError(str(file), 0, "no such configuration file")
         text = ""
-    except OSError as exc:
-        raise ConfigError(f"{file}: {exc.strerror}") from None
     return parse_config(text, str(file), paths)
-
-
-def resolve_tool(name: str) -> str:
-    """An absolute path for ``name``: as given if it has a slash, else from SYSTEM_PATH."""
-    if "/" in name:
-        if not Path(name).is_absolute():
-            raise ConfigError(f"tool path {name!r} must be absolute")
-        return name
-    found = shutil.which(name, path=SYSTEM_PATH)
-    if found is None:
-        raise ConfigError(f"{name} not found in {SYSTEM_PATH}")
-    return found

@@ -149,7 +149,7 @@ def may_load(
         return Decision(
             False,
             f"module {module_file} was signed for privilege {manifest.privilege!r}, "
-            f"beyond {who}'s {level.name.lower()}",
+            f"beyond {who}'s {level.name.lower()}; compile it with --unprivileged",
         )
     if user_space_probes and module_file.endswith(".bo"):
         return Decision(

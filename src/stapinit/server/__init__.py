@@ -1,8 +1,14 @@
 """``stap-server``: a compile server for SystemTap scripts, over TLS.
 
-Modules: ``policy`` (which requests and stap options are accepted, pure),
-``cache`` (cache keys, pure, and the content-addressed store), ``compiler`` (runs
-the real ``stap -p4``), ``identity`` (key and certificate), ``config``, ``app``
-(what a request does), ``httpd`` (the HTTPS front end), ``service`` (pid file,
-status, stop, daemonizing), ``daemon`` (assembling and running) and ``cli``.
+Modules, by job: ``config`` (the configuration file), ``errors`` (the command's
+error and exit codes), ``protocol`` checks and ``policy`` (which requests and stap
+options are accepted, pure), ``cache`` (cache keys, pure, and the
+content-addressed store), ``sandbox`` (what a compile can see), ``compiler``
+(runs the real ``stap -p4`` in it), ``identity`` (key and certificate), ``app``
+(what a request does), ``httpd`` (the HTTPS front end and its connection
+limits), ``directories`` (state, log and pid locations, prepared as root),
+``account`` (the service user, dropping root), ``pidfile``, ``control``
+(``status``, ``stop``), ``background`` (going to the background, reporting
+readiness), ``logfile`` (the request log), ``serving`` (the serve loop and its
+signals), ``startup`` (assembling and running) and ``cli``.
 """

@@ -1,6 +1,6 @@
 """What the server does with a request, independent of HTTP and TLS.
 
-:class:`CompileService` turns a request body into an :class:`Outcome` (HTTP status,
+:class:`CompileApp` turns a request body into an :class:`Outcome` (HTTP status,
 JSON body, extra headers, fields for the request log): decode, apply the policy,
 answer from the cache, else wait for a compile slot, compile, sign, store.
 
@@ -29,7 +29,7 @@ from stapinit.protocol import (
     encode_server_info,
 )
 from stapinit.server.cache import CachedResult, CompileCache, cache_key
-from stapinit.server.compiler import Compiler, CompileResult
+from stapinit.server.compiler import CompileOutcome, Compiler
 from stapinit.server.identity import Identity
 from stapinit.server.policy import ParsedOptions, PolicyError, check_request
 from stapinit.trust.bpfelf import user_space_probes
@@ -37,8 +37,11 @@ from stapinit.trust.signing import sign_module
 
 #: Seconds a client is told to wait after a 503.
 RETRY_AFTER: Final = 5
-#: Why an unprivileged BPF module with a process probe is not signed: stapbpf has no
-#: per-user filter for uprobes, so it would let its loader probe everyone's processes.
+#: Why an unprivileged BPF module with a process probe is refused (neither returned
+#: nor signed): stapbpf has no per-user filter for uprobes, so a signature for
+#: ``stapusr`` would let any member of stapusr probe everyone's processes.  The same
+#: module compiled for stapdev is signed for ``stapdev``, which only root and stapdev
+#: members may load anyway.
 USER_SPACE_REFUSAL: Final = (
     "user-space probes (process.*) are not allowed in unprivileged BPF modules: "
     "stapbpf cannot limit them to the caller's processes"
@@ -169,7 +172,7 @@ def request_log_fields(req: CompileRequest, runtime: RuntimeKind | None = None) 
     return fields
 
 
-class CompileService:
+class CompileApp:
     """The server's behaviour, one call per request (thread-safe)."""
 
     def __init__(
@@ -283,7 +286,7 @@ class CompileService:
         req: CompileRequest,
         parsed: ParsedOptions,
         key: str,
-        result: CompileResult,
+        result: CompileOutcome,
         log: dict[str, str],
     ) -> CompileResponse:
         signature = None
@@ -294,7 +297,10 @@ class CompileService:
                 message, log["refused"] = refusal
                 stderr = f"{result.stderr}stap-server: {message}\n"
                 result = dataclasses.replace(result, status=1, stderr=stderr, module=None)
-        if result.module is not None and req.privilege == "stapusr":
+        if result.module is not None:
+            # Every module is signed, for the privilege it was compiled for: the
+            # loader lets a caller run only what was signed for their level or
+            # below, and hosts with REQUIRE_SIGNED=yes load nothing unsigned.
             signature = sign_module(
                 self.identity.key,
                 self.identity.cert,
@@ -303,6 +309,8 @@ class CompileService:
                 req.release,
                 req.arch,
                 req.privilege,
+                options=req.options,
+                runtime=parsed.runtime,
             )
         if result.status == 0 and result.module is not None and self.cache is not None:
             self.cache.put(

@@ -1,8 +1,9 @@
 """Content-addressed cache of compile results (module, signature, stap's output).
 
 The key is the SHA-256 of everything that determines the result: script, tapsets,
-checked options, module name, release, architecture, privilege, runtime, stap's
-version, and for signed results the signer's fingerprint.  Only successful
+checked options and the options as the client spelled them (the signed manifest
+names those), module name, release, architecture, privilege, runtime, stap's
+version and the signer's fingerprint (every result is signed).  Only successful
 compiles are stored.  An entry is a directory written in full under a temporary
 name and renamed into place, so readers never see half an entry.
 """
@@ -23,7 +24,7 @@ from typing import Any
 from stapinit.protocol import CompileRequest, Module, check_file_name
 from stapinit.server.policy import ParsedOptions
 
-_FORMAT = "stap-server-cache/1"
+_FORMAT = "stap-server-cache/2"
 
 
 def cache_key(
@@ -38,6 +39,7 @@ def cache_key(
         "script": [req.script_name, req.script_text, req.eval],
         "tapsets": sorted([t.path, t.text] for t in req.tapsets),
         "options": list(parsed.options),
+        "requested_options": list(req.options),
         "args": list(parsed.script_args),
         "runtime": parsed.runtime,
         "module_name": req.module_name,
@@ -45,7 +47,7 @@ def cache_key(
         "arch": req.arch,
         "privilege": req.privilege,
         "stap": stap_version,
-        "signer": signer_fingerprint if req.privilege == "stapusr" else None,
+        "signer": signer_fingerprint,
     }
     canonical = json.dumps(material, sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(canonical.encode("utf-8")).hexdigest()

@@ -11,7 +11,7 @@ key; ``--allow-root`` keeps root, but stap itself always runs as the service use
 Started as another user, the server runs as that user and warns that compiles can
 read its key.
 Errors are one line on stderr; exit codes are LSB's (see
-:mod:`stapinit.server.service`).
+:mod:`stapinit.server.errors`).
 """
 
 from __future__ import annotations
@@ -23,9 +23,9 @@ from pathlib import Path
 from typing import NoReturn
 
 from stapinit.core import lsb
-from stapinit.server import service
-from stapinit.server.config import DEFAULT_CONFIG, BadConfig, ServerConfig, load_config
-from stapinit.server.service import ServiceError
+from stapinit.core.errors import StapinitError
+from stapinit.server import control
+from stapinit.server.config import DEFAULT_CONFIG, ServerConfig, load_config
 
 COMMANDS = (
     "start",
@@ -62,7 +62,7 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 def _start(config: ServerConfig, allow_root: bool, foreground: bool) -> int:
     # Imported here so that status and stop need not load TLS and X.509 code.
-    from stapinit.server.daemon import start
+    from stapinit.server.startup import start
 
     return start(config, allow_root, foreground)
 
@@ -71,19 +71,19 @@ def _dispatch(args: argparse.Namespace) -> int:
     config = load_config(args.config)
     command: str = args.command
     if command == "status":
-        code, message = service.status(config)
+        code, message = control.status(config)
         print(message)
         return code
     if command == "stop":
-        print(service.stop(config))
+        print(control.stop(config))
         return lsb.EXIT_OK
     if command in ("start", "run"):
         return _start(config, args.allow_root, foreground=command == "run")
-    if command != "restart" and service.status(config)[0] != lsb.EXIT_OK:
+    if command != "restart" and control.status(config)[0] != lsb.EXIT_OK:
         # condrestart, try-restart, force-reload: only a running server is restarted.
         print("stap-server is not running; nothing to restart")
         return lsb.EXIT_OK
-    print(service.stop(config))
+    print(control.stop(config))
     return _start(config, args.allow_root, foreground=False)
 
 
@@ -92,12 +92,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _parse_args(argv)
     try:
         return _dispatch(args)
-    except BadConfig as exc:
+    except StapinitError as exc:
         print(f"stap-server: {exc}", file=sys.stderr)
-        return lsb.EXIT_NOT_CONFIGURED
-    except ServiceError as exc:
-        print(f"stap-server: {exc}", file=sys.stderr)
-        return exc.code
+        return exc.exit_code
     except KeyboardInterrupt:
         return 130
     except Exception as exc:

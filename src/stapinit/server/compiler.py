@@ -3,20 +3,23 @@
 Each compile gets a private directory under the server's temp root holding the
 script, the client's tapsets, stap's own ``SYSTEMTAP_DIR`` and ``TMPDIR`` (so no
 state leaks between requests), and is removed afterwards; directories left by a
-server that died are removed at start-up.  stap runs in its own process group
-under ``prlimit`` (address-space limit) and is killed with its whole group when it
-exceeds the wall-time limit.  Its output is read as it comes and kept up to
-:data:`MAX_OUTPUT` bytes per stream.  When the server runs as root, stap runs as
-the service user instead.
+server that died are removed at start-up.  stap runs in the compile sandbox
+(:mod:`stapinit.server.sandbox`), which shows it that directory and nothing of
+the server's state, in its own process group under ``prlimit`` (address-space
+limit); at the wall-time limit its group gets SIGTERM, then SIGKILL
+(:func:`stapinit.core.process.stop_child`), and the sandbox takes everything
+left in it along.  Its output is read as it comes and kept up to
+:data:`MAX_OUTPUT` bytes per stream.  When the server runs as root, stap runs
+as the service user instead.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 import selectors
 import shutil
-import signal
 import stat
 import subprocess
 import tempfile
@@ -27,6 +30,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Final
 
+from stapinit.core.errors import StapinitError
+from stapinit.core.lsb import EXIT_NOT_INSTALLED
+from stapinit.core.process import stop_child
 from stapinit.core.system import SYSTEM_PATH
 from stapinit.protocol import MAX_MODULE_BYTES, CompileRequest, Module
 from stapinit.server.policy import (
@@ -35,6 +41,7 @@ from stapinit.server.policy import (
     module_file_name,
     stap_command,
 )
+from stapinit.server.sandbox import INSIDE_WORKDIR, Sandbox
 
 MASK: Final = "<tmpdir>"
 #: Bytes of stdout and of stderr kept from one stap run; the rest is read and dropped.
@@ -42,13 +49,17 @@ MAX_OUTPUT: Final = 1024 * 1024
 #: Prefix of the per-compile directories under the temp root.
 WORKDIR_PREFIX: Final = "stap-"
 TRUNCATED: Final = "\n[stap-server: output truncated]\n"
-#: After killing a compile, how long to wait for its pipes to close.
+#: After stopping a compile, how long to wait for its pipes to close.
 _KILL_GRACE: Final = 5.0
+#: Between SIGTERM and SIGKILL when a compile is stopped.
+_TERM_GRACE: Final = 1.0
 _CHUNK: Final = 64 * 1024
 
 
-class CompilerSetupError(Exception):
-    """The compiler cannot work on this host; ``str()`` is one line."""
+class CompilerSetupError(StapinitError):
+    """The compiler cannot work on this host; ``str()`` is one line (exit 5)."""
+
+    exit_code = EXIT_NOT_INSTALLED
 
 
 @dataclass(frozen=True)
@@ -68,7 +79,7 @@ class Limits:
 
 
 @dataclass(frozen=True)
-class CompileResult:
+class CompileOutcome:
     """stap's exit status, its (masked) output, and the module when it made one."""
 
     status: int
@@ -79,8 +90,8 @@ class CompileResult:
 
 
 def mask_paths(text: str, workdir: Path) -> str:
-    """Replace the compile directory in stap's output with a fixed token."""
-    return text.replace(str(workdir), MASK)
+    """Replace the compile directory (as seen outside and inside the sandbox) with a token."""
+    return text.replace(str(workdir), MASK).replace(INSIDE_WORKDIR, MASK)
 
 
 @dataclass
@@ -153,9 +164,16 @@ def _read_module(path: Path) -> bytes | None:
 
 
 class Compiler:
-    """Compiles checked requests with the real stap."""
+    """Compiles checked requests with the real stap, each in the sandbox (unless None)."""
 
-    def __init__(self, stap: str, tmp_root: Path, limits: Limits, run_as: RunAs | None) -> None:
+    def __init__(
+        self,
+        stap: str,
+        tmp_root: Path,
+        limits: Limits,
+        run_as: RunAs | None,
+        sandbox: Sandbox | None,
+    ) -> None:
         found = shutil.which(stap)
         if found is None:
             raise CompilerSetupError(f"cannot find stap ({stap!r}); is systemtap installed?")
@@ -167,6 +185,7 @@ class Compiler:
         self.tmp_root = tmp_root
         self.limits = limits
         self.run_as = run_as
+        self.sandbox = sandbox
         self._live: set[subprocess.Popen[bytes]] = set()
         self._lock = threading.Lock()
         # Traversable but not listable: stap may run as another user than the server.
@@ -186,40 +205,47 @@ class Compiler:
         return len(stale)
 
     def version(self) -> str:
-        """stap's version line, ``Systemtap translator/driver (version 4.8/...)``."""
-        workdir = self._new_workdir()
+        """stap's version line, ``Systemtap translator/driver (version 4.8/...)``.
+
+        It runs like a compile (as the compile user, in the sandbox), so that a
+        sandbox that cannot work here is found at start-up; raises
+        :class:`CompilerSetupError` naming what failed.
+        """
         try:
+            workdir = self._new_workdir()
             self._hand_over(workdir)
-            drop = self.run_as
-            proc = subprocess.run(
-                [self.stap, "-V"],
-                capture_output=True,
-                timeout=60,
-                check=False,
-                env=self._env(workdir),
-                user=None if drop is None else drop.uid,
-                group=None if drop is None else drop.gid,
-                extra_groups=None if drop is None else [],
-            )
-        except (OSError, subprocess.TimeoutExpired) as exc:
-            raise CompilerSetupError(f"cannot run {self.stap} -V: {exc}") from None
+        except OSError as exc:
+            raise CompilerSetupError(f"cannot prepare {self.tmp_root}: {exc.strerror}") from None
+        try:
+            proc = self._start([self.stap, "-V"], workdir, subprocess.DEVNULL)
+            outcome = self._collect(proc, workdir, min(self.limits.wall_seconds, 60.0))
+        except OSError as exc:
+            raise CompilerSetupError(f"cannot run {self.stap} -V: {exc.strerror}") from None
         finally:
             shutil.rmtree(workdir, ignore_errors=True)
-        text = (proc.stderr + proc.stdout).decode("utf-8", "replace")
+        text = outcome.stderr + outcome.stdout
         for line in text.splitlines():
             if "version" in line and "Systemtap" in line:
                 return line.strip()
-        raise CompilerSetupError(f"{self.stap} -V did not print a version")
+        said = " ".join(text.split())[:300] or f"exit status {outcome.status}"
+        if self.sandbox is not None and "bwrap" in text:
+            raise CompilerSetupError(
+                f"the compile sandbox does not work here ({said}); bubblewrap needs "
+                "unprivileged user namespaces for USER (sysctl user.max_user_namespaces, "
+                "kernel.unprivileged_userns_clone, or the service manager's "
+                "RestrictNamespaces=); or set SANDBOX=no to compile without it"
+            )
+        raise CompilerSetupError(f"{self.stap} -V did not print a version: {said}")
 
-    @staticmethod
-    def _env(workdir: Path) -> dict[str, str]:
+    def _env(self, workdir: Path) -> dict[str, str]:
         # stap's own cache and rc file live in SYSTEMTAP_DIR: a fresh one per run.
+        inside = INSIDE_WORKDIR if self.sandbox is not None else str(workdir)
         return {
             "PATH": SYSTEM_PATH,
             "LC_ALL": "C",
-            "HOME": str(workdir / "home"),
-            "SYSTEMTAP_DIR": str(workdir / "home" / ".systemtap"),
-            "TMPDIR": str(workdir / "tmp"),
+            "HOME": f"{inside}/home",
+            "SYSTEMTAP_DIR": f"{inside}/home/.systemtap",
+            "TMPDIR": f"{inside}/tmp",
         }
 
     def _new_workdir(self) -> Path:
@@ -235,6 +261,7 @@ class Compiler:
                 os.chown(path, self.run_as.uid, self.run_as.gid, follow_symlinks=False)
 
     def _prepare(self, req: CompileRequest) -> tuple[Path, str | None]:
+        """The compile directory with script and tapsets; the tapset directory as stap sees it."""
         workdir = self._new_workdir()
         try:
             script_name = EVAL_SCRIPT_FILE if req.eval else req.script_name
@@ -252,15 +279,18 @@ class Compiler:
         except BaseException:
             shutil.rmtree(workdir, ignore_errors=True)
             raise
-        return workdir, None if tapset_dir is None else str(tapset_dir)
+        if tapset_dir is None:
+            return workdir, None
+        inside = INSIDE_WORKDIR if self.sandbox is not None else str(workdir)
+        return workdir, f"{inside}/tapsets"
 
-    def compile(self, req: CompileRequest, parsed: ParsedOptions) -> CompileResult:
+    def compile(self, req: CompileRequest, parsed: ParsedOptions) -> CompileOutcome:
         """Run ``stap -p4`` for a checked request and collect what it produced."""
         try:
             workdir, tapset_dir = self._prepare(req)
         except OSError as exc:  # a full disk, say
             reason = exc.strerror or str(exc)
-            return CompileResult(
+            return CompileOutcome(
                 1, "", f"stap-server: cannot prepare the compile: {reason}\n", None
             )
         try:
@@ -270,63 +300,69 @@ class Compiler:
 
     def _run(
         self, req: CompileRequest, parsed: ParsedOptions, workdir: Path, tapset_dir: str | None
-    ) -> CompileResult:
-        argv = [
-            self.prlimit,
-            f"--as={self.limits.memory_bytes}",
-            "--",
-            *stap_command(self.stap, req, parsed, tapset_dir),
-        ]
-        drop = self.run_as
+    ) -> CompileOutcome:
+        argv = stap_command(self.stap, req, parsed, tapset_dir)
         with contextlib.ExitStack() as stack:
             # An -e script reaches stap on standard input (see stap_command).
             stdin: int | IO[bytes] = subprocess.DEVNULL
             if req.eval:
                 stdin = stack.enter_context((workdir / "build" / EVAL_SCRIPT_FILE).open("rb"))
             try:
-                proc = subprocess.Popen(
-                    argv,
-                    cwd=workdir / "build",
-                    env=self._env(workdir),
-                    stdin=stdin,
-                    stdout=subprocess.PIPE,
-                    stderr=subprocess.PIPE,
-                    process_group=0,
-                    user=None if drop is None else drop.uid,
-                    group=None if drop is None else drop.gid,
-                    extra_groups=None if drop is None else [],
-                )
+                proc = self._start(argv, workdir, stdin)
             except OSError as exc:
                 # E2BIG (options too long for one command line), EAGAIN, ENOMEM...
                 reason = exc.strerror or str(exc)
-                return CompileResult(1, "", f"stap-server: cannot run stap: {reason}\n", None)
-        return self._collect(proc, req, parsed, workdir)
+                return CompileOutcome(1, "", f"stap-server: cannot run stap: {reason}\n", None)
+        outcome = self._collect(proc, workdir, self.limits.wall_seconds)
+        if outcome.status != 0 or outcome.timed_out:
+            return outcome
+        name = module_file_name(outcome.stdout, req.module_name, parsed.runtime)
+        data = None if name is None else _read_module(workdir / "build" / name)
+        if name is None or data is None:
+            stderr = outcome.stderr + "stap-server: stap reported success but left no module\n"
+            return dataclasses.replace(outcome, status=1, stderr=stderr)
+        return dataclasses.replace(outcome, module=Module(name, data))
+
+    def _start(
+        self, argv: list[str], workdir: Path, stdin: int | IO[bytes]
+    ) -> subprocess.Popen[bytes]:
+        """Start ``argv`` in its own process group, limited, sandboxed, as the compile user."""
+        if self.sandbox is not None:
+            argv = self.sandbox.command(str(workdir), argv)
+        drop = self.run_as
+        return subprocess.Popen(
+            [self.prlimit, f"--as={self.limits.memory_bytes}", "--", *argv],
+            cwd=workdir / "build",
+            env=self._env(workdir),
+            stdin=stdin,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            process_group=0,
+            user=None if drop is None else drop.uid,
+            group=None if drop is None else drop.gid,
+            extra_groups=None if drop is None else [],
+        )
 
     def _collect(
-        self,
-        proc: subprocess.Popen[bytes],
-        req: CompileRequest,
-        parsed: ParsedOptions,
-        workdir: Path,
-    ) -> CompileResult:
-        """Read stap's output within the wall-time limit, wait for it, take its module."""
+        self, proc: subprocess.Popen[bytes], workdir: Path, wall_seconds: float
+    ) -> CompileOutcome:
+        """Read stap's output within ``wall_seconds``, wait for it; its status and output."""
         assert proc.stdout is not None and proc.stderr is not None
         with self._lock:
             self._live.add(proc)
-        deadline = time.monotonic() + self.limits.wall_seconds
+        deadline = time.monotonic() + wall_seconds
         try:
             with proc.stdout, proc.stderr:
-                # The whole group: make and gcc must not outlive the request.  stap is
-                # not reaped yet, so its pid still names this group.
+                # The whole group: make and gcc must not outlive the request.
                 (out, err), timed_out = read_capped(
-                    [proc.stdout, proc.stderr], deadline, lambda: self._kill_group(proc)
+                    [proc.stdout, proc.stderr], deadline, lambda: self._stop(proc)
                 )
             if not timed_out:
                 try:
                     proc.wait(max(deadline - time.monotonic(), 0))
                 except subprocess.TimeoutExpired:  # it closed its output but went on
                     timed_out = True
-                    self._kill_group(proc)
+                    self._stop(proc)
             proc.wait()
         finally:
             with self._lock:
@@ -335,30 +371,20 @@ class Compiler:
         stdout = mask_paths(out.text(), workdir)
         stderr = mask_paths(err.text(), workdir)
         if timed_out:
+            status = status or 1
             stderr += (
                 f"stap-server: compilation exceeded the time limit of "
-                f"{self.limits.wall_seconds:g} s and was stopped\n"
+                f"{wall_seconds:g} s and was stopped\n"
             )
-        module = None
-        if status == 0 and not timed_out:
-            name = module_file_name(stdout, req.module_name, parsed.runtime)
-            data = None if name is None else _read_module(workdir / "build" / name)
-            if name is None or data is None:
-                status = 1
-                stderr += "stap-server: stap reported success but left no module\n"
-            else:
-                module = Module(name, data)
-        return CompileResult(status, stdout, stderr, module, timed_out)
+        return CompileOutcome(status, stdout, stderr, None, timed_out)
 
     @staticmethod
-    def _kill_group(proc: subprocess.Popen[bytes]) -> None:
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(proc.pid, signal.SIGKILL)
+    def _stop(proc: subprocess.Popen[bytes]) -> None:
+        stop_child(proc, _TERM_GRACE)
 
     def kill_all(self) -> None:
         """Stop every compile in progress (at shutdown)."""
         with self._lock:
             live = list(self._live)
         for proc in live:
-            if proc.returncode is None:  # not reaped, so the group id is still ours
-                self._kill_group(proc)
+            self._stop(proc)

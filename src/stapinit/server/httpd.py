@@ -1,36 +1,43 @@
 """The HTTPS front end: the standard library's threading HTTP server behind TLS.
 
-One request per connection.  Each connection gets its own thread (at most
-``MAX_CONNECTIONS``), a socket timeout for every read and write, a deadline for the
-TLS handshake plus the whole request and another for sending the answer: a silent,
-trickling or slow-reading client is cut off, so it never holds a thread for long.
-Compiles themselves are bounded separately (:class:`stapinit.server.app.CompileSlots`).
+One request per connection.  Each connection gets its own thread, at most
+``MAX_CONNECTIONS`` in all and ``MAX_CONNECTIONS_PER_CLIENT`` per client address
+(an IPv6 client counts by its /64, which one host usually holds whole), so one
+source holding connections open cannot lock others out.  A connection has
+``HANDSHAKE_TIMEOUT`` for the TLS handshake and the request's head (request
+line and headers), then ``IO_TIMEOUT`` for the body, and again for sending the
+answer; every read and write has a socket timeout too: a silent, trickling or
+slow-reading client is cut off, so it never holds a thread for long.  Compiles
+themselves are bounded separately (:class:`stapinit.server.app.CompileSlots`).
 Every request is logged on one line: client, request, status, script hash,
-options, result, duration.
+options, result, duration; connections refused for a limit are logged at most
+once a minute per client address, with the count of those not logged.
 """
 
 from __future__ import annotations
 
 import contextlib
+import ipaddress
 import json
-import logging
 import re
 import socket
 import ssl
 import sys
 import threading
 import time
+from dataclasses import dataclass
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, Final
-from urllib.parse import urlsplit
 
 from stapinit import __version__
 from stapinit.protocol import COMPILE_PATH, CONTENT_TYPE, INFO_PATH, encode_error
-from stapinit.server.app import CompileService, Outcome
+from stapinit.server.app import CompileApp, Outcome
 from stapinit.server.identity import Identity, IdentityError
+from stapinit.server.logfile import LOG
 
-LOG: Final = logging.getLogger("stap-server")
+#: Seconds between two log lines about connections refused to one client.
+DROP_LOG_INTERVAL: Final = 60.0
 _PLAIN_HTTP_BODY: Final = encode_error("this server speaks HTTPS only; use https://")
 
 
@@ -84,8 +91,8 @@ class Handler(BaseHTTPRequestHandler):
     server_version = f"stap-server/{__version__}"
 
     def __init__(self, request: Any, client_address: Any, server: StapHTTPServer) -> None:
-        # The clock covers the TLS handshake and the whole request.
-        self.deadline = Deadline(request, server.io_timeout)
+        # The first clock covers the TLS handshake and the request's head.
+        self.deadline = Deadline(request, server.limits.handshake_timeout)
         self.started = time.monotonic()
         self.http_status: int | None = None
         self.log_fields: dict[str, str] = {}
@@ -103,7 +110,7 @@ class Handler(BaseHTTPRequestHandler):
     def handle(self) -> None:
         """Complete the TLS handshake, serve exactly one request, then log it."""
         # A backstop: the deadlines, slightly shorter, are what normally cut a client off.
-        self.connection.settimeout(self.server.io_timeout + 1)
+        self.connection.settimeout(self.server.limits.io_timeout + 1)
         try:
             self.connection.do_handshake()
         except (OSError, ValueError) as exc:
@@ -116,6 +123,13 @@ class Handler(BaseHTTPRequestHandler):
             self.timed_out = self.timed_out or isinstance(exc, TimeoutError)
             if not self.note:
                 self.note = f"connection failed: {exc}"
+        except Exception as exc:
+            # A bug must cost one request, not a traceback per connection.
+            LOG.exception("internal error while handling a request")
+            self.note = f"internal error: {type(exc).__name__}"
+            if self.http_status is None:
+                with contextlib.suppress(Exception):
+                    self._answer(Outcome(500, encode_error("internal server error")))
         finally:
             self._log_request()
 
@@ -136,18 +150,23 @@ class Handler(BaseHTTPRequestHandler):
         self.log_fields["result"] = f"tls-failed: {reason}"
         self._log_request()
 
+    def _resource(self) -> str:
+        """The request's path without its query; the head is complete: the body's clock starts."""
+        self.deadline.cancel()
+        if not self.deadline.expired:
+            self.deadline = Deadline(self.connection, self.server.limits.io_timeout)
+        return self.path.partition("?")[0]
+
     def do_GET(self) -> None:
         """``GET /``: the server's description."""
-        self.deadline.cancel()
-        if urlsplit(self.path).path == INFO_PATH:
-            self._answer(self.server.service.server_info())
+        if self._resource() == INFO_PATH:
+            self._answer(self.server.app.server_info())
         else:
             self._answer(Outcome(404, encode_error(f"no such resource: {self.path}")))
 
     def do_POST(self) -> None:
         """``POST /compile``: read the (bounded) body and compile."""
-        if urlsplit(self.path).path != COMPILE_PATH:
-            self.deadline.cancel()
+        if self._resource() != COMPILE_PATH:
             self._answer(Outcome(404, encode_error(f"no such resource: {self.path}")))
             return
         length = self._acceptable_length()
@@ -160,7 +179,7 @@ class Handler(BaseHTTPRequestHandler):
             self.close_connection = True
             return
         try:
-            outcome = self.server.service.compile(body)
+            outcome = self.server.app.compile(body)
         except Exception:
             # A bug must cost one request, not the connection without an answer.
             LOG.exception("internal error while compiling")
@@ -186,7 +205,7 @@ class Handler(BaseHTTPRequestHandler):
             self._answer(Outcome(400, encode_error(f"invalid Content-Length {raw!r}")))
             return None
         length = int(raw)
-        limit = self.server.max_request_size
+        limit = self.server.limits.max_request_size
         if length > limit:
             message = f"request of {length} bytes exceeds this server's limit of {limit} bytes"
             self._answer(Outcome(413, encode_error(message), log={"result": "too-large"}))
@@ -201,6 +220,9 @@ class Handler(BaseHTTPRequestHandler):
         self.http_status = outcome.status
         self.log_fields.update(outcome.log)
         self.close_connection = True
+        # http.server answers what it takes for HTTP/0.9 with a bare body; this
+        # server speaks HTTP/1.1 only, so every answer gets its status line.
+        self.request_version = "HTTP/1.1"
         self.send_response(outcome.status)
         self.send_header("Content-Type", CONTENT_TYPE)
         self.send_header("Content-Length", str(len(outcome.body)))
@@ -208,7 +230,7 @@ class Handler(BaseHTTPRequestHandler):
         for name, value in outcome.headers.items():
             self.send_header(name, value)
         # A client that reads the answer too slowly is cut off like a slow sender.
-        deadline = Deadline(self.connection, self.server.io_timeout)
+        deadline = Deadline(self.connection, self.server.limits.io_timeout)
         try:
             self.end_headers()
             if self.command != "HEAD":
@@ -266,8 +288,94 @@ def listen(host: str, port: int) -> socket.socket:
     return sock
 
 
+@dataclass(frozen=True)
+class ConnectionLimits:
+    """What one connection and one client may hold (seconds, counts, bytes)."""
+
+    handshake_timeout: float
+    io_timeout: float
+    max_connections: int
+    per_client: int
+    max_request_size: int
+
+
+def client_key(host: str) -> str:
+    """The address that connection limits count by: IPv4 as is, IPv6 by its /64.
+
+    An IPv4 address mapped into IPv6 counts as the IPv4 address.
+    """
+    try:
+        address = ipaddress.ip_address(host.partition("%")[0])
+    except ValueError:
+        return host
+    if isinstance(address, ipaddress.IPv6Address):
+        if address.ipv4_mapped is not None:
+            return str(address.ipv4_mapped)
+        return str(ipaddress.IPv6Network(f"{address}/64", strict=False))
+    return str(address)
+
+
+class ConnectionCounter:
+    """Open connections, in all and per client key; thread-safe."""
+
+    def __init__(self, limit: int, per_client: int) -> None:
+        self.limit = limit
+        self.per_client = per_client
+        self._total = 0
+        self._by_client: dict[str, int] = {}
+        self._lock = threading.Lock()
+
+    def enter(self, key: str) -> str | None:
+        """Count a new connection from ``key``; None, or why it is refused (not counted)."""
+        with self._lock:
+            held = self._by_client.get(key, 0)
+            if held >= self.per_client:
+                return f"{self.per_client} connections from {key} already open"
+            if self._total >= self.limit:
+                return f"{self.limit} connections already open"
+            self._total += 1
+            self._by_client[key] = held + 1
+            return None
+
+    def leave(self, key: str) -> None:
+        """A connection counted by :meth:`enter` closed."""
+        with self._lock:
+            self._total -= 1
+            left = self._by_client[key] - 1
+            if left:
+                self._by_client[key] = left
+            else:
+                del self._by_client[key]
+
+
+class DropLog:
+    """Logs refused connections at most once per ``interval`` per client key."""
+
+    def __init__(self, interval: float) -> None:
+        self.interval = interval
+        self._last: dict[str, tuple[float, int]] = {}  # key -> (logged at, not logged since)
+        self._lock = threading.Lock()
+
+    def dropped(self, key: str, client: str, reason: str) -> None:
+        """Log (or count, to log later) one refused connection."""
+        now = time.monotonic()
+        with self._lock:
+            logged_at, silent = self._last.get(key, (-self.interval, 0))
+            if now - logged_at < self.interval:
+                self._last[key] = (logged_at, silent + 1)
+                return
+            # Forget keys not heard from for a while, so the table stays small.
+            for old in [k for k, (t, _) in self._last.items() if now - t >= self.interval]:
+                del self._last[old]
+            self._last[key] = (now, 0)
+        note = f"dropped: {reason}"
+        if silent:
+            note += f" ({silent} more not logged)"
+        LOG.warning(format_fields({"client": client, "note": note}))
+
+
 class StapHTTPServer(ThreadingHTTPServer):
-    """Accepts TLS connections and hands each to a thread, up to a limit.
+    """Accepts TLS connections and hands each to a thread, within :class:`ConnectionLimits`.
 
     It serves on a socket made by :func:`listen` beforehand, so that the server can
     bind a privileged port as root and serve after becoming the service user.
@@ -278,20 +386,16 @@ class StapHTTPServer(ThreadingHTTPServer):
     def __init__(
         self,
         sock: socket.socket,
-        service: CompileService,
+        app: CompileApp,
         ssl_context: ssl.SSLContext,
-        io_timeout: float,
-        max_connections: int,
-        max_request_size: int,
+        limits: ConnectionLimits,
     ) -> None:
         self.address_family = sock.family
-        self.service = service
+        self.app = app
         self.ssl_context = ssl_context
-        self.io_timeout = io_timeout
-        self.max_connections = max_connections
-        self.max_request_size = max_request_size
-        self._connections = 0
-        self._count_lock = threading.Lock()
+        self.limits = limits
+        self.connections = ConnectionCounter(limits.max_connections, limits.per_client)
+        self._drops = DropLog(DROP_LOG_INTERVAL)
         address = sock.getsockname()
         super().__init__(address[:2], Handler, bind_and_activate=False)
         self.socket.close()  # the unbound one socketserver made: serve on ``sock``
@@ -309,31 +413,25 @@ class StapHTTPServer(ThreadingHTTPServer):
         ), address
 
     def process_request(self, request: Any, client_address: Any) -> None:
-        """Start a thread for the connection, or drop it when too many are open."""
-        with self._count_lock:
-            full = self._connections >= self.max_connections
-            if not full:
-                self._connections += 1
-        if full:
-            LOG.warning(
-                format_fields(
-                    {
-                        "client": f"{client_address[0]}:{client_address[1]}",
-                        "note": f"dropped: {self.max_connections} connections already open",
-                    }
-                )
-            )
+        """Start a thread for the connection, or close it at once when over a limit."""
+        key = client_key(str(client_address[0]))
+        refusal = self.connections.enter(key)
+        if refusal is not None:
+            self._drops.dropped(key, f"{client_address[0]}:{client_address[1]}", refusal)
             self.shutdown_request(request)
             return
-        super().process_request(request, client_address)
+        try:
+            super().process_request(request, client_address)
+        except BaseException:  # no thread (out of threads): the place is not taken
+            self.connections.leave(key)
+            raise
 
     def process_request_thread(self, request: Any, client_address: Any) -> None:
         """Run the connection, then free its place."""
         try:
             super().process_request_thread(request, client_address)
         finally:
-            with self._count_lock:
-                self._connections -= 1
+            self.connections.leave(client_key(str(client_address[0])))
 
     def handle_error(self, request: Any, client_address: Any) -> None:
         """A connection failed mid-way: one log line (a traceback only for a bug)."""

@@ -22,6 +22,8 @@ from pathlib import Path
 from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec
 
+from stapinit.core.errors import StapinitError
+from stapinit.core.lsb import EXIT_NOT_CONFIGURED
 from stapinit.trust import certs
 
 KEY_NAME = "stap.key"
@@ -30,8 +32,10 @@ CERT_NAME = "stap.cert"
 EXPIRY_WARNING = dt.timedelta(days=30)
 
 
-class IdentityError(Exception):
-    """The key or certificate cannot be used; ``str()`` is one line."""
+class IdentityError(StapinitError):
+    """The key or certificate cannot be used; ``str()`` is one line (exit 6)."""
+
+    exit_code = EXIT_NOT_CONFIGURED
 
 
 @dataclass(frozen=True)

@@ -111,7 +111,9 @@ def _check_value(option: str, spec: _Spec, value: str) -> str:
     return value
 
 
-def parse_options(options: Sequence[str], stapusr: bool, runtime: RuntimeKind) -> ParsedOptions:
+def parse_compile_options(
+    options: Sequence[str], stapusr: bool, runtime: RuntimeKind
+) -> ParsedOptions:
     """Check client options as stap's getopt would read them; raise PolicyError.
 
     ``runtime`` is the request's field; ``--runtime=bpf`` or ``--bpf`` among the
@@ -173,6 +175,64 @@ def parse_options(options: Sequence[str], stapusr: bool, runtime: RuntimeKind) -
     return ParsedOptions(tuple(out), tuple(args), runtime)
 
 
+#: The start of a header name in a string: stap builds a type module from
+#: ``@cast(p, "type", "<header>")``, ``"kernel<header>"`` or ``"mod:<header>"``
+#: (and likewise ``@enumname``) by having gcc include that file (stap's
+#: ``make_typequery``; header names match ``[a-zA-Z0-9/_.+-]+``).  A fragment
+#: ending in ``<`` counts too, since stap joins adjacent literals.
+_HEADER_START: Final = re.compile(r"<(?:[A-Za-z0-9/_.+-]|\Z)")
+
+
+def string_literals(script: str) -> list[str]:
+    """The contents of the string literals of a stap script, escapes kept as written.
+
+    Read as stap's lexer reads them (``lexer::scan``): comments (``#``, ``//``,
+    ``/* */``) and embedded C (``%{ %}``) are skipped; a backslash takes the
+    next character along (even a newline); an unescaped newline ends an
+    unterminated literal.  stap keeps escapes undecoded in strings
+    (``"\\074"`` is not ``<``), so neither are they decoded here.
+    """
+    found: list[str] = []
+    i, end = 0, len(script)
+    while i < end:
+        char = script[i]
+        if char == '"':
+            j = i + 1
+            while j < end and script[j] not in '"\n':
+                j += 2 if script[j] == "\\" else 1
+            found.append(script[i + 1 : min(j, end)])
+            i = j + 1
+        elif char == "#" or script.startswith("//", i):
+            newline = script.find("\n", i)
+            i = end if newline < 0 else newline + 1
+        elif script.startswith("/*", i) or script.startswith("%{", i):
+            close = script.find("*/" if char == "/" else "%}", i + 2)
+            i = end if close < 0 else close + 2
+        else:
+            i += 1
+    return found
+
+
+def header_refusal(req: CompileRequest, parsed: ParsedOptions) -> str | None:
+    """Why a stapusr request might name a header file for gcc to include; None if not.
+
+    Looks at every string the script (``-e``/file and ``-E`` texts) and its
+    arguments (``@1``...) can hand to ``@cast``: literals, macros and
+    ``%( %? %)`` branches all appear as literals in the text.  Plain ``<``
+    (``"a < b"``, ``"<%d>"``) is fine.
+    """
+    extra = [opt[2:] for opt in parsed.options if opt.startswith("-E")]
+    strings = [s for text in (req.script_text, *extra) for s in string_literals(text)]
+    for text in [*strings, *parsed.script_args]:
+        if _HEADER_START.search(text):
+            return (
+                'header files (@cast(..., "<file>") or "kernel<file>") are not allowed '
+                f"under --privilege=stapusr; refused for the string {text[:80]!r} "
+                "('<' followed by a file name)"
+            )
+    return None
+
+
 def check_request(req: CompileRequest, releases: Sequence[str], arch: str) -> ParsedOptions:
     """Apply the server's policy to a (protocol-valid) request; raise PolicyError."""
     if req.release not in releases:
@@ -191,7 +251,11 @@ def check_request(req: CompileRequest, releases: Sequence[str], arch: str) -> Pa
         # stap trusts "/* unprivileged */" embedded C in tapset files, so a client's
         # own tapsets would lift the safety check (stap refuses -I likewise).
         raise PolicyError(stapusr_refusal("-I"))
-    return parse_options(req.options, stapusr, req.runtime)
+    parsed = parse_compile_options(req.options, stapusr, req.runtime)
+    refusal = header_refusal(req, parsed) if stapusr else None
+    if refusal is not None:
+        raise PolicyError(refusal)
+    return parsed
 
 
 def stap_command(

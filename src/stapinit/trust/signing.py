@@ -2,15 +2,19 @@
 
 A signature file is JSON::
 
-    {"format": "stap-module-signature/1",
-     "manifest": {"module_sha256", "module_name", "release", "arch", "privilege",
-                  "signer_fingerprint", "signed_at"},
+    {"format": "stap-module-signature/2",
+     "manifest": {"module_sha256", "module_name", "release", "arch", "runtime",
+                  "privilege", "options", "signer_fingerprint", "signed_at"},
      "signature": base64 ECDSA-SHA256 over the canonical JSON of the manifest}
 
 The manifest carries the module's SHA-256, so the signature covers the module's
-bytes as well as what it was compiled for.  A signature counts only while the
-signer's certificate is valid, and only if it was made while it was.  Pure: no
-file I/O here.
+bytes as well as everything that makes a compiled script valid for a host: the
+kernel release and architecture, the runtime (``kmod``/``bpf``), the privilege
+level it was compiled for (``stapdev``/``stapusr``; what the loader lets a
+caller run, spec §6.1.2) and the stap options it was compiled with (a list of
+strings, in the order given).  A signature counts only while the signer's
+certificate is valid, and only if it was made while it was.  Pure: no file I/O
+here.
 """
 
 from __future__ import annotations
@@ -20,7 +24,7 @@ import binascii
 import datetime as dt
 import hashlib
 import json
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any, Final, Literal
 
@@ -29,9 +33,10 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
 
+from stapinit.core.runtime import kind_of_module
 from stapinit.trust.certs import fingerprint, not_valid_after, not_valid_before
 
-FORMAT: Final = "stap-module-signature/1"
+FORMAT: Final = "stap-module-signature/2"
 SIGNATURE_SUFFIX: Final = ".sgn"
 #: How ``signed_at`` is written: UTC, to the second.
 TIME_FORMAT: Final = "%Y-%m-%dT%H:%M:%SZ"
@@ -62,7 +67,9 @@ class Manifest:
     module_name: str
     release: str
     arch: str
+    runtime: str
     privilege: str
+    options: tuple[str, ...]
     signer_fingerprint: str
     signed_at: str
 
@@ -80,20 +87,30 @@ def sign_module(
     arch: str,
     privilege: str,
     signed_at: dt.datetime | None = None,
+    *,
+    options: Sequence[str] = (),
+    runtime: str | None = None,
 ) -> bytes:
     """Return the bytes of the ``.sgn`` file for a module, signed with ``private_key``.
 
     ``module_name`` is the module's file name (``NAME.ko`` or ``NAME.bo``);
     ``certificate`` is the signer's (its fingerprint goes into the manifest);
-    ``signed_at`` defaults to now.
+    ``signed_at`` defaults to now; ``options`` are the stap options the module
+    was compiled with; ``runtime`` defaults to the one the module's suffix names.
+    Raises ValueError when ``runtime`` is not given and the suffix names none.
     """
     when = (signed_at or dt.datetime.now(dt.UTC)).astimezone(dt.UTC)
+    kind = runtime or kind_of_module(module_name)
+    if kind is None:
+        raise ValueError(f"{module_name!r} is not a module file name (NAME.ko or NAME.bo)")
     manifest = Manifest(
         module_sha256=hashlib.sha256(module_bytes).hexdigest(),
         module_name=module_name,
         release=release,
         arch=arch,
+        runtime=kind,
         privilege=privilege,
+        options=tuple(options),
         signer_fingerprint=fingerprint(certificate),
         signed_at=when.strftime(TIME_FORMAT),
     )
@@ -118,12 +135,15 @@ def _parse(sgn_bytes: bytes) -> tuple[Manifest, bytes]:
         raise bad(f"not {FORMAT}")
     fields = doc.get("manifest")
     names = set(Manifest.__dataclass_fields__)
+    if not isinstance(fields, dict) or set(fields) != names:
+        raise bad("manifest fields missing or unknown")
+    options = fields.pop("options")
     if (
-        not isinstance(fields, dict)
-        or set(fields) != names
-        or not all(isinstance(v, str) for v in fields.values())
+        not all(isinstance(v, str) for v in fields.values())
+        or not isinstance(options, list)
+        or not all(isinstance(v, str) for v in options)
     ):
-        raise bad("manifest fields missing or of the wrong type")
+        raise bad("manifest fields of the wrong type")
     sig_text = doc.get("signature")
     if not isinstance(sig_text, str):
         raise bad("no signature")
@@ -131,7 +151,7 @@ def _parse(sgn_bytes: bytes) -> tuple[Manifest, bytes]:
         signature = base64.b64decode(sig_text.encode("ascii"), validate=True)
     except (binascii.Error, UnicodeEncodeError):
         raise bad("signature is not base64") from None
-    return Manifest(**fields), signature
+    return Manifest(**fields, options=tuple(options)), signature
 
 
 def _check_validity(signer: x509.Certificate, manifest: Manifest, now: dt.datetime) -> None:

@@ -113,8 +113,10 @@ class BpfRuntime:
             return State.STOPPED
         if instance.phase == "exited":
             return State.EXITED
-        if Process(instance.pid, instance.start_time).alive() and instance.module in (
-            process.command_line(instance.pid)
+        # pid and start time identify the process; a ready one must also still
+        # run our module (a starting one may be between a wrapper and its exec).
+        if Process(instance.pid, instance.start_time).alive() and (
+            instance.phase == "starting" or instance.module in process.command_line(instance.pid)
         ):
             # A start killed while waiting leaves "starting": look again.
             ready = instance.phase == "ready" or is_ready(instance.pid, self._machine)

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
+import platform
 import random
 import shutil
 import signal
@@ -15,9 +17,12 @@ from typing import Any
 
 import pytest
 
-from stapinit.server.daemon import installed_releases
+from stapinit.protocol import decode_compile_response
+from stapinit.server.config import ServerConfig
+from stapinit.server.errors import StapServerError
+from stapinit.server.startup import check_sandbox_paths, installed_releases
 from tests.server.conftest import ServerFactory
-from tests.server.helpers import HOST, STAP_SERVER, Server, ensure_service_user
+from tests.server.helpers import HELLO, HOST, STAP_SERVER, Server, bpf_request, ensure_service_user
 
 UNIT = Path(__file__).resolve().parents[2] / "data" / "server" / "stap-server.service"
 
@@ -129,12 +134,37 @@ def _unit_capabilities() -> list[str]:
     return value.split()
 
 
+def _unit_families() -> str:
+    """The unit's RestrictAddressFamilies= as numbers, for ``restrict_af``."""
+    lines = [line for line in UNIT.read_text().splitlines() if not line.startswith("#")]
+    [value] = [
+        line.partition("=")[2] for line in lines if line.startswith("RestrictAddressFamilies=")
+    ]
+    return ",".join(str(int(socket.AddressFamily[name])) for name in value.split())
+
+
+@pytest.fixture(scope="module")
+def restrict_af(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A program that runs a command under the unit's address-family restriction."""
+    gcc = shutil.which("gcc")
+    if gcc is None or platform.machine() != "x86_64":
+        pytest.skip("needs gcc on x86-64")
+    program = tmp_path_factory.mktemp("restrict-af") / "restrict_af"
+    source = Path(__file__).with_name("restrict_af.c")
+    subprocess.run([gcc, "-O2", "-o", str(program), str(source)], check=True, timeout=60)
+    program.chmod(0o755)
+    program.parent.chmod(0o755)
+    return program
+
+
 def test_start_as_root_with_only_the_unit_capabilities_on_a_low_port(
-    server_factory: ServerFactory,
+    server_factory: ServerFactory, restrict_af: Path
 ) -> None:
     """The unit's hardening still lets the server bind a port below 1024 and become USER.
 
-    The directories are as systemd and the install step leave them: the state
+    It compiles in its sandbox under the unit's RestrictAddressFamilies=.  The
+    directories are as systemd and the install
+    step leave them: the state
     directory root's (StateDirectory=, here with a cache turned over to root), the
     log directory the service user's (0750), the runtime directory root's.
     """
@@ -149,9 +179,13 @@ def test_start_as_root_with_only_the_unit_capabilities_on_a_low_port(
     server.pid_file.parent.mkdir(mode=0o755)
     caps = ["-all", *(f"+{cap.lower().removeprefix('cap_')}" for cap in _unit_capabilities())]
     setpriv = ["setpriv", "--no-new-privs", "--bounding-set=" + ",".join(caps)]
-    proc = _serve_in_foreground(server, setpriv)
+    proc = _serve_in_foreground(server, [*setpriv, str(restrict_af), _unit_families()])
     try:
         assert _uid_of(proc.pid) == user.pw_uid
+        # The compile sandbox works under the unit's restrictions.
+        reply = server.compile(bpf_request(f"# {time.time_ns()}\n" + HELLO))
+        assert reply.status == 200, reply.body
+        assert decode_compile_response(reply.body).status == 0
         assert f"listening on {HOST}:{port}," in server.log_text()
         assert server.key_path.stat().st_uid == 0
         cache = (server.state_dir / "cache").stat()
@@ -171,6 +205,12 @@ def test_systemd_unit_is_valid_and_starts_the_server_as_root(tmp_path: Path) -> 
     [caps] = [value.split() for name, _, value in settings if name == "CapabilityBoundingSet"]
     assert set(caps) == {"CAP_SETUID", "CAP_SETGID", "CAP_CHOWN", "CAP_NET_BIND_SERVICE"}
     assert "NoNewPrivileges=yes" in text
+    # stap needs /usr/lib/modules, which ProtectKernelModules= hides; the sandbox
+    # cannot mount its /proc under ProtectKernelTunables='s read-only /proc/sys.
+    assert not names & {"ProtectKernelModules", "ProtectKernelTunables", "ProtectProc"}
+    # The compile sandbox (bwrap --unshare-all) makes namespaces of these kinds.
+    [kinds] = [value.split() for name, _, value in settings if name == "RestrictNamespaces"]
+    assert {"user", "mnt", "pid", "ipc", "net", "uts"} <= set(kinds)
     assert " run\n" in text
     analyze = shutil.which("systemd-analyze")
     if analyze is None:
@@ -189,3 +229,16 @@ def test_systemd_unit_is_valid_and_starts_the_server_as_root(tmp_path: Path) -> 
     )
     assert proc.returncode == 0, proc.stderr
     assert "stap-server.service" not in proc.stderr, proc.stderr
+
+
+def test_sandbox_paths_must_not_show_the_servers_state_or_log(tmp_path: Path) -> None:
+    state, logs = tmp_path / "var" / "state", tmp_path / "var" / "log"
+    state.mkdir(parents=True)
+    logs.mkdir()
+    (tmp_path / "link").symlink_to(tmp_path / "var")
+    base = ServerConfig(state_dir=state, log_file=logs / "stap-server.log")
+    check_sandbox_paths(dataclasses.replace(base, sandbox_paths=(tmp_path / "opt",)))
+    for shown in (tmp_path / "var", state / "cache", logs, tmp_path / "link"):
+        with pytest.raises(StapServerError, match="would show compiles") as err:
+            check_sandbox_paths(dataclasses.replace(base, sandbox_paths=(shown,)))
+        assert err.value.exit_code == 6

@@ -12,7 +12,8 @@ The loader answers ``refused`` (and closes), or ``started`` followed by ``output
 frames (payload: bytes the module printed) and a final ``exit``.  The client asks
 the loader to stop the module by shutting down its sending side (or by going away).
 
-Everything in this module but :func:`read_frame` is pure.
+Everything in this module but the reading functions (which take a socket) is pure.
+Every parser turns any input into a value or a one-line :class:`WireError`.
 """
 
 from __future__ import annotations
@@ -21,24 +22,34 @@ import json
 import socket
 import struct
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Final, Literal, cast
 
+from stapinit.core.errors import StapinitError
 from stapinit.core.runtime import KIND_OF_SUFFIX
 from stapinit.protocol import ProtocolError, check_module_name
 
+#: Where stap-loader listens unless configured otherwise (the rendezvous of both sides).
+DEFAULT_SOCKET: Final = Path("/run/stap-loader.sock")
 #: Largest JSON header accepted; headers are small, anything bigger is an attack.
 MAX_HEADER: Final = 64 * 1024
 #: Largest output chunk in one frame.
 MAX_OUTPUT_CHUNK: Final = 1024 * 1024
+#: Largest ``.sgn`` file: a small JSON document (a manifest and one ECDSA signature).
+MAX_SIGNATURE: Final = 64 * 1024
+#: Bytes asked of the kernel per read: memory follows what has arrived, never
+#: what a header announced.
+_CHUNK: Final = 1 << 16
 
 _LEN = struct.Struct(">I")
 Stream = Literal["stdout", "stderr"]
-#: A payload as read from a socket (a preallocated buffer) or built in memory.
+#: A payload as built in memory or read from a socket.
 Payload = bytes | bytearray
 
 
-class WireError(Exception):
+class WireError(StapinitError):
     """A frame breaks the protocol; ``str()`` is one line."""
 
 
@@ -82,11 +93,16 @@ def encode_frame(header: dict[str, Any], payload: Payload = b"") -> bytes:
 
 
 def parse_header(data: bytes) -> tuple[dict[str, Any], int]:
-    """Parse a frame header; returns it and the payload size that follows."""
+    """Parse a frame header; returns it and the payload size that follows.
+
+    Any input either parses or raises :class:`WireError` (one line).
+    """
     try:
         obj = json.loads(data.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError):
-        raise WireError("frame header is not JSON") from None
+    except (ValueError, RecursionError):
+        # ValueError covers bad UTF-8, bad JSON and integers beyond Python's
+        # digit limit; RecursionError, arrays nested thousands deep.
+        raise WireError("frame header is not JSON within the protocol's limits") from None
     if not isinstance(obj, dict):
         raise WireError("frame header is not a JSON object")
     size = obj.get("size", 0)
@@ -99,7 +115,7 @@ def check_module_file_name(name: str) -> str:
     """Return ``name`` if it is ``<stap module name>.bo`` or ``.ko``, else raise WireError."""
     stem, dot, suffix = name.rpartition(".")
     if not dot or f".{suffix}" not in KIND_OF_SUFFIX:
-        raise WireError(f"module file {name!r} does not end in .bo or .ko")
+        raise WireError(f"module file {name[:80]!r} does not end in .bo or .ko")
     try:
         check_module_name(stem)
     except ProtocolError as exc:
@@ -119,48 +135,54 @@ def load_request_parts(req: LoadRequest) -> tuple[bytes, Payload, bytes]:
     return frame_header(header, size), req.module, req.signature or b""
 
 
-def encode_load_request(req: LoadRequest) -> bytes:
-    """Serialise a load request."""
-    return b"".join(load_request_parts(req))
-
-
 _LOAD_KEYS = frozenset({"type", "module_name", "module_size", "signature_size", "size"})
 
 
-def parse_load_request(frame: Frame) -> LoadRequest:
-    """Validate a client's ``load`` frame strictly; raises WireError.
+@dataclass(frozen=True)
+class LoadHeader:
+    """A client's ``load`` frame header, checked: what its payload will hold."""
+
+    module_name: str
+    module_size: int
+    signature_size: int | None
+
+
+def _positive(value: object, limit: int) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and 0 < value <= limit
+
+
+def parse_load_header(header: dict[str, Any], size: int, max_module: int) -> LoadHeader:
+    """Validate a client's ``load`` header strictly, before its payload is read.
 
     Unknown fields are refused rather than ignored, so a crafted request cannot
-    carry anything (a path, options) that a later version might act on.  A
-    ``bytearray`` payload (as :func:`read_frame` returns) becomes the module
-    itself, its signature cut off the end, so a large module is never copied.
+    carry anything (a path, options) that a later version might act on. The
+    module may have up to ``max_module`` bytes, its signature up to
+    :data:`MAX_SIGNATURE`, and the two must make up the payload's ``size``.
+    Raises :class:`WireError`.
     """
-    header = frame.header
-    if frame.type != "load":
+    if header.get("type") != "load":
         raise WireError("expected a load request")
     extra = set(header) - _LOAD_KEYS
     if extra:
-        raise WireError(f"unexpected fields in load request: {', '.join(sorted(extra))}")
+        # repr(): a field name may hold anything, line breaks too, and ends up in a log.
+        names = ", ".join(repr(name[:40]) for name in sorted(extra)[:5])
+        raise WireError(f"unexpected fields in load request: {names}")
     name = header.get("module_name")
     if not isinstance(name, str):
         raise WireError("load request: module_name must be a string")
     check_module_file_name(name)
     module_size = header.get("module_size")
     sig_size = header.get("signature_size")
-    if not isinstance(module_size, int) or isinstance(module_size, bool) or module_size <= 0:
-        raise WireError("load request: module_size must be a positive integer")
-    if sig_size is not None and (
-        not isinstance(sig_size, int) or isinstance(sig_size, bool) or sig_size <= 0
-    ):
-        raise WireError("load request: signature_size must be a positive integer or null")
-    if module_size + (sig_size or 0) != len(frame.payload):
+    if not _positive(module_size, max_module):
+        raise WireError(f"load request: module_size must be a positive integer <= {max_module}")
+    if sig_size is not None and not _positive(sig_size, MAX_SIGNATURE):
+        raise WireError(
+            f"load request: signature_size must be a positive integer <= {MAX_SIGNATURE} or null"
+        )
+    assert isinstance(module_size, int) and (sig_size is None or isinstance(sig_size, int))
+    if module_size + (sig_size or 0) != size:
         raise WireError("load request: sizes do not add up to the payload")
-    payload = frame.payload
-    signature = None if sig_size is None else bytes(payload[module_size:])
-    if isinstance(payload, bytearray):
-        del payload[module_size:]  # shrinks in place
-        return LoadRequest(name, payload, signature)
-    return LoadRequest(name, payload[:module_size], signature)
+    return LoadHeader(name, module_size, sig_size)
 
 
 # --- loader -> client --------------------------------------------------------------
@@ -193,36 +215,72 @@ def exit_status(returncode: int) -> int:
 
 # --- reading -----------------------------------------------------------------------
 
+#: Where the bytes of a payload go as they arrive.
+Sink = Callable[[bytes], object]
 
-def _recv_into(sock: socket.socket, view: memoryview, deadline: float | None) -> int:
-    """Fill ``view`` from ``sock``; the bytes read (short only at EOF).
 
-    With a ``deadline`` (a ``time.monotonic()`` value) the whole read must end by
-    then, however the peer spaces its bytes; TimeoutError otherwise.
+def _recv(sock: socket.socket, limit: int, deadline: float | None) -> bytes:
+    """Up to ``limit`` bytes (b"" at EOF); the whole read must end by ``deadline``.
+
+    With a ``deadline`` (a ``time.monotonic()`` value) TimeoutError is raised
+    once it has passed, however the peer spaces its bytes.
     """
+    if deadline is not None:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise TimeoutError("timed out")
+        sock.settimeout(remaining)
+    return sock.recv(min(limit, _CHUNK))
+
+
+def copy_payload(sock: socket.socket, size: int, deadline: float | None, sink: Sink) -> None:
+    """Pass the next ``size`` bytes of ``sock`` to ``sink`` as they arrive.
+
+    At most :data:`_CHUNK` bytes are held at a time, whatever ``size`` says.
+    Raises WireError if the connection ends first, TimeoutError past ``deadline``.
+    """
+    left = size
+    while left:
+        data = _recv(sock, left, deadline)
+        if not data:
+            raise WireError("connection closed in the middle of a frame")
+        sink(data)
+        left -= len(data)
+
+
+def _read_exactly(sock: socket.socket, size: int, deadline: float | None) -> bytes | None:
+    """``size`` bytes, grown as they arrive; None on a clean EOF before the first."""
+    parts: list[bytes] = []
     got = 0
-    while got < len(view):
-        if deadline is not None:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                raise TimeoutError("timed out")
-            sock.settimeout(remaining)
-        count = sock.recv_into(view[got:], min(len(view) - got, 1 << 20))
-        if not count:
-            break
-        got += count
-    return got
+    while got < size:
+        data = _recv(sock, size - got, deadline)
+        if not data:
+            if got == 0:
+                return None
+            raise WireError("connection closed in the middle of a frame")
+        parts.append(data)
+        got += len(data)
+    return b"".join(parts)
 
 
-def _recv_exactly(sock: socket.socket, count: int, deadline: float | None) -> bytearray | None:
-    """``count`` bytes from ``sock`` in one buffer; None on a clean EOF before the first."""
-    buffer = bytearray(count)
-    got = _recv_into(sock, memoryview(buffer), deadline)
-    if got == count:
-        return buffer
-    if got == 0:
+def read_header(
+    sock: socket.socket, deadline: float | None = None
+) -> tuple[dict[str, Any], int] | None:
+    """The next frame's header and the size of its payload; None on EOF between frames.
+
+    Raises WireError for an oversized or malformed header, TimeoutError past
+    ``deadline``; the payload is left unread.
+    """
+    raw_len = _read_exactly(sock, _LEN.size, deadline)
+    if raw_len is None:
         return None
-    raise WireError("connection closed in the middle of a frame")
+    (length,) = _LEN.unpack(raw_len)
+    if length > MAX_HEADER:
+        raise WireError("frame header too large")
+    data = _read_exactly(sock, length, deadline) if length else b""
+    if data is None:
+        raise WireError("connection closed in the middle of a frame")
+    return parse_header(data)
 
 
 def read_frame(
@@ -231,22 +289,16 @@ def read_frame(
     """Read one frame from ``sock``; None on EOF between frames.
 
     Raises WireError for oversized or malformed frames before reading their
-    payload, which is read into one buffer of the announced size.  ``deadline``
-    (``time.monotonic()``) bounds the whole frame (TimeoutError), not each read.
+    payload, which is then gathered as it arrives (memory follows the bytes
+    received, not the size announced). ``deadline`` (``time.monotonic()``)
+    bounds the whole frame (TimeoutError), not each read.
     """
-    raw_len = _recv_exactly(sock, _LEN.size, deadline)
-    if raw_len is None:
+    head = read_header(sock, deadline)
+    if head is None:
         return None
-    (length,) = _LEN.unpack(raw_len)
-    if length > MAX_HEADER:
-        raise WireError("frame header too large")
-    data = _recv_exactly(sock, length, deadline) if length else bytearray()
-    if data is None:
-        raise WireError("connection closed in the middle of a frame")
-    header, size = parse_header(bytes(data))
+    header, size = head
     if size > max_payload:
         raise WireError(f"frame payload of {size} bytes exceeds the limit of {max_payload}")
-    payload = _recv_exactly(sock, size, deadline) if size else bytearray()
-    if payload is None:
-        raise WireError("connection closed in the middle of a frame")
-    return Frame(header, payload)
+    parts: list[bytes] = []
+    copy_payload(sock, size, deadline, parts.append)
+    return Frame(header, b"".join(parts))

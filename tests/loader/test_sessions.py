@@ -16,18 +16,24 @@ from pathlib import Path
 
 import pytest
 
-from stapinit.loader import wire
+from stapinit import loader_wire as wire
 from stapinit.protocol import MAX_MODULE_BYTES
 from stapinit.trust.certs import generate_identity
 from stapinit.trust.signing import sign_module
 from stapinit.trust.stores import signer_store_at
-from tests.loader.conftest import Loader, RealModules, start_loader, stop_loader
+from tests.loader.conftest import (
+    Loader,
+    RealModules,
+    encode_load_request,
+    start_loader,
+    stop_loader,
+)
 from tests.trust.people import VENV_BIN, User, run_as, shared_tmpdir
 from tests.trust.signers import make_signer
 
 
 def load(name: str, module: bytes, signature: bytes | None = None) -> bytes:
-    return wire.encode_load_request(wire.LoadRequest(name, module, signature))
+    return encode_load_request(wire.LoadRequest(name, module, signature))
 
 
 def signed(
@@ -241,7 +247,7 @@ def test_loader_refuses_to_run_as_non_root(users: dict[str, User]) -> None:
         {},
         Path("/"),
     )
-    assert result.returncode == 1
+    assert result.returncode == 4  # LSB: insufficient privilege
     assert result.stderr == "stap-loader: must run as root (loading modules needs it)\n"
 
 

@@ -1,5 +1,7 @@
 """Talking to a stap-server over TLS, pinned to the certificates the user trusts.
 
+Used by ``stap-client`` and by systemtap-service's ``COMPILE_SERVER``.
+
 Server certificates are self-signed, so neither a CA nor the host name says
 anything.  Instead the TLS handshake proves the server holds the key of the
 certificate it shows, and that certificate's fingerprint must be in a trust
@@ -16,7 +18,6 @@ from typing import Final
 
 from cryptography import x509
 
-from stapinit.client.options import ServerAddress
 from stapinit.protocol import (
     COMPILE_PATH,
     CONTENT_TYPE,
@@ -28,6 +29,7 @@ from stapinit.protocol import (
     decode_error,
     encode_compile_request,
 )
+from stapinit.trust.address import ServerAddress
 from stapinit.trust.certs import fingerprint as cert_fingerprint
 
 CONNECT_TIMEOUT: Final = 10.0
@@ -62,9 +64,12 @@ def _tls_context() -> ssl.SSLContext:
     return ctx
 
 
-def connect_pinned(address: ServerAddress, trusted: Collection[str]) -> http.client.HTTPSConnection:
+def connect_pinned(
+    address: ServerAddress, trusted: Collection[str], timeout: float = COMPILE_TIMEOUT
+) -> http.client.HTTPSConnection:
     """An HTTPS connection to ``address`` whose certificate is one of ``trusted``.
 
+    ``timeout`` bounds, in seconds, each wait for the server once connected.
     Raises ServerUntrustedError (nothing has been sent) or ServerError.
     """
     conn = http.client.HTTPSConnection(
@@ -88,7 +93,7 @@ def connect_pinned(address: ServerAddress, trusted: Collection[str]) -> http.cli
     if fingerprint not in trusted:
         conn.close()
         raise ServerUntrustedError(address, fingerprint)
-    sock.settimeout(COMPILE_TIMEOUT)
+    sock.settimeout(timeout)
     return conn
 
 

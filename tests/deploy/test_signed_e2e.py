@@ -1,0 +1,365 @@
+"""A production host without a compiler: caches from a trusted stap-server, signed, verified.
+
+Real processes throughout: a real stap-server on loopback compiles with the real
+stap, the host under test has no stap at all, and the BPF scripts run under the
+real stapbpf (with the test-only memlock shim).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import io
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from stapinit.initscript import cache, kernels
+from stapinit.initscript.cache import CacheRecord, KernelIdentity
+from stapinit.initscript.commands import CommandError, Initscript, Request
+from stapinit.initscript.log import Log
+from stapinit.initscript.settings import load_settings
+from stapinit.trust.certs import generate_identity, load_certificate
+from stapinit.trust.signing import sign_module
+from stapinit.trust.stores import StorePaths, signer_store, system_server_store
+from tests.server.helpers import Server, ensure_service_user, free_port, make_server
+from tests.support.prefix import RELEASE, Prefix, process_alive, wait_for
+from tests.trust.signers import make_signer
+
+TICK = (
+    "global n\n"
+    'probe timer.ms(50) { n++; printf("tick %d\\n", n) }\n'
+    'probe end { printf("end\\n") }\n'
+)
+ARCH = os.uname().machine
+
+
+@pytest.fixture(scope="module")
+def server() -> Iterator[Server]:
+    """One real stap-server for the module, in a directory its user can traverse."""
+    if os.geteuid() != 0:
+        pytest.skip("stap-server runs as its own user: these tests run as root")
+    ensure_service_user()
+    base = Path(tempfile.mkdtemp(prefix="stap-signed-test-", dir="/tmp"))
+    base.chmod(0o755)
+    started = make_server(base, "server")
+    started.start()
+    yield started
+    started.stop()
+    shutil.rmtree(base, ignore_errors=True)
+
+
+@dataclass
+class Production:
+    """A host with no stap whose trust stores (under ``trust``) authorize the server."""
+
+    prefix: Prefix
+    trust: StorePaths
+    server: Server
+
+    def add_ticker(self, name: str, options: str = "") -> Path:
+        out = self.prefix.root / f"{name}.out"
+        self.prefix.add_script(name, TICK, options=f"--runtime=bpf -o {out} {options}".strip())
+        return out
+
+    def cache_file(self, name: str) -> Path:
+        return self.prefix.cache_dir() / name
+
+    def running(self) -> dict[str, str]:
+        return {n: str(s["state"]) for n, s in self.prefix.status_json().items()}
+
+
+@pytest.fixture
+def production(tmp_path: Path, stapbpf_wrapper: Path, server: Server) -> Iterator[Production]:
+    trust = StorePaths(sysconf=tmp_path / "trust" / "etc" / "systemtap", user_dir=None)
+    certificate = load_certificate(server.cert_path)
+    system_server_store(trust).add(certificate)
+    signer_store(trust).add(certificate)
+    home = tmp_path / "home"
+    home.mkdir()
+    prefix = Prefix(
+        tmp_path / "production",
+        {
+            "STAPBPF": str(stapbpf_wrapper),
+            "STAP": str(tmp_path / "no-compiler" / "stap"),
+            "COMPILE_SERVER": f"127.0.0.1:{server.port}",
+            "REQUIRE_SIGNED": "yes",
+        },
+        env={"STAP_TRUST_ROOT": str(tmp_path / "trust"), "HOME": str(home)},
+    )
+    yield Production(prefix, trust, server)
+    prefix.kill_leftovers()
+
+
+def test_start_compiles_through_the_server_and_runs_the_scripts(production: Production) -> None:
+    prefix = production.prefix
+    out = production.add_ticker("ticker")
+    other = production.add_ticker("other", options="-w")
+    done = prefix.run("start")
+    assert done.returncode == 0, done.stderr
+    assert "Started ticker" in done.stdout and "Started other" in done.stdout
+    assert production.running() == {"ticker": "running", "other": "running"}
+    assert wait_for(lambda: out.exists() and len(out.read_text().splitlines()) > 3)
+    assert wait_for(lambda: other.exists() and len(other.read_text().splitlines()) > 3)
+    log = prefix.log()
+    assert f"compiled by stap-server 127.0.0.1:{production.server.port}" in log
+    # The cache is what a local compile leaves, plus the server's signature.
+    names = sorted(p.name for p in prefix.cache_dir().iterdir())
+    assert names == sorted(
+        ["ticker.bo", "ticker.bo.sgn", "ticker.opts", "other.bo", "other.bo.sgn", "other.opts"]
+    )
+    record = production.cache_file("other.opts").read_text()
+    assert f"release={RELEASE}\n" in record and "runtime=bpf\n" in record
+    assert "options=-w\n" in record
+    manifest = json.loads(production.cache_file("other.bo.sgn").read_text())["manifest"]
+    assert (manifest["module_name"], manifest["release"], manifest["arch"]) == (
+        "other.bo",
+        RELEASE,
+        ARCH,
+    )
+    assert (manifest["runtime"], manifest["privilege"], manifest["options"]) == (
+        "bpf",
+        "stapdev",
+        ["-w"],
+    )
+    stopped = prefix.run("stop")
+    assert stopped.returncode == 0, stopped.stderr
+    assert out.read_text().splitlines()[-1] == "end"
+
+    # A second start finds valid signed caches: nothing is compiled again.
+    mtime = production.cache_file("ticker.bo").stat().st_mtime_ns
+    again = prefix.run("start")
+    assert again.returncode == 0, again.stderr
+    assert production.cache_file("ticker.bo").stat().st_mtime_ns == mtime
+    assert prefix.run("stop").returncode == 0
+
+
+def test_compile_command_gets_caches_from_the_server(production: Production) -> None:
+    prefix = production.prefix
+    production.add_ticker("tick")
+    done = prefix.run("compile", "-y")
+    assert (done.returncode, done.stdout) == (0, "Compiled tick\n"), done.stderr
+    assert production.cache_file("tick.bo.sgn").is_file()
+    status = prefix.status_json()["tick"]
+    assert status["cache"] == "valid"
+
+
+def flip_one_byte(path: Path) -> None:
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    path.write_bytes(bytes(data))
+
+
+def test_a_tampered_module_is_refused_or_recompiled(production: Production) -> None:
+    prefix = production.prefix
+    production.add_ticker("tick")
+    assert prefix.run("compile", "-y").returncode == 0
+    module = production.cache_file("tick.bo")
+    flip_one_byte(module)
+
+    prefix.write_config(AUTOCOMPILE="no")
+    refused = prefix.run("start")
+    assert refused.returncode == 1
+    reason = "signature refused: module tick.bo does not match its signature"
+    assert f"no valid cache for tick: {reason}" in refused.stderr
+    assert reason in prefix.log()
+    assert production.running() == {"tick": "stopped"}
+    assert prefix.status_json()["tick"]["cache"] == f"stale: {reason}"
+
+    prefix.write_config(AUTOCOMPILE="yes")
+    recompiled = prefix.run("start")
+    assert recompiled.returncode == 0, recompiled.stderr
+    assert production.running() == {"tick": "running"}
+    assert f"The cache of tick cannot be used: {reason}" in prefix.log()
+    assert prefix.run("stop").returncode == 0
+
+
+def test_a_cache_signed_by_an_untrusted_signer_is_refused(
+    production: Production, tmp_path: Path
+) -> None:
+    prefix = production.prefix
+    production.add_ticker("tick")
+    assert prefix.run("compile", "-y").returncode == 0
+    # Someone with their own key re-signs the module with a manifest that fits in
+    # every other way.
+    key, cert = generate_identity(tmp_path / "rogue.key", tmp_path / "rogue.pem", "rogue")
+    module = production.cache_file("tick.bo")
+    forged = sign_module(
+        key, cert, module.read_bytes(), "tick.bo", RELEASE, ARCH, "stapdev", runtime="bpf"
+    )
+    production.cache_file("tick.bo.sgn").write_bytes(forged)
+    prefix.write_config(AUTOCOMPILE="no")
+    refused = prefix.run("start")
+    assert refused.returncode == 1
+    assert "signature refused: signer SHA256:" in refused.stderr
+    assert "is not a trusted signer" in prefix.log()
+    assert production.running() == {"tick": "stopped"}
+
+
+def test_a_cache_without_a_signature_or_for_other_options_is_refused(
+    production: Production,
+) -> None:
+    prefix = production.prefix
+    production.add_ticker("tick")
+    assert prefix.run("compile", "-y").returncode == 0
+    prefix.write_config(AUTOCOMPILE="no")
+    production.cache_file("tick.bo.sgn").unlink()
+    unsigned = prefix.run("start")
+    assert unsigned.returncode == 1
+    assert "no valid cache for tick: not signed (no tick.bo.sgn)" in unsigned.stderr
+
+    prefix.write_config(AUTOCOMPILE="yes")
+    assert prefix.run("compile", "-y").returncode == 0
+    # The options change, and the record is edited to claim the new ones: the
+    # signature still names the old ones.
+    prefix.write_config(AUTOCOMPILE="no")
+    out = prefix.root / "tick.out"
+    prefix.configure("tick", f"--runtime=bpf -o {out} -w")
+    record = production.cache_file("tick.opts")
+    record.write_text(record.read_text().replace("options=\n", "options=-w\n"))
+    other_options = prefix.run("start")
+    assert other_options.returncode == 1
+    assert "signed for options no options, not [-w]" in other_options.stderr
+    assert production.running() == {"tick": "stopped"}
+
+
+def test_server_down_at_boot_with_valid_signed_caches(production: Production) -> None:
+    prefix = production.prefix
+    out = production.add_ticker("tick")
+    assert prefix.run("compile", "-y").returncode == 0
+    # Nothing listens here: every connection would fail at once.
+    prefix.write_config(COMPILE_SERVER=f"127.0.0.1:{free_port()}")
+    started = prefix.run("start")
+    assert started.returncode == 0, started.stderr
+    assert production.running() == {"tick": "running"}
+    pid = prefix.status_json()["tick"]["pid"]
+    assert isinstance(pid, int) and process_alive(pid)
+    assert wait_for(lambda: out.exists() and len(out.read_text().splitlines()) > 2)
+    assert prefix.run("stop").returncode == 0
+
+
+def test_servers_down_untrusted_or_refusing_are_one_line_each(production: Production) -> None:
+    prefix = production.prefix
+    production.add_ticker("tick")
+    production.add_ticker("bad", options="--tmpdir=/etc")  # the server refuses it
+    down = f"127.0.0.1:{free_port()}"
+    good = f"127.0.0.1:{production.server.port}"
+    prefix.write_config(COMPILE_SERVER=f"{down} {good}", PASSALL="no")
+    done = prefix.run("start")
+    assert done.returncode == 0, done.stderr
+    assert production.running() == {"tick": "running", "bad": "stopped"}
+    [line] = [line for line in done.stderr.splitlines() if "Failed to compile bad" in line]
+    assert f"cannot connect to server {down}" in line
+    assert f"server {good} refused the request: option --tmpdir" in line
+    assert prefix.run("stop").returncode == 0
+
+    # The server is no longer trusted: nothing is sent to it.
+    for entry in production.trust.system_servers.iterdir():
+        entry.unlink()
+    shutil.rmtree(prefix.cache_dir())
+    prefix.write_config(COMPILE_SERVER=good, PASSALL="yes")
+    untrusted = prefix.run("start", "tick")
+    assert untrusted.returncode == 1
+    assert f"Failed to compile tick: Server {good} is not trusted" in untrusted.stderr
+    assert production.running()["tick"] == "stopped"
+
+
+def test_require_signed_refuses_what_a_local_compile_made(
+    tmp_path: Path, stapbpf_wrapper: Path, production: Production
+) -> None:
+    # A host that compiles locally makes no signature: with REQUIRE_SIGNED=yes its
+    # own fresh cache is not loaded.
+    local = Prefix(
+        tmp_path / "local",
+        {"STAPBPF": str(stapbpf_wrapper), "REQUIRE_SIGNED": "yes"},
+        env=production.prefix.env,
+    )
+    local.add_script("tick", TICK, options="--runtime=bpf")
+    done = local.run("start")
+    assert done.returncode == 1
+    assert "tick refused: not signed (no tick.bo.sgn)" in done.stderr
+    assert local.status_json()["tick"]["state"] == "stopped"
+
+
+def test_an_expired_signer_no_longer_vouches(production: Production, tmp_path: Path) -> None:
+    prefix = production.prefix
+    production.add_ticker("tick")
+    assert prefix.run("compile", "-y").returncode == 0
+    # The server's certificate is still valid; pretend the cache's signature was
+    # made by one that expired (trusted, but no longer).
+    now = dt.datetime.now(dt.UTC)
+    key, cert = make_signer(now - dt.timedelta(days=30), now - dt.timedelta(days=1))
+    signer_store(production.trust).add(cert)
+    module = production.cache_file("tick.bo").read_bytes()
+    old = sign_module(
+        key, cert, module, "tick.bo", RELEASE, ARCH, "stapdev",
+        signed_at=now - dt.timedelta(days=2), runtime="bpf",
+    )  # fmt: skip
+    production.cache_file("tick.bo.sgn").write_bytes(old)
+    prefix.write_config(AUTOCOMPILE="no")
+    refused = prefix.run("start")
+    assert refused.returncode == 1
+    assert "signature refused: the signer's certificate has expired" in refused.stderr
+
+
+# --- kernel hooks -------------------------------------------------------------------
+
+
+def service_for(prefix: Prefix, monkeypatch: pytest.MonkeyPatch) -> Initscript:
+    """The service as the command builds it, in this process (to point it at a modules dir)."""
+    for key, value in prefix.env.items():
+        monkeypatch.setenv(key, value)
+    log = Log(prefix.log_file, io.StringIO(), io.StringIO())
+    log.open()
+    return Initscript(load_settings(prefix.config), log, lambda _question: True)
+
+
+def test_a_new_kernel_without_build_tree_gets_its_caches_from_the_server(
+    production: Production, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    production.add_ticker("tick")
+    modules = tmp_path / "modules"
+    (modules / RELEASE / "kernel").mkdir(parents=True)  # installed: modules, no headers
+    service = service_for(production.prefix, monkeypatch)
+    assert kernels.compile_all_kernels(service, Request(), modules) == 0
+    assert production.cache_file("tick.bo.sgn").is_file()
+    assert production.prefix.status_json()["tick"]["cache"] == "valid"
+
+    # The kernel is removed: the postrm hook's cleanup takes every cache file.
+    removed = production.prefix.run("cleanup", "-r", RELEASE, "-y")
+    assert removed.returncode == 0, removed.stderr
+    assert list(production.prefix.cache_dir().iterdir()) == []
+
+
+def test_a_kernel_nothing_can_compile_for_is_reported_loudly(
+    production: Production, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    production.add_ticker("tick")
+    production.prefix.write_config(COMPILE_SERVER="", REQUIRE_SIGNED="no")
+    modules = tmp_path / "modules"
+    (modules / "0.0.0-nobuild" / "kernel").mkdir(parents=True)
+    service = service_for(production.prefix, monkeypatch)
+    with pytest.raises(CommandError, match="has a build tree"):
+        kernels.compile_all_kernels(service, Request(), modules)
+    warning = (
+        "kernel 0.0.0-nobuild has no build tree and COMPILE_SERVER is not set: the boot "
+        "scripts tick will not start on 0.0.0-nobuild"
+    )
+    assert warning in production.prefix.log()
+
+    # Caches brought by other means (unpack) are enough: no warning then.
+    module = tmp_path / "tick.bo"
+    module.write_bytes(b"\x7fELF")
+    record = CacheRecord(KernelIdentity("0.0.0-nobuild", "", ARCH), "bpf", ())
+    directory = production.prefix.cache_dir("0.0.0-nobuild")
+    cache.install(directory, "tick", ".bo", module, record)
+    production.prefix.log_file.unlink()
+    service = service_for(production.prefix, monkeypatch)
+    with pytest.raises(CommandError, match="has a build tree"):
+        kernels.compile_all_kernels(service, Request(), modules)
+    assert "will not start" not in production.prefix.log()
