@@ -8,6 +8,7 @@ real stapbpf (with the test-only memlock shim).
 from __future__ import annotations
 
 import datetime as dt
+import hashlib
 import io
 import json
 import os
@@ -99,7 +100,8 @@ def production(tmp_path: Path, stapbpf_wrapper: Path, server: Server) -> Iterato
 def test_start_compiles_through_the_server_and_runs_the_scripts(production: Production) -> None:
     prefix = production.prefix
     out = production.add_ticker("ticker")
-    other = production.add_ticker("other", options="-w")
+    # -u changes the module (recorded, signed); -w only what the compile prints.
+    other = production.add_ticker("other", options="-w -u")
     done = prefix.run("start")
     assert done.returncode == 0, done.stderr
     assert "Started ticker" in done.stdout and "Started other" in done.stdout
@@ -115,27 +117,32 @@ def test_start_compiles_through_the_server_and_runs_the_scripts(production: Prod
     )
     record = production.cache_file("other.opts").read_text()
     assert f"release={RELEASE}\n" in record and "runtime=bpf\n" in record
-    assert "options=-w\n" in record
+    assert "options=-u\n" in record
     manifest = json.loads(production.cache_file("other.bo.sgn").read_text())["manifest"]
     assert (manifest["module_name"], manifest["release"], manifest["arch"]) == (
         "other.bo",
         RELEASE,
         ARCH,
     )
+    # The signature covers what the record holds: -u, not -w.
     assert (manifest["runtime"], manifest["privilege"], manifest["options"]) == (
         "bpf",
         "stapdev",
-        ["-w"],
+        ["-u"],
     )
     stopped = prefix.run("stop")
     assert stopped.returncode == 0, stopped.stderr
     assert out.read_text().splitlines()[-1] == "end"
 
-    # A second start finds valid signed caches: nothing is compiled again.
-    mtime = production.cache_file("ticker.bo").stat().st_mtime_ns
+    # A second start finds valid signed caches: nothing is compiled again, not
+    # even where only a report option changed (other drops -w, ticker gains -v).
+    mtimes = {n: production.cache_file(n).stat().st_mtime_ns for n in ("ticker.bo", "other.bo")}
+    prefix.configure("ticker", f"--runtime=bpf -o {out} -v")
+    prefix.configure("other", f"--runtime=bpf -o {other} -u")
     again = prefix.run("start")
     assert again.returncode == 0, again.stderr
-    assert production.cache_file("ticker.bo").stat().st_mtime_ns == mtime
+    assert production.running() == {"ticker": "running", "other": "running"}
+    assert {n: production.cache_file(n).stat().st_mtime_ns for n in mtimes} == mtimes
     assert prefix.run("stop").returncode == 0
 
 
@@ -219,12 +226,12 @@ def test_a_cache_without_a_signature_or_for_other_options_is_refused(
     # signature still names the old ones.
     prefix.write_config(AUTOCOMPILE="no")
     out = prefix.root / "tick.out"
-    prefix.configure("tick", f"--runtime=bpf -o {out} -w")
+    prefix.configure("tick", f"--runtime=bpf -o {out} -u")
     record = production.cache_file("tick.opts")
-    record.write_text(record.read_text().replace("options=\n", "options=-w\n"))
+    record.write_text(record.read_text().replace("options=\n", "options=-u\n"))
     other_options = prefix.run("start")
     assert other_options.returncode == 1
-    assert "signed for options no options, not [-w]" in other_options.stderr
+    assert "signed for options no options, not [-u]" in other_options.stderr
     assert production.running() == {"tick": "stopped"}
 
 
@@ -246,7 +253,8 @@ def test_server_down_at_boot_with_valid_signed_caches(production: Production) ->
 def test_servers_down_untrusted_or_refusing_are_one_line_each(production: Production) -> None:
     prefix = production.prefix
     production.add_ticker("tick")
-    production.add_ticker("bad", options="--tmpdir=/etc")  # the server refuses it
+    # The server refuses -B: it would hand the value to make on the server.
+    production.add_ticker("bad", options="-B V=1")
     down = f"127.0.0.1:{free_port()}"
     good = f"127.0.0.1:{production.server.port}"
     prefix.write_config(COMPILE_SERVER=f"{down} {good}", PASSALL="no")
@@ -255,7 +263,7 @@ def test_servers_down_untrusted_or_refusing_are_one_line_each(production: Produc
     assert production.running() == {"tick": "running", "bad": "stopped"}
     [line] = [line for line in done.stderr.splitlines() if "Failed to compile bad" in line]
     assert f"cannot connect to server {down}" in line
-    assert f"server {good} refused the request: option --tmpdir" in line
+    assert f"server {good} refused the request: option -B is not accepted" in line
     assert prefix.run("stop").returncode == 0
 
     # The server is no longer trusted: nothing is sent to it.
@@ -352,10 +360,12 @@ def test_a_kernel_nothing_can_compile_for_is_reported_loudly(
     )
     assert warning in production.prefix.log()
 
-    # Caches brought by other means (unpack) are enough: no warning then.
+    # Caches brought by other means (unpack) are enough: no warning then. Their
+    # record names the digest of the script compiled, as a build host writes it.
     module = tmp_path / "tick.bo"
     module.write_bytes(b"\x7fELF")
-    record = CacheRecord(KernelIdentity("0.0.0-nobuild", "", ARCH), "bpf", ())
+    digest = hashlib.sha256(TICK.encode()).hexdigest()
+    record = CacheRecord(KernelIdentity("0.0.0-nobuild", "", ARCH), "bpf", (), digest)
     directory = production.prefix.cache_dir("0.0.0-nobuild")
     cache.install(directory, "tick", ".bo", module, record)
     production.prefix.log_file.unlink()

@@ -60,20 +60,28 @@ def server() -> Signer:
     return new_signer("server.example")
 
 
-@pytest.fixture
-def signed_hosts(hosts: Hosts, server: Signer) -> Hosts:
-    """tick compiled and signed on the build host; the target trusts ``server`` and requires it."""
-    hosts.build.add_script("tick", TICK, options="--runtime=bpf")
+def sign_on_build_host(
+    hosts: Hosts, server: Signer, options: str = "", signed: tuple[str, ...] = ()
+) -> Hosts:
+    """tick compiled with ``options`` and signed for ``signed`` on the build host;
+    the target trusts ``server`` and requires it."""
+    hosts.build.add_script("tick", TICK, options=f"--runtime=bpf {options}".strip())
     assert hosts.build.run("compile", "-y").returncode == 0
     module = hosts.build.cache_dir() / "tick.bo"
     (hosts.build.cache_dir() / f"tick.bo{SIGNATURE_SUFFIX}").write_bytes(
-        server.sign(module.read_bytes())
+        server.sign(module.read_bytes(), options=signed)
     )
     trust_root = hosts.root / "trust"
     signer_store_at(trust_root / "etc" / "systemtap" / "staprun").add(server.cert)
     hosts.target.env["STAP_TRUST_ROOT"] = str(trust_root)
     hosts.target.write_config(REQUIRE_SIGNED="yes")
     return hosts
+
+
+@pytest.fixture
+def signed_hosts(hosts: Hosts, server: Signer) -> Hosts:
+    """tick without compile options, signed as the server signs it."""
+    return sign_on_build_host(hosts, server)
 
 
 def pack(hosts: Hosts) -> dict[str, bytes]:
@@ -178,13 +186,29 @@ def test_a_signature_for_other_compile_options_installs_nothing(
     signed_hosts: Hosts, server: Signer
 ) -> None:
     # The archive's conf.d file says tick has no compile options; the server
-    # signed it for -w: start would refuse it, so unpack does not install it.
+    # signed it for -u: start would refuse it, so unpack does not install it.
     files = pack(signed_hosts)
     refused(
         signed_hosts,
-        {**files, SGN: server.sign(files[BO], options=("-w",))},
-        f"{BO}: signed for options [-w], not no options",
+        {**files, SGN: server.sign(files[BO], options=("-u",))},
+        f"{BO}: signed for options [-u], not no options",
     )
+
+
+def test_report_options_in_the_archive_are_not_what_the_signature_covers(
+    hosts: Hosts, server: Signer
+) -> None:
+    # Compiled with -w -u: the server signs -u alone, the option the record holds.
+    sign_on_build_host(hosts, server, options="-w -u", signed=("-u",))
+    files = pack(hosts)
+    assert "tick_OPT='--runtime=bpf -w -u'" in files["conf.d/tick.conf"].decode()
+    archive = hosts.root / "signed.tgz"
+    done = hosts.target.run("unpack", "-y", str(archive))
+    assert done.returncode == 0, done.stderr
+    assert "Verified the signatures of 1 modules" in hosts.target.log()
+    started = hosts.target.run("start")
+    assert started.returncode == 0, started.stderr
+    assert hosts.target.run("stop").returncode == 0
 
 
 def test_a_signature_for_another_release_installs_nothing(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime as dt
 import os
+import shlex
 import socket
 import subprocess
 import sys
@@ -16,7 +17,7 @@ from stapinit.core.bashvars import Assignment, ConfigError
 from stapinit.core.runtime import RuntimeKind
 from stapinit.initscript import cache
 from stapinit.initscript.cache import KernelIdentity
-from stapinit.initscript.options import parse_options, split_options
+from stapinit.initscript.options import TABLE, Argument, Phase, parse_options, split_options
 from stapinit.initscript.remote import (
     RemoteError,
     ServerOptions,
@@ -29,6 +30,7 @@ from stapinit.initscript.scripts import Script
 from stapinit.initscript.settings import settings_from_assignments
 from stapinit.initscript.verify import Expected, check, expected_manifest, read_bounded
 from stapinit.protocol import DEFAULT_PORT, CompileResponse, Module
+from stapinit.server.policy import PolicyError, parse_compile_options
 from stapinit.trust.address import ServerAddress
 from stapinit.trust.signing import sign_module
 from tests.support.prefix import Prefix
@@ -94,12 +96,15 @@ def test_require_signed_is_a_boolean() -> None:
 
 def test_request_options_are_the_compile_options_minus_their_own_fields() -> None:
     split = server_options(
-        script("--runtime=bpf -o /tmp/out -w -I /usr/local/tapsets --unprivileged -G x=1 -c ls")
+        script("--runtime=bpf -o /tmp/out -w -I /usr/local/tapsets --unprivileged -D X=1 -c ls")
     )
-    assert split == ServerOptions(("-w", "-G", "x=1"), "stapusr", ("/usr/local/tapsets",))
+    # Sent: compile and report options; signed: the compile options (the record's).
+    assert split == ServerOptions(
+        ("-w", "-D", "X=1"), "stapusr", ("/usr/local/tapsets",), ("-D", "X=1")
+    )
     assert server_options(script("--privilege=stapdev -v")).privilege == "stapdev"
     assert server_options(script("--privilege stapusr")).privilege == "stapusr"
-    assert server_options(script("")) == ServerOptions((), "stapdev", ())
+    assert server_options(script("")) == ServerOptions((), "stapdev", (), ())
 
 
 def test_stapsys_cannot_go_to_a_server() -> None:
@@ -154,7 +159,7 @@ def test_an_answer_without_a_signed_module_of_this_name_is_a_failure(
 # --- what a signature must say -------------------------------------------------------
 
 
-def signed(options: tuple[str, ...] = ("-w",), **changes: str) -> bytes:
+def signed(options: tuple[str, ...] = ("-u",), **changes: str) -> bytes:
     key, cert = SIGNER
     fields = {
         "module_name": "tick.bo",
@@ -178,11 +183,51 @@ def signed(options: tuple[str, ...] = ("-w",), **changes: str) -> bytes:
 
 
 SIGNER = make_signer(NOW - DAY, NOW + 365 * DAY)
-WANTED = expected_manifest(script("--runtime=bpf -w -o /var/log/tick.out"), KERNEL)
+WANTED = expected_manifest(script("--runtime=bpf -u -w -o /var/log/tick.out"), KERNEL)
 
 
 def test_what_a_script_expects_of_its_signature() -> None:
-    assert Expected("tick.bo", "6.1.0-test", "x86_64", "bpf", "stapdev", ("-w",)) == WANTED
+    # The options its record holds: neither -w (report) nor -o (run time).
+    assert Expected("tick.bo", "6.1.0-test", "x86_64", "bpf", "stapdev", ("-u",)) == WANTED
+
+
+def test_a_report_option_changes_neither_the_record_nor_the_signature_wanted() -> None:
+    for options in ("--runtime=bpf -u", "--runtime=bpf -v -u --vp 01 -w"):
+        assert expected_manifest(script(options), KERNEL) == WANTED
+        assert script(options).recorded_options == ["-u"]
+
+
+# Values the server's policy takes, for the options of the table that need one.
+SAMPLE_VALUES = {
+    "D": "X=1",
+    "E": "probe end {}",
+    "--modinfo": "a=b",
+    "--compatible": "4.0",
+    "--prologue-searching": "never",
+    "--privilege": "stapusr",
+}
+
+
+def test_the_server_signs_exactly_the_options_a_record_holds() -> None:
+    """Option by option: what the server leaves out of a signature is phase REPORT here."""
+    accepted: dict[str, tuple[str, ...]] = {}
+    for row in TABLE:
+        if row.phase not in (Phase.COMPILE, Phase.REPORT):
+            continue  # never sent to a server
+        name = row.flag if row.flag.startswith("--") else f"-{row.flag}"
+        words = [name]
+        if row.argument is Argument.REQUIRED:
+            words.append(SAMPLE_VALUES.get(row.flag, "1"))
+        split = server_options(script(shlex.join(words)))
+        try:
+            parsed = parse_compile_options(split.options, False, "kmod")
+        except PolicyError:
+            continue  # refused: nothing is compiled, nothing signed
+        assert parsed.signed == split.signed, name
+        accepted[name] = split.signed
+    # Not vacuous: report and compile options of both kinds went through.
+    assert {"-v", "-w", "--vp", "-u", "-D", "-T", "--compatible"} <= set(accepted)
+    assert accepted["-w"] == () and accepted["-D"] == ("-D", "X=1")
 
 
 def test_a_signature_that_fits_in_every_way_passes() -> None:
@@ -197,8 +242,8 @@ def test_a_signature_that_fits_in_every_way_passes() -> None:
         ({"arch": "aarch64"}, "signed for arch 'aarch64', not 'x86_64'"),
         ({"runtime": "kmod"}, "signed for runtime 'kmod', not 'bpf'"),
         ({"privilege": "stapusr"}, "signed for privilege 'stapusr', not 'stapdev'"),
-        ({"options": ()}, "signed for options no options, not [-w]"),
-        ({"options": ("-w", "-v")}, "signed for options [-w -v], not [-w]"),
+        ({"options": ()}, "signed for options no options, not [-u]"),
+        ({"options": ("-u", "-w")}, "signed for options [-u -w], not [-u]"),
     ],
 )
 def test_a_signature_for_anything_else_is_refused(changes: dict[str, Any], why: str) -> None:

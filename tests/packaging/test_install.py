@@ -68,7 +68,7 @@ def test_make_install_lays_every_file_in_its_place(staged: Installed) -> None:
         assert "@SBINDIR@" not in text
         assert "/usr/sbin/systemtap-service" in text
     unit = (staged.root / "usr/lib/systemd/system/systemtap.service").read_text()
-    assert "ExecStart=/usr/sbin/systemtap-service start\n" in unit
+    assert "ExecStart=/usr/sbin/systemtap-service watch\n" in unit
 
 
 def test_default_config_documents_every_parameter_at_its_default(staged: Installed) -> None:
@@ -181,14 +181,15 @@ def unit_entries(text: str) -> list[tuple[str, str, str]]:
     return entries
 
 
-def test_systemd_unit_is_an_early_oneshot_and_verifies(relocated: Installed) -> None:
+def test_systemd_unit_is_an_early_notify_service_and_verifies(relocated: Installed) -> None:
     unit = relocated.path(relocated.prefix / "lib/systemd/system/systemtap.service")
     entries = unit_entries(unit.read_text())
     single = {(s, k): v for s, k, v in entries}
     command = relocated.command
-    assert single["Service", "Type"] == "oneshot"
-    assert single["Service", "RemainAfterExit"] == "yes"
-    assert single["Service", "ExecStart"] == f"{command} start"
+    # The watcher reports the scripts to systemd (tests/system runs it under systemd).
+    assert single["Service", "Type"] == "notify"
+    assert ("Service", "RemainAfterExit") not in single
+    assert single["Service", "ExecStart"] == f"{command} watch"
     assert single["Service", "ExecStop"] == f"{command} stop"
     assert single["Service", "ExecReload"] == f"{command} reload"
     # Stopping is left to the command, also after a failed start (see below).

@@ -13,7 +13,7 @@ from stapinit.server.policy import ParsedOptions
 REQ = CompileRequest(
     script_text="probe begin { exit() }", script_name="a.stp", release="6.1.0", arch="x86_64"
 )
-PARSED = ParsedOptions((), (), "bpf")
+PARSED = ParsedOptions((), (), "bpf", ())
 STAP = "Systemtap translator/driver (version 4.8/0.188)"
 
 
@@ -38,9 +38,9 @@ def test_key_changes_with_everything_that_shapes_the_result() -> None:
         dataclasses.replace(REQ, privilege="stapusr"),
     ]
     keys = {_key(v) for v in variants}
-    keys.add(_key(parsed=ParsedOptions(("-v",), (), "bpf")))
-    keys.add(_key(parsed=ParsedOptions((), ("arg",), "bpf")))
-    keys.add(_key(parsed=ParsedOptions((), (), "kmod")))
+    keys.add(_key(parsed=ParsedOptions(("-v",), (), "bpf", ())))
+    keys.add(_key(parsed=ParsedOptions((), ("arg",), "bpf", ("arg",))))
+    keys.add(_key(parsed=ParsedOptions((), (), "kmod", ())))
     keys.add(_key(stap="Systemtap translator/driver (version 4.9/0.190)"))
     keys.add(_key())
     assert len(keys) == len(variants) + 5
@@ -50,11 +50,12 @@ def test_every_result_is_signed_so_the_signer_and_the_spelling_of_options_matter
     assert _key(signer="SHA256:aa") != _key(signer="SHA256:bb")
     usr = dataclasses.replace(REQ, privilege="stapusr")
     assert _key(usr, signer="SHA256:aa") != _key(usr, signer="SHA256:bb")
-    # "-vv" and "-v -v" compile alike, but the signed manifest names the options as asked.
-    canonical = ParsedOptions(("-v", "-v"), (), "bpf")
-    bundled = dataclasses.replace(REQ, options=("-vv",))
-    spelled = dataclasses.replace(REQ, options=("-v", "-v"))
-    assert _key(bundled, canonical) != _key(spelled, canonical)
+    # "-ub" and "-u -b" compile alike, but the signed manifest names the options as asked.
+    bundled = dataclasses.replace(REQ, options=("-ub",))
+    spelled = dataclasses.replace(REQ, options=("-u", "-b"))
+    assert _key(bundled, ParsedOptions(("-u", "-b"), (), "bpf", ("-ub",))) != _key(
+        spelled, ParsedOptions(("-u", "-b"), (), "bpf", ("-u", "-b"))
+    )
 
 
 def test_tapset_order_does_not_matter() -> None:

@@ -55,6 +55,23 @@ def test_accepted_options_are_canonical(
         assert parse_compile_options(options, stapusr, "kmod").options == expected
 
 
+@pytest.mark.parametrize(
+    ("options", "signed"),
+    [
+        (("-v", "-w", "-q", "--vp", "01", "--vp=1", "--check-version"), ()),
+        (("-u", "-w", "-D", "X=1", "-T5"), ("-u", "-D", "X=1", "-T5")),
+        (("-vu", "-wvDX=1", "-vs", "4"), ("-u", "-DX=1", "-s", "4")),
+        (("--compatible", "4.0", "--bpf", "--runtime=kmod"), ("--compatible", "4.0")),
+        (("-w", "arg 1"), ("arg 1",)),
+    ],
+)
+def test_the_signature_leaves_out_what_only_changes_the_output(
+    options: tuple[str, ...], signed: tuple[str, ...]
+) -> None:
+    # As the client spelled them, less report-only options and the runtime selection.
+    assert parse_compile_options(options, False, "kmod").signed == signed
+
+
 def test_script_arguments_are_kept_apart() -> None:
     parsed = parse_compile_options(("-v", "arg1", "second arg"), False, "kmod")
     assert parsed.options == ("-v",)
@@ -131,7 +148,7 @@ def test_value_that_looks_like_an_option_stays_a_value() -> None:
 @pytest.mark.parametrize("options", [("--runtime=bpf",), ("--runtime", "bpf"), ("--bpf",)])
 def test_runtime_option_selects_bpf(options: tuple[str, ...]) -> None:
     parsed = parse_compile_options(options, False, "kmod")
-    assert parsed == ParsedOptions((), (), "bpf")
+    assert parsed == ParsedOptions((), (), "bpf", ())
 
 
 def test_release_and_arch_must_be_served() -> None:
@@ -147,7 +164,7 @@ def test_release_and_arch_must_be_served() -> None:
 
 def test_stapusr_module_name_and_tapsets_refused() -> None:
     usr = dataclasses.replace(REQ, privilege="stapusr")
-    assert check_request(usr, RELEASES, "x86_64") == ParsedOptions((), (), "kmod")
+    assert check_request(usr, RELEASES, "x86_64") == ParsedOptions((), (), "kmod", ())
     with pytest.raises(PolicyError) as err:
         check_request(dataclasses.replace(usr, module_name="m"), RELEASES, "x86_64")
     assert str(err.value) == _usr("-m")

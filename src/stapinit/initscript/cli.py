@@ -55,6 +55,12 @@ def _unpack(initscript: Initscript, request: Request) -> int:
     return packing.unpack(initscript, request)
 
 
+def _watch(initscript: Initscript, request: Request) -> int:
+    from stapinit.initscript import watch
+
+    return watch.watch(initscript, request, lambda: _lock("start", initscript.settings, initscript))
+
+
 class Command(NamedTuple):
     """One command: what it does, what it needs and which options it takes."""
 
@@ -119,6 +125,10 @@ COMMANDS: dict[str, Command] = {
         False,
         "if-writable",
     ),
+    # Locks for start and for each decision itself: it runs for as long as the scripts.
+    "watch": Command(
+        _watch, "start, then report the scripts to systemd until they stop", True, "never"
+    ),
 }
 # Commands that must work whatever else is broken: they read the status
 # records, and a bad value elsewhere in the configuration costs a warning.
@@ -130,7 +140,8 @@ USAGE = (
     "[script ...]\n"
     "       systemtap-service compile --all-kernels [-c config] [-y] [script ...]\n"
     "       systemtap-service pack [-r kernelrelease ...] [-c config] -o FILE [script ...]\n"
-    "       systemtap-service unpack [-c config] [-y] FILE"
+    "       systemtap-service unpack [-c config] [-y] FILE\n"
+    "       systemtap-service watch [-c config] [script ...]"
 )
 
 

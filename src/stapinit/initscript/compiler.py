@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import errno
 import fcntl
-import hashlib
 import os
 import re
 from collections.abc import Callable, Sequence
@@ -80,6 +79,9 @@ def read_script(path: Path) -> ScriptText:
         data = handle.read(MAX_SCRIPT_BYTES + 1)
     if len(data) > MAX_SCRIPT_BYTES:
         raise OSError(errno.EFBIG, f"is larger than {MAX_SCRIPT_BYTES} bytes", str(path))
+    # Imported here: OpenSSL's hashes cost milliseconds that stop never needs.
+    import hashlib
+
     return ScriptText(data, hashlib.sha256(data).hexdigest())
 
 

@@ -410,8 +410,10 @@ def archive_conf(script: Script) -> tuple[str, list[str]]:
 
     ``NAME_OPT`` keeps the runtime selection and the compile options (phase
     COMPILE: those the cache record holds, so the target judges the cache as
-    the build host does) and the allowed report options (-v, -w: a server's
-    signature covers them). Run-time options and other report options stay
+    the build host does) and the allowed report options (-v, -w, --vp: they
+    change only what a compile prints, so neither the record nor a server's
+    signature holds them, and a target that compiles again prints as the
+    build host does). Run-time options and other report options stay
     behind, for the target's own configuration; options the service decides
     itself are dropped. Raises :class:`PackError` for a compile option an
     archive may not carry.
@@ -711,7 +713,8 @@ def verify_signatures(
     Each module needs its ``.sgn``, made by a signer trusted in
     ``/etc/systemtap/staprun/`` (:mod:`stapinit.initscript.verify`), over this
     very module, for its name, release, ``machine``, runtime, privilege and the
-    compile options its ``conf.d`` file gives it. Raises :class:`PackError`
+    compile options its ``conf.d`` file gives it (phase COMPILE, those its
+    record holds: report options such as -w are not signed). Raises :class:`PackError`
     naming the first module that fails; returns how many verified. The crypto
     library is imported only here.
     """

@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Final, NamedTuple
 from stapinit.initscript import cache
 from stapinit.initscript.cache import KernelIdentity
 from stapinit.initscript.compiler import CompileResult, failure_line, wanted_record
-from stapinit.initscript.options import OptionError, parse_options
+from stapinit.initscript.options import OptionError, Phase, parse_options
 from stapinit.initscript.scripts import Script
 
 if TYPE_CHECKING:  # the protocol is loaded only to compile: verify.py needs none of it
@@ -51,15 +51,19 @@ class RemoteError(Exception):
 class ServerOptions(NamedTuple):
     """A script's compile options as a compile request carries them.
 
-    ``options`` are the compile options (spec §4.2.1's filter) without those the
-    request has fields for: ``--privilege``/``--unprivileged`` become
-    ``privilege`` and ``-I DIR`` the tapsets read from ``include_dirs``.  The
-    server signs ``options``, ``privilege`` and the runtime in the manifest.
+    ``options`` are the options given to the compile (phases COMPILE and
+    REPORT of :mod:`stapinit.initscript.options`) without those the request
+    has fields for: ``--privilege``/``--unprivileged`` become ``privilege``
+    and ``-I DIR`` the tapsets read from ``include_dirs``.  ``signed`` are
+    those of phase COMPILE alone, the ones the cache record holds: the server
+    signs them (it leaves report-only options such as ``-w`` out,
+    :data:`stapinit.server.policy.REPORT_ONLY`), ``privilege`` and the runtime.
     """
 
     options: tuple[str, ...]
     privilege: Privilege
     include_dirs: tuple[str, ...]
+    signed: tuple[str, ...]
 
 
 def server_options(script: Script) -> ServerOptions:
@@ -72,6 +76,7 @@ def server_options(script: Script) -> ServerOptions:
     except OptionError as error:  # compile_options re-splits what parsed before
         raise RemoteError(f"{script.name}_OPT: {error}") from None
     kept: list[str] = []
+    signed: list[str] = []
     include: list[str] = []
     privilege: Privilege = "stapdev"
     for option in parsed:
@@ -88,7 +93,9 @@ def server_options(script: Script) -> ServerOptions:
             include.append(option.value)
         else:
             kept.extend(option.words)
-    return ServerOptions(tuple(kept), privilege, tuple(include))
+            if option.row.phase is Phase.COMPILE:
+                signed.extend(option.words)
+    return ServerOptions(tuple(kept), privilege, tuple(include), tuple(signed))
 
 
 def build_request(

@@ -5,8 +5,11 @@ With ``REQUIRE_SIGNED=yes`` a cache is valid only if its ``NAME.ko.sgn`` /
 under ``$STAP_TRUST_ROOT`` if set, spec §6.1.2) and its signed manifest
 matches this host and the script as configured now: the module's digest and
 file name, the kernel release and architecture, the runtime, the privilege
-level and the compile options as a compile request carries them
-(:func:`stapinit.initscript.remote.server_options`). The ``.opts`` record
+level and the compile options the cache record holds (phase COMPILE; less
+the privilege and ``-I``, which a request carries in fields of their own:
+``signed`` of :func:`stapinit.initscript.remote.server_options`). Options
+that change only what stap prints (``-v``, ``-w``) are in neither, so
+changing them leaves a signed cache valid. The ``.opts`` record
 alone cannot vouch for a cache: anyone able to write it could also swap the
 module; a signature cannot be made without the server's key.
 
@@ -64,7 +67,7 @@ def expected_manifest(script: Script, kernel: KernelIdentity) -> Expected:
         arch=kernel.machine,
         runtime=script.runtime,
         privilege=split.privilege,
-        options=split.options,
+        options=split.signed,
     )
 
 

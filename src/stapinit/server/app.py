@@ -301,6 +301,7 @@ class CompileApp:
             # Every module is signed, for the privilege it was compiled for: the
             # loader lets a caller run only what was signed for their level or
             # below, and hosts with REQUIRE_SIGNED=yes load nothing unsigned.
+            # The options signed are those that shape the module (parsed.signed).
             signature = sign_module(
                 self.identity.key,
                 self.identity.cert,
@@ -309,7 +310,7 @@ class CompileApp:
                 req.release,
                 req.arch,
                 req.privilege,
-                options=req.options,
+                options=parsed.signed,
                 runtime=parsed.runtime,
             )
         if result.status == 0 and result.module is not None and self.cache is not None:

@@ -2,7 +2,7 @@
 
 The key is the SHA-256 of everything that determines the result: script, tapsets,
 checked options and the options as the client spelled them (the signed manifest
-names those), module name, release, architecture, privilege, runtime, stap's
+names those that shape the module), module name, release, architecture, privilege, runtime, stap's
 version and the signer's fingerprint (every result is signed).  Only successful
 compiles are stored.  An entry is a directory written in full under a temporary
 name and renamed into place, so readers never see half an entry.

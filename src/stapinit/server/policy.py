@@ -43,6 +43,12 @@ class _Spec:
     value_re: str | None = None  # full-match pattern for the value, if restricted
 
 
+#: Options that change only what stap prints, never the module: they reach stap
+#: but not the signature, as they are not in a cache record (phase ``REPORT`` of
+#: :mod:`stapinit.initscript.options`, which a test holds to this set).
+REPORT_ONLY: Final = frozenset({"-v", "-w", "-q", "--vp", "--check-version"})
+
+
 _NUM = r"[0-9]{1,9}"
 _SHORT: Final[dict[str, _Spec]] = {
     **{c: _Spec(_Arg.NONE, _Allowed.ALL) for c in "vwWutPbq"},
@@ -80,11 +86,20 @@ STAPUSR_FORBIDDEN: Final = frozenset(
 
 @dataclass(frozen=True)
 class ParsedOptions:
-    """Client options after checking: canonical stap options, script arguments, runtime."""
+    """Client options after checking: canonical stap options, script arguments, runtime.
+
+    ``signed`` are the options the module's signature covers: the client's
+    words, less the :data:`REPORT_ONLY` options (their letters are taken out of
+    a cluster: ``-vu`` is signed as ``-u``) and the runtime selection (the
+    manifest has a field for it). They are what a client's cache record
+    holds, so a report-only option changes neither the signature nor whether
+    the cache is valid.
+    """
 
     options: tuple[str, ...]
     script_args: tuple[str, ...]
     runtime: RuntimeKind
+    signed: tuple[str, ...]
 
 
 def stapusr_refusal(option: str) -> str:
@@ -121,14 +136,16 @@ def parse_compile_options(
     """
     out: list[str] = []
     args: list[str] = []
+    signed: list[str] = []
     i = 0
     while i < len(options):
-        word = options[i]
+        start, word = i, options[i]
         i += 1
         if not word.startswith("-") or word == "-":
             if word == "-":
                 raise PolicyError("a script on standard input ('-') is not accepted")
             args.append(word)
+            signed.append(word)  # compiled into the module as @1, @2...
             continue
         if word.startswith("--"):
             name, eq, attached = word[2:].partition("=")
@@ -151,19 +168,25 @@ def parse_compile_options(
                 runtime = "bpf"
             elif name != "runtime":
                 out.append(option if value is None else f"{option}={value}")
+                if option not in REPORT_ONLY:
+                    signed += options[start:i]
             continue
         # A cluster of short options: "-vv", "-vs4", "-Dname=1".
         pos = 1
+        kept = "-"  # the cluster as signed: without its report-only letters
         while pos < len(word):
             letter = word[pos]
             pos += 1
             option = f"-{letter}"
             spec = _accept(option, _SHORT.get(letter), stapusr)
+            if option not in REPORT_ONLY:
+                kept += letter
             if spec.arg is _Arg.NONE:
                 out.append(option)
                 continue
             if pos < len(word):
                 value = word[pos:]
+                kept += value
             elif i < len(options):
                 value = options[i]
                 i += 1
@@ -172,7 +195,9 @@ def parse_compile_options(
             # Attached form: stap cannot mistake the value for another option.
             out.append(option + _check_value(option, spec, value))
             break
-    return ParsedOptions(tuple(out), tuple(args), runtime)
+        if kept != "-":
+            signed += [kept, *options[start + 1 : i]]
+    return ParsedOptions(tuple(out), tuple(args), runtime, tuple(signed))
 
 
 #: The start of a header name in a string: stap builds a type module from

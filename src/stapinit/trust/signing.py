@@ -11,8 +11,9 @@ The manifest carries the module's SHA-256, so the signature covers the module's
 bytes as well as everything that makes a compiled script valid for a host: the
 kernel release and architecture, the runtime (``kmod``/``bpf``), the privilege
 level it was compiled for (``stapdev``/``stapusr``; what the loader lets a
-caller run, spec §6.1.2) and the stap options it was compiled with (a list of
-strings, in the order given).  A signature counts only while the signer's
+caller run, spec §6.1.2) and the stap options that shaped it (a list of
+strings, in the order given: those a cache record holds, not options that
+change only what stap prints, such as ``-v`` or ``-w``).  A signature counts only while the signer's
 certificate is valid, and only if it was made while it was.  Pure: no file I/O
 here.
 """
@@ -95,8 +96,9 @@ def sign_module(
 
     ``module_name`` is the module's file name (``NAME.ko`` or ``NAME.bo``);
     ``certificate`` is the signer's (its fingerprint goes into the manifest);
-    ``signed_at`` defaults to now; ``options`` are the stap options the module
-    was compiled with; ``runtime`` defaults to the one the module's suffix names.
+    ``signed_at`` defaults to now; ``options`` are the stap options that shaped
+    the module (report-only ones left out); ``runtime`` defaults to the one
+    the module's suffix names.
     Raises ValueError when ``runtime`` is not given and the suffix names none.
     """
     when = (signed_at or dt.datetime.now(dt.UTC)).astimezone(dt.UTC)
