@@ -36,9 +36,11 @@ DONE = ".stapinit-build-root-complete"
 WRAPPER = """#!/bin/sh
 # stap of the Debian 13 root {root}, for the tests only: see tests/kmod_real/build_root.py.
 # Only /tmp is shared: elsewhere (stap -V from a daemon in /) stap runs in the root's /.
+# stap's own cache goes to the compile's directory, not the root's /root/.systemtap:
+# the root stays as built, and every compile is a real one.
 dir=$(pwd -P)
 case "$dir/" in
-    /tmp/*) ;;
+    /tmp/*) SYSTEMTAP_DIR=${{SYSTEMTAP_DIR:-$dir/.systemtap}}; export SYSTEMTAP_DIR ;;
     *) dir=/ ;;
 esac
 if [ "$(id -u)" = 0 ]; then userns=; else userns=--map-root-user; fi

@@ -10,6 +10,8 @@ loading is tested with stand-ins in tests/initscript/test_run_kmod_e2e.py).
 
 from __future__ import annotations
 
+import fcntl
+import os
 import re
 import shutil
 import subprocess
@@ -95,17 +97,37 @@ def toolchain() -> Iterator[Toolchain]:
 
 
 @pytest.fixture(scope="session")
-def built(toolchain: Toolchain) -> Iterator[Built]:
-    """``systemtap-service compile -r RELEASE -y`` of both scripts, once for the session."""
-    base = shared_dir("stapinit-kmod-")
-    prefix = Prefix(base / "build", {"STAP": str(toolchain.stap)})
-    prefix.add_script("hello", HELLO)
-    prefix.add_script("ticker", TICKER, requires="hello")
-    done = prefix.run("compile", "-r", toolchain.release, "-y", timeout=600)
-    if done.returncode != 0:
-        pytest.fail(
-            f"compiling real modules with stap of {toolchain.where} failed:\n"
-            f"{done.stderr}\n{prefix.log()[-4000:]}"
-        )
-    yield Built(prefix, toolchain)
-    shutil.rmtree(base, ignore_errors=True)
+def built(toolchain: Toolchain, tmp_path_factory: pytest.TempPathFactory) -> Built:
+    """``systemtap-service compile -r RELEASE -y`` of both scripts, once per test run.
+
+    Once, not once per xdist worker (pytest-xdist 3.8 ignores ``xdist_group``): the
+    first worker compiles under a lock in the directory all workers of this run share,
+    and every worker takes a copy of that prefix (or its failure). pytest's own clean-up
+    of old runs removes them.
+    """
+    run_dir = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        run_dir = run_dir.parent
+    base = run_dir / "kmod-real"
+    if toolchain.root is not None and not base.is_relative_to(SHARED_TOP):
+        pytest.fail(f"{base} is not under {SHARED_TOP}, where the stap wrapper maps paths")
+    failure = base / "failure"
+    with open(run_dir / "kmod-real.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        prefix_dir = base / "build"
+        if not prefix_dir.exists() and not failure.exists():
+            prefix = Prefix(prefix_dir, {"STAP": str(toolchain.stap)})
+            prefix.add_script("hello", HELLO)
+            prefix.add_script("ticker", TICKER, requires="hello")
+            done = prefix.run("compile", "-r", toolchain.release, "-y", timeout=600)
+            if done.returncode != 0:
+                failure.write_text(
+                    f"compiling real modules with stap of {toolchain.where} failed:\n"
+                    f"{done.stderr}\n{prefix.log()[-4000:]}"
+                )
+    if failure.exists():
+        pytest.fail(failure.read_text())
+    # A copy of this worker's own: the tests write to their prefix.
+    own = tmp_path_factory.mktemp("kmod-built") / "build"
+    shutil.copytree(prefix_dir, own, symlinks=True)
+    return Built(Prefix(own, {"STAP": str(toolchain.stap)}), toolchain)
