@@ -30,7 +30,10 @@ from pathlib import Path
 ENV = "STAPINIT_TEST_SHARED_INSTALL"
 DISTRIBUTION = "systemtap-initscript"
 REPO = Path(__file__).resolve().parents[2]
-HELPERS = (REPO / "tests" / "loader" / "probe_client.py",)
+HELPERS = (
+    REPO / "tests" / "loader" / "probe_client.py",
+    REPO / "tests" / "loader" / "hold_client.py",
+)
 #: The interpreter the virtualenv was made from, e.g. /usr/bin/python3.11.
 BASE_PYTHON = Path(sys.base_prefix) / "bin" / f"python{sys.version_info[0]}.{sys.version_info[1]}"
 _REQUIREMENT_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
