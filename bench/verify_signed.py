@@ -78,7 +78,9 @@ def make_host(root: Path, count: int, module_kb: int) -> Path:
     for i in range(count):
         module = os.urandom(module_kb * 1024)
         (cache / f"s{i}.ko").write_bytes(module)
-        sgn = sign_module(key, cert, module, f"s{i}.ko", uname.release, uname.machine, "stapdev")
+        sgn = sign_module(
+            key, cert, module, f"s{i}.ko", uname.release, uname.machine, "stapdev", source="ab" * 32
+        )
         (cache / f"s{i}.ko.sgn").write_bytes(sgn)
     return config
 

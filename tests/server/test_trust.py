@@ -93,6 +93,7 @@ def _sign(identity: Ident) -> bytes:
         "x86_64",
         "stapusr",
         signed_at=SIGNED_AT,
+        source="ab" * 32,
     )
 
 
