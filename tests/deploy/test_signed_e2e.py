@@ -272,6 +272,21 @@ def test_a_signed_cache_of_other_text_than_the_hosts_script_is_refused(
     assert production.running() == {"tick": "stopped"}
 
 
+def test_a_script_with_crlf_line_ends_is_signed_for_its_bytes_as_they_are(
+    production: Production,
+) -> None:
+    # Read as text with newline translation, the request would carry other
+    # bytes than the file holds, and the signed source would never match it.
+    prefix = production.prefix
+    out = production.add_ticker("tick")
+    (prefix.scripts / "tick.stp").write_bytes(TICK.replace("\n", "\r\n").encode())
+    done = prefix.run("start")
+    assert done.returncode == 0, done.stderr
+    assert production.running() == {"tick": "running"}
+    assert wait_for(lambda: out.exists() and len(out.read_text().splitlines()) > 2)
+    assert prefix.run("stop").returncode == 0
+
+
 def test_a_signed_cache_only_script_is_refused(production: Production) -> None:
     # Signed by the trusted server, but with no tick.stp here nothing says it is
     # the admin's script rather than one anyone had the server compile as tick.
