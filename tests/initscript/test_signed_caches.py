@@ -192,7 +192,8 @@ WANTED = expected_manifest(script("--runtime=bpf -u -w -o /var/log/tick.out"), K
 
 def test_what_a_script_expects_of_its_signature() -> None:
     # The options its record holds: neither -w (report) nor -o (run time).
-    assert WANTED == Expected("tick.bo", SOURCE, "6.1.0-test", "x86_64", "bpf", "stapdev", ("-u",))
+    wanted = Expected("tick.bo", SOURCE, "6.1.0-test", "x86_64", "bpf", "stapdev", ("-u",))
+    assert wanted == WANTED
 
 
 def test_a_report_option_changes_neither_the_record_nor_the_signature_wanted() -> None:
