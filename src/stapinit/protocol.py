@@ -16,9 +16,9 @@ import base64
 import binascii
 import json
 import re
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from pathlib import PurePosixPath
+from pathlib import Path, PurePosixPath
 from typing import Any, Final, Literal, cast
 
 from stapinit.core.runtime import RUNTIME_KINDS, RuntimeKind
@@ -42,6 +42,8 @@ MAX_MODULE_BYTES: Final = 64 * 1024 * 1024
 MAX_NAME_BYTES: Final = 255
 MAX_TAPSET_DEPTH: Final = 16
 MAX_TAPSETS: Final = 256
+#: Largest total text of the tapsets one request carries.
+MAX_TAPSET_BYTES: Final = 16 * 1024 * 1024
 #: Deepest nesting of JSON arrays and objects a message may have (requests have 3).
 MAX_JSON_DEPTH: Final = 8
 #: Longest JSON integer accepted (an exit status or a size needs far fewer digits).
@@ -70,6 +72,39 @@ class Tapset:
 
     path: str
     text: str
+
+
+def read_tapsets(directories: Sequence[str | Path]) -> tuple[Tapset, ...]:
+    """Every ``*.stp`` file under the ``-I`` directories, by path relative to its directory.
+
+    What a client sends for stap's ``-I`` (the client and the boot-time
+    service's ``COMPILE_SERVER``). Raises :class:`ProtocolError` for a
+    directory or file that cannot be read, a file in two directories with
+    different text, or more than :data:`MAX_TAPSETS` files or
+    :data:`MAX_TAPSET_BYTES` bytes.
+    """
+    found: dict[str, Tapset] = {}
+    total = 0
+    for name in directories:
+        directory = Path(name)
+        if not directory.is_dir():
+            raise ProtocolError(f"-I {directory}: not a directory")
+        for file in sorted(directory.rglob("*.stp")):
+            rel = file.relative_to(directory).as_posix()
+            try:
+                text = file.read_text(encoding="utf-8")
+            except (OSError, UnicodeDecodeError) as error:
+                raise ProtocolError(f"cannot read tapset {file}: {error}") from None
+            if rel in found and found[rel].text != text:
+                raise ProtocolError(f"tapset {rel} is in more than one -I directory")
+            total += len(text)
+            found[rel] = Tapset(rel, text)
+            if len(found) > MAX_TAPSETS or total > MAX_TAPSET_BYTES:
+                raise ProtocolError(
+                    f"the -I directories hold more than {MAX_TAPSETS} tapset files "
+                    f"or {MAX_TAPSET_BYTES} bytes"
+                )
+    return tuple(found.values())
 
 
 @dataclass(frozen=True)

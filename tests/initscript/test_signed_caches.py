@@ -24,13 +24,12 @@ from stapinit.initscript.remote import (
     ServerOptions,
     build_request,
     check_response,
-    read_tapsets,
     server_options,
 )
 from stapinit.initscript.scripts import Script
 from stapinit.initscript.settings import settings_from_assignments
 from stapinit.initscript.verify import Expected, check, expected_manifest, read_bounded
-from stapinit.protocol import DEFAULT_PORT, CompileResponse, Module
+from stapinit.protocol import DEFAULT_PORT, CompileResponse, Module, ProtocolError, read_tapsets
 from stapinit.server.policy import PolicyError, parse_compile_options
 from stapinit.trust.address import ServerAddress
 from stapinit.trust.signing import sign_module
@@ -133,9 +132,9 @@ def test_tapsets_are_read_relative_to_their_directory(tmp_path: Path) -> None:
     assert [(t.path, t.text) for t in tapsets] == [("sub/x.stp", "function x() { return 1 }\n")]
     (tmp_path / "b" / "sub").mkdir(parents=True)
     (tmp_path / "b" / "sub" / "x.stp").write_text("function x() { return 2 }\n")
-    with pytest.raises(RemoteError, match=r"tapset sub/x\.stp is in more than one -I directory"):
+    with pytest.raises(ProtocolError, match=r"tapset sub/x\.stp is in more than one -I directory"):
         read_tapsets([str(tmp_path / "a"), str(tmp_path / "b")])
-    with pytest.raises(RemoteError, match="not a directory"):
+    with pytest.raises(ProtocolError, match="not a directory"):
         read_tapsets([str(tmp_path / "missing")])
 
 

@@ -28,6 +28,7 @@ from stapinit.protocol import (
     ProtocolError,
     Tapset,
     check_module_name,
+    read_tapsets,
 )
 from stapinit.trust.address import ServerAddress
 from stapinit.trust.connection import ServerError, compile_remote, connect_pinned
@@ -51,22 +52,11 @@ def _warn(message: str) -> None:
 # --- building the request ----------------------------------------------------------
 
 
-def read_tapsets(dirs: Sequence[Path]) -> tuple[Tapset, ...]:
-    """Every ``*.stp`` file under the ``-I`` directories, by path relative to its directory."""
-    found: dict[str, Tapset] = {}
-    for directory in dirs:
-        if not directory.is_dir():
-            raise ClientError(f"-I {directory}: not a directory")
-        for file in sorted(directory.rglob("*.stp")):
-            rel = file.relative_to(directory).as_posix()
-            try:
-                text = file.read_text(encoding="utf-8")
-            except (OSError, UnicodeDecodeError) as exc:
-                raise ClientError(f"cannot read tapset {file}: {exc}") from None
-            if rel in found and found[rel].text != text:
-                raise ClientError(f"tapset {rel} is in more than one -I directory")
-            found[rel] = Tapset(rel, text)
-    return tuple(found.values())
+def _tapsets(directories: Sequence[str]) -> tuple[Tapset, ...]:
+    try:
+        return read_tapsets(directories)
+    except ProtocolError as error:
+        raise ClientError(str(error)) from None
 
 
 def build_request(opts: ClientOptions, config: ClientConfig) -> CompileRequest:
@@ -92,7 +82,7 @@ def build_request(opts: ClientOptions, config: ClientConfig) -> CompileRequest:
         eval=is_eval,
         release=opts.release or uname.release,
         arch=uname.machine,
-        tapsets=read_tapsets([Path(d) for d in opts.include_dirs]),
+        tapsets=_tapsets(opts.include_dirs),
         options=("-v",) * opts.verbose + opts.script_args,
         module_name=opts.module_name,
         privilege=opts.privilege,

@@ -30,6 +30,7 @@ from stapinit.initscript.cache import KernelIdentity
 from stapinit.initscript.compiler import CompileResult, failure_line, read_script, wanted_record
 from stapinit.initscript.options import OptionError, Phase, parse_options
 from stapinit.initscript.scripts import Script
+from stapinit.protocol import ProtocolError, read_tapsets
 
 if TYPE_CHECKING:  # the protocol is loaded only to compile: verify.py needs none of it
     from stapinit.protocol import CompileRequest, CompileResponse, Privilege, Tapset
@@ -37,9 +38,6 @@ if TYPE_CHECKING:  # the protocol is loaded only to compile: verify.py needs non
 
 #: Compiles sent at once: the servers queue and limit their own work.
 MAX_PARALLEL: Final = 4
-#: Bounds on what ``-I`` directories may hold: they go to the server in the request.
-MAX_TAPSET_FILES: Final = 256
-MAX_TAPSET_BYTES: Final = 16 * 1024 * 1024
 
 Warn = Callable[[str], None]
 
@@ -119,38 +117,6 @@ def build_request(
     )
 
 
-def read_tapsets(directories: Sequence[str]) -> tuple[Tapset, ...]:
-    """Every ``*.stp`` file under the ``-I`` directories, by path relative to its directory.
-
-    Raises RemoteError for an unreadable directory or file, a file in two
-    directories with different text, or more than the bounds allow.
-    """
-    from stapinit.protocol import Tapset
-
-    found: dict[str, Tapset] = {}
-    total = 0
-    for name in directories:
-        directory = Path(name)
-        if not directory.is_dir():
-            raise RemoteError(f"-I {directory}: not a directory")
-        for file in sorted(directory.rglob("*.stp")):
-            rel = file.relative_to(directory).as_posix()
-            try:
-                text = file.read_text(encoding="utf-8")
-            except (OSError, UnicodeDecodeError) as error:
-                raise RemoteError(f"cannot read tapset {file}: {error}") from None
-            if rel in found and found[rel].text != text:
-                raise RemoteError(f"tapset {rel} is in more than one -I directory")
-            total += len(text)
-            found[rel] = Tapset(rel, text)
-            if len(found) > MAX_TAPSET_FILES or total > MAX_TAPSET_BYTES:
-                raise RemoteError(
-                    f"the -I directories hold more than {MAX_TAPSET_FILES} tapset files "
-                    f"or {MAX_TAPSET_BYTES} bytes"
-                )
-    return tuple(found.values())
-
-
 def check_response(script: Script, response: CompileResponse) -> tuple[bytes, bytes]:
     """The module and signature of a successful answer (pure); raises RemoteError."""
     if response.status != 0:
@@ -202,10 +168,11 @@ def compile_one(
         # The bytes a local compile reads (no newline translation): the signed
         # source digest must equal the one the host computes from its file.
         text = read_script(script.source).data.decode("utf-8")
-        req = build_request(script, text, read_tapsets(server_options(script).include_dirs), kernel)
+        tapsets = read_tapsets(server_options(script).include_dirs)
+        req = build_request(script, text, tapsets, kernel)
     except (OSError, UnicodeDecodeError) as error:
         return CompileResult(script.name, False, f"cannot read {script.source}: {error}")
-    except RemoteError as error:
+    except (RemoteError, ProtocolError) as error:
         return CompileResult(script.name, False, str(error))
     try:
         address, response = ask_servers(servers, trusted, req, timeout)
