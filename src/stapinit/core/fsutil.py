@@ -17,14 +17,16 @@ _counter = itertools.count()
 
 def _write_temp(path: Path, fill: Callable[[BinaryIO], object], mode: int, durable: bool) -> Path:
     temp = path.with_name(f".{path.name}.{os.getpid()}.{next(_counter)}.tmp")
-    fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, mode)
+    fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, mode)
     try:
         with os.fdopen(fd, "wb") as handle:
             fill(handle)
             handle.flush()
+            # The umask may have narrowed the mode. By descriptor, never by path: whoever
+            # can write the directory could have swapped a symlink in at ``temp`` by now.
+            os.fchmod(handle.fileno(), mode)
             if durable:
                 os.fsync(handle.fileno())
-        os.chmod(temp, mode)  # the umask may have narrowed it
     except BaseException:
         temp.unlink(missing_ok=True)
         raise
