@@ -104,9 +104,7 @@ def test_a_servers_flood_of_output_is_clipped_in_the_log(
     assert len(log) < 2 * MAX_LOGGED_OUTPUT + 64 * 1024
 
 
-def test_output_over_what_a_server_may_send_is_refused(
-    kmod_prefix: Prefix, tmp_path: Path
-) -> None:
+def test_output_over_what_a_server_may_send_is_refused(kmod_prefix: Prefix, tmp_path: Path) -> None:
     flood = failed_with_output("A" * (8 * 1024 * 1024))
     with hostile_server(tmp_path, lambda tls, _s: send_json(tls, flood)) as server:
         env = serve_to(kmod_prefix, server, "30")

@@ -1,0 +1,80 @@
+"""Root writing into a directory someone else can write: the mode of a file is set on the
+file root wrote, never on whatever a racer put at the temp file's name."""
+
+from __future__ import annotations
+
+import os
+import re
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from stapinit.core.fsutil import atomic_copy, atomic_write
+from stapinit.initscript.packing import _write_output
+
+DATA = b"x" * (1 << 20)  # big enough that the racer finds the temp file often
+
+
+class Racer(threading.Thread):
+    """chmod_racer.py of the red-team report: renames each temp file beside NAME away and
+    plants a symlink to ``target`` in its place, until stopped."""
+
+    def __init__(self, directory: Path, name: str, target: Path) -> None:
+        super().__init__(daemon=True)
+        self.directory, self.target = directory, target
+        self.pattern = re.compile(r"^\." + re.escape(name) + r"\..+\.tmp$")
+        self.stop = threading.Event()
+        self.swaps = 0
+
+    def run(self) -> None:
+        while not self.stop.is_set():
+            for entry in os.listdir(self.directory):
+                path = self.directory / entry
+                if self.pattern.match(entry) and not path.is_symlink():
+                    try:
+                        path.rename(self.directory / f"stolen.{self.swaps}")
+                        path.symlink_to(self.target)
+                        self.swaps += 1
+                    except OSError:
+                        pass  # root got there first: try the next one
+
+
+def _copy(path: Path) -> None:
+    source = path.parent.parent / "source"
+    if not source.exists():
+        source.write_bytes(DATA)
+    atomic_copy(source, path)
+
+
+WRITERS: dict[str, Callable[[Path], None]] = {
+    "atomic_write": lambda path: atomic_write(path, DATA),
+    "atomic_copy": _copy,
+    "pack -o": lambda path: _write_output(path, lambda handle: handle.write(DATA) and None),
+}
+
+
+@pytest.mark.parametrize("writer", WRITERS)
+def test_a_symlink_swapped_in_for_the_temp_file_gets_no_chmod(tmp_path: Path, writer: str) -> None:
+    secret = tmp_path / "secret"
+    secret.write_text("root's own\n")
+    secret.chmod(0o600)
+    users_dir = tmp_path / "users"
+    users_dir.mkdir()
+    users_dir.chmod(0o1777)  # anyone may create and rename their own files in it
+    racer = Racer(users_dir, "out", secret)
+    racer.start()
+    deadline = time.monotonic() + 30
+    try:
+        while racer.swaps < 5 and time.monotonic() < deadline:
+            # A swap also renames the planted link onto "out": pack -o refuses to replace it.
+            (users_dir / "out").unlink(missing_ok=True)
+            WRITERS[writer](users_dir / "out")
+    finally:
+        racer.stop.set()
+        racer.join(10)
+    assert racer.swaps >= 5, "the race was never run: the test shows nothing"
+    assert secret.stat().st_mode & 0o777 == 0o600
+    assert secret.read_text() == "root's own\n"
