@@ -9,6 +9,7 @@ import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import IO
 
 import pytest
 
@@ -42,6 +43,13 @@ class Racer(threading.Thread):
                         pass  # root got there first: try the next one
 
 
+def _pack_output(path: Path) -> None:
+    def fill(handle: IO[bytes]) -> None:
+        handle.write(DATA)
+
+    _write_output(path, fill)
+
+
 def _copy(path: Path) -> None:
     source = path.parent.parent / "source"
     if not source.exists():
@@ -52,7 +60,7 @@ def _copy(path: Path) -> None:
 WRITERS: dict[str, Callable[[Path], None]] = {
     "atomic_write": lambda path: atomic_write(path, DATA),
     "atomic_copy": _copy,
-    "pack -o": lambda path: _write_output(path, lambda handle: handle.write(DATA) and None),
+    "pack -o": _pack_output,
 }
 
 
