@@ -3,6 +3,7 @@ file root wrote, never on whatever a racer put at the temp file's name."""
 
 from __future__ import annotations
 
+import errno
 import os
 import re
 import threading
@@ -13,7 +14,7 @@ from typing import IO
 
 import pytest
 
-from stapinit.core.fsutil import atomic_copy, atomic_write
+from stapinit.core.fsutil import atomic_copy, atomic_write, set_mode
 from stapinit.initscript.packing import _write_output
 
 DATA = b"x" * (1 << 20)  # big enough that the racer finds the temp file often
@@ -86,3 +87,20 @@ def test_a_symlink_swapped_in_for_the_temp_file_gets_no_chmod(tmp_path: Path, wr
     assert racer.swaps >= 5, "the race was never run: the test shows nothing"
     assert secret.stat().st_mode & 0o777 == 0o600
     assert secret.read_text() == "root's own\n"
+
+
+def test_set_mode_refuses_a_symlink_and_leaves_its_target_alone(tmp_path: Path) -> None:
+    secret = tmp_path / "secret"
+    secret.write_text("root's own\n")
+    secret.chmod(0o600)
+    made = tmp_path / "made"
+    made.mkdir()
+    set_mode(made, 0o711)
+    assert made.stat().st_mode & 0o777 == 0o711
+    # What a user who can write the directory does between root's mkdir and chmod.
+    made.rmdir()
+    made.symlink_to(secret)
+    with pytest.raises(OSError) as info:
+        set_mode(made, 0o755, (os.getuid(), os.getgid()))
+    assert info.value.errno == errno.ELOOP
+    assert secret.stat().st_mode & 0o777 == 0o600

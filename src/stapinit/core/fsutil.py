@@ -72,3 +72,19 @@ def atomic_copy(source: Path, path: Path, mode: int = 0o644) -> None:
                 handle.write(chunk)
 
     _replace_through_temp(path, copy, mode, durable=True)
+
+
+def set_mode(path: Path, mode: int, owner: tuple[int, int] | None = None) -> None:
+    """Set ``path``'s mode (and ``(uid, gid)`` owner) through a descriptor.
+
+    A symlink at ``path`` is an error (OSError ELOOP), never followed: whoever
+    can write the directory could have put one there since ``path`` was made.
+    For directories and regular files; a FIFO is opened without blocking.
+    """
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    try:
+        os.fchmod(fd, mode)
+        if owner is not None:
+            os.fchown(fd, *owner)
+    finally:
+        os.close(fd)
