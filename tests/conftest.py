@@ -1,11 +1,25 @@
 from __future__ import annotations
 
+import os
 import shutil
 from pathlib import Path
 
 import pytest
 
+from tests.support import shared_install
 from tests.support.tools import build_stapbpf_wrapper
+
+# The commands, copied where every user can run them (see shared_install): made here,
+# on import, because the conftests below name its paths when they are imported. xdist
+# workers start later and inherit the variable, so one copy serves the whole run.
+_MADE_SHARED_INSTALL = shared_install.ENV not in os.environ
+if _MADE_SHARED_INSTALL:
+    os.environ[shared_install.ENV] = str(shared_install.build())
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    if _MADE_SHARED_INSTALL:
+        shared_install.remove(Path(os.environ.pop(shared_install.ENV)))
 
 
 @pytest.fixture(scope="session")

@@ -14,6 +14,7 @@ from stapinit import loader_wire as wire
 from stapinit.trust.certs import fingerprint, load_certificate
 from tests.client.conftest import HELLO, Site
 from tests.loader.conftest import encode_load_request, popen_as
+from tests.support import shared_install
 from tests.trust.bpfmodules import process_probe_script
 from tests.trust.people import VENV_BIN
 
@@ -69,7 +70,7 @@ def load_as(site: Site, who: str, name: str, module: bytes, sgn: bytes) -> list[
     request = site.homes[who] / "request"
     request.write_bytes(encode_load_request(wire.LoadRequest(name, module, sgn)))
     request.chmod(0o644)
-    probe = Path(__file__).parents[1] / "loader" / "probe_client.py"
+    probe = shared_install.helper("probe_client.py")
     result = site.run(
         who, [str(VENV_BIN / "python"), str(probe), str(site.loader.socket), str(request), "all"]
     )

@@ -13,10 +13,12 @@ import pytest
 
 from stapinit import loader_wire as wire
 from stapinit.protocol import MAX_MODULE_BYTES
+from tests.support import shared_install
 from tests.trust.bpfmodules import HELLO_SCRIPT, build_victim, compile_bo, process_probe_script
 from tests.trust.people import SYSTEM_PATH, VENV_BIN, User, ensure_users, run_as, shared_tmpdir
 
-PROBE = Path(__file__).with_name("probe_client.py")
+#: A copy other users can read (the checkout may be private to its owner).
+PROBE = shared_install.helper("probe_client.py")
 
 #: A stand-in for stapbpf/staprun: what it does depends on the module's text.
 STAND_IN = """#!/bin/sh

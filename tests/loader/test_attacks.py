@@ -21,9 +21,11 @@ import pytest
 from stapinit import loader_wire as wire
 from stapinit.protocol import MAX_MODULE_BYTES
 from tests.loader.conftest import Loader, encode_load_request, popen_as, start_loader, stop_loader
+from tests.support import shared_install
 from tests.trust.people import VENV_BIN, User, shared_tmpdir
 
-HOLD = Path(__file__).with_name("hold_client.py")
+#: A copy other users can read (the checkout may be private to its owner).
+HOLD = shared_install.helper("hold_client.py")
 
 
 def rss_kib(pid: int) -> int:

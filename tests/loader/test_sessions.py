@@ -291,11 +291,17 @@ def test_socket_activation(tmp_path: Path) -> None:
         )
     try:
         deadline = time.monotonic() + 10
-        while not sock_path.exists():
+        while True:
+            # The file appears at bind(), a moment before listen(): retry until it listens.
             assert time.monotonic() < deadline and proc.poll() is None
-            time.sleep(0.02)
-        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
-            sock.connect(str(sock_path))
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            try:
+                sock.connect(str(sock_path))
+                break
+            except (FileNotFoundError, ConnectionRefusedError):
+                sock.close()
+                time.sleep(0.02)
+        with sock:
             sock.sendall(load("hello.bo", b"activated"))
             frames = []
             while (frame := wire.read_frame(sock, 1 << 20)) is not None:

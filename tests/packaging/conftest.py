@@ -112,6 +112,26 @@ def built_debs(tmp_path_factory: pytest.TempPathFactory) -> BuiltDebs:
     return debs
 
 
+def unit_dir(shipped: set[str]) -> Path:
+    """The one directory a package's systemd units are in (``shipped``: its paths).
+
+    Debian 12 packages put them in /lib/systemd/system, Debian 13 ones in
+    /usr/lib/systemd/system (debian/rules follows the release's debhelper); either
+    way it must be a directory this machine's systemd loads units from.
+    """
+    dirs = {
+        str(Path(path).parent)
+        for path in shipped
+        if Path(path).parent.name == "system" and Path(path).suffix in (".service", ".socket")
+    }
+    assert len(dirs) == 1, dirs
+    paths = subprocess.run(
+        ["systemd-analyze", "unit-paths"], capture_output=True, text=True, check=True
+    ).stdout.split()
+    assert next(iter(dirs)) in paths, paths
+    return Path(next(iter(dirs)))
+
+
 @pytest.fixture
 def dpkg_turn() -> Iterator[None]:
     """Hold the machine's packages for this test alone."""

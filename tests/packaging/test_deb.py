@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.packaging.conftest import REPO, SYSTEM_PATH, BuiltDebs
+from tests.packaging.conftest import REPO, SYSTEM_PATH, BuiltDebs, unit_dir
 from tests.support.prefix import RELEASE, process_alive, wait_for
 
 PACKAGE = "systemtap-initscript"
@@ -99,7 +99,7 @@ def test_deb_builds_installs_runs_the_example_and_uninstalls(
         "/etc/systemtap/conf.d/",
         "/var/cache/systemtap/",
         "/etc/init.d/systemtap",
-        "/lib/systemd/system/systemtap.service",
+        str(unit_dir(shipped) / "systemtap.service"),
         "/etc/logrotate.d/systemtap",
         "/etc/kernel/postinst.d/systemtap",
         "/etc/kernel/postrm.d/systemtap",
@@ -117,7 +117,7 @@ def test_deb_builds_installs_runs_the_example_and_uninstalls(
     # Installing enables nothing (spec §5.3-5.4: test first, then enable).
     assert rc_links("S") == []
     assert not list(Path("/etc/systemd/system").glob("*.wants/systemtap.service"))
-    verify = run("systemd-analyze", "verify", "/lib/systemd/system/systemtap.service")
+    verify = run("systemd-analyze", "verify", str(unit_dir(shipped) / "systemtap.service"))
     assert (verify.returncode, verify.stderr) == (0, "")
     man = run("man", "--warnings", "systemtap-service")
     assert (man.returncode, man.stderr) == (0, "")

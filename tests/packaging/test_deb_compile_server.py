@@ -30,7 +30,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.packaging.conftest import PACKAGES, BuiltDebs
+from tests.packaging.conftest import PACKAGES, BuiltDebs, unit_dir
 from tests.server.helpers import free_port
 from tests.trust.people import ensure_users, home_for, run_as, shared_tmpdir
 
@@ -54,7 +54,6 @@ PID_FILE = Path("/run/stap-server/stap-server.pid")
 SERVER_STORE = Path("/etc/systemtap/ssl/client")
 SIGNER_STORE = Path("/etc/systemtap/staprun")
 LOADER_SOCKET = Path("/run/stap-loader.sock")
-UNIT_DIR = Path("/lib/systemd/system")
 HELLO = 'probe begin { printf ("Hello\\n"); exit (); }'
 
 
@@ -175,12 +174,14 @@ def test_each_package_ships_its_own_files_and_declares_what_it_needs(
         for other in PACKAGES[index + 1 :]:
             assert not files[package] & files[other], (package, other)
     server, client = files[SERVER_PACKAGE], files[CLIENT_PACKAGE]
-    assert {str(STAP_SERVER), str(SERVER_CONF), str(UNIT_DIR / "stap-server.service")} <= server
+    assert unit_dir(server) == unit_dir(client) == unit_dir(files["systemtap-initscript"])
+    units = unit_dir(server)
+    assert {str(STAP_SERVER), str(SERVER_CONF), str(units / "stap-server.service")} <= server
     assert "/usr/lib/systemtap-compile-server/stapinit/trust/certs.py" in server
     assert not any("/stapinit/client/" in f or "/stapinit/loader/" in f for f in server)
     commands = {STAP_CLIENT, AUTHORIZE_SERVER, AUTHORIZE_SIGNER, STAP_LOADER}
     assert {str(c) for c in commands} | {str(CLIENT_CONF)} <= client
-    assert {str(UNIT_DIR / "stap-loader.socket"), str(UNIT_DIR / "stap-loader.service")} <= client
+    assert {str(units / "stap-loader.socket"), str(units / "stap-loader.service")} <= client
     assert not any("/stapinit/server/" in f or "/stapinit/initscript/" in f for f in client)
 
     server_deb, client_deb = built_debs.deb(SERVER_PACKAGE), built_debs.deb(CLIENT_PACKAGE)
@@ -194,6 +195,11 @@ def test_each_package_ships_its_own_files_and_declares_what_it_needs(
         deb_field(client_deb, "Depends")
     )
     assert deb_field(client_deb, "Recommends") == ["systemtap"]
+    # stap needs the running kernel's headers for anything, and gcc for kernel modules.
+    recommends = run("dpkg-deb", "-f", built_debs.deb("systemtap-initscript"), "Recommends")
+    alternatives = [{n.split()[0] for n in i.split("|")} for i in recommends.stdout.split(",")]
+    assert {"gcc"} in alternatives
+    assert any("linux-headers-generic" in names for names in alternatives), alternatives
     conffiles = {}
     for package, deb in ((SERVER_PACKAGE, server_deb), (CLIENT_PACKAGE, client_deb)):
         control = tmp_path / package
@@ -211,6 +217,7 @@ def test_compile_server_and_client_packages_walk_through_spec_6(
     clean_machine: dict[str, subprocess.Popen[bytes]],
 ) -> None:
     users = ensure_users()
+    unit_path = unit_dir(deb_files(built_debs.deb(CLIENT_PACKAGE)))
     # All three packages install together: no file is shipped twice.
     installed = run("dpkg", "-i", *(built_debs.deb(p) for p in PACKAGES))
     assert installed.returncode == 0, installed.stdout + installed.stderr
@@ -227,15 +234,16 @@ def test_compile_server_and_client_packages_walk_through_spec_6(
     # Enabled: the loader's socket only; a compile server must not serve by being installed.
     wants = Path("/etc/systemd/system")
     link = wants / "sockets.target.wants/stap-loader.socket"
-    assert os.readlink(link) == str(UNIT_DIR / "stap-loader.socket")
+    # To the shipped unit (Debian 13's helpers name it by its /usr path).
+    assert link.resolve() == (unit_path / "stap-loader.socket").resolve()
     assert not list(wants.glob("*.wants/stap-server.service"))
     assert not list(wants.glob("*.wants/stap-loader.service"))
-    units = [UNIT_DIR / name for name in ("stap-server.service", "stap-loader.socket")]
-    verify = run("systemd-analyze", "verify", *units, UNIT_DIR / "stap-loader.service")
+    units = [unit_path / name for name in ("stap-server.service", "stap-loader.socket")]
+    verify = run("systemd-analyze", "verify", *units, unit_path / "stap-loader.service")
     assert (verify.returncode, verify.stderr) == (0, "")
-    unit = (UNIT_DIR / "stap-server.service").read_text()
+    unit = (unit_path / "stap-server.service").read_text()
     assert f"\nExecStart={STAP_SERVER} -c {SERVER_CONF} run\n" in unit
-    loader_unit = (UNIT_DIR / "stap-loader.service").read_text()
+    loader_unit = (unit_path / "stap-loader.service").read_text()
     assert f"\nExecStart={STAP_LOADER} --config /etc/systemtap/stap-loader.conf\n" in loader_unit
 
     # The administrator picks a port and names the server in the client config.

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.packaging.conftest import REPO, SYSTEM_PATH, make_install
+from tests.packaging.conftest import REPO, SYSTEM_PATH, make_install, source_tree
 from tests.server.helpers import ensure_service_user
 from tests.trust.people import shared_tmpdir
 
@@ -250,13 +250,17 @@ def test_make_install_server_without_root_says_how_to_add_the_user(tmp_path: Pat
     nobody = pwd.getpwnam("nobody")
     base = shared_tmpdir("sttest-make-")
     try:
+        # A copy nobody can read: the checkout may be private to its owner.
+        source = source_tree(base / "source")
+        for path in (source, *source.rglob("*")):
+            path.chmod(path.stat().st_mode | (0o005 if path.is_dir() else 0o004))
         os.chown(base, nobody.pw_uid, nobody.pw_gid)
         done = subprocess.run(
             [
                 "make",
                 "-s",
                 "-C",
-                str(REPO),
+                str(source),
                 "install-server",
                 f"PREFIX={base / 'usr'}",
                 f"SYSCONFDIR={base / 'etc'}",

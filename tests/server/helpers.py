@@ -18,8 +18,10 @@ from pathlib import Path
 from typing import Any
 
 from stapinit.protocol import CompileRequest, encode_compile_request
+from tests.support import shared_install
 
-STAP_SERVER = Path(__file__).resolve().parents[2] / ".venv" / "bin" / "stap-server"
+#: The copy every user can run: a server started as root drops to the service user.
+STAP_SERVER = shared_install.bin_dir() / "stap-server"
 SERVICE_USER = "stap-server"
 HOST = "127.0.0.1"
 RELEASE = os.uname().release
@@ -149,6 +151,10 @@ class Server:
         """Start in the background and wait until it answers TLS."""
         proc = self.command(*extra, "start")
         assert proc.returncode == 0, proc.stderr
+        self.wait_until_serving()
+
+    def wait_until_serving(self) -> None:
+        """Wait until a started server answers TLS."""
         deadline = time.monotonic() + 10
         while True:
             try:

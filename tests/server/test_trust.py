@@ -21,6 +21,7 @@ from stapinit.trust.certs import (
     key_matches,
     load_certificate,
     load_private_key,
+    not_valid_before,
 )
 from stapinit.trust.signing import FORMAT, SignatureError, sign_module, verify_module
 
@@ -78,8 +79,9 @@ def test_non_certificates_are_clear_errors(tmp_path: Path) -> None:
         load_private_key(tmp_path / "junk")
 
 
-# Within every test identity's validity (they are made now, valid for years).
-SIGNED_AT = dt.datetime.now(dt.UTC).replace(microsecond=0) + dt.timedelta(minutes=1)
+def _signed_at(cert: x509.Certificate) -> dt.datetime:
+    """A signing time within the identity's validity, however late the test runs."""
+    return not_valid_before(cert).replace(microsecond=0) + dt.timedelta(minutes=1)
 
 
 def _sign(identity: Ident) -> bytes:
@@ -92,7 +94,7 @@ def _sign(identity: Ident) -> bytes:
         "6.1.0",
         "x86_64",
         "stapusr",
-        signed_at=SIGNED_AT,
+        signed_at=_signed_at(cert),
     )
 
 
@@ -111,7 +113,7 @@ def test_signature_verifies_and_carries_the_manifest(
         "stapusr",
     )
     assert manifest.signer_fingerprint == fingerprint(identity[1])
-    assert manifest.signed_at == SIGNED_AT.strftime("%Y-%m-%dT%H:%M:%SZ")
+    assert manifest.signed_at == _signed_at(identity[1]).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 def _reason(sgn: bytes, module: bytes, trusted: list[x509.Certificate]) -> str:

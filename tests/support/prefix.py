@@ -14,9 +14,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from tests.support import shared_install
+
 SUPPORT = Path(__file__).parent
 COMMAND = str(Path(sys.executable).parent / "systemtap-service")
 RELEASE = os.uname().release
+
+
+def shared_command() -> str:
+    """``systemtap-service`` from the copy every user can run."""
+    return str(shared_install.bin_dir() / "systemtap-service")
 
 
 @dataclass
@@ -91,13 +98,17 @@ class Prefix:
         )
 
     def run_as(self, user: str, *args: str) -> subprocess.CompletedProcess[str]:
-        """Run the installed command as ``user``, who is given read access to the prefix."""
+        """Run the command as ``user``, who is given read access to the prefix.
+
+        It runs from the copy of the code every user can reach, since the checkout
+        may be private to its owner (see ``shared_install``).
+        """
         for path in (self.root, *self.root.parents):
             if path == Path("/"):
                 break
             path.chmod(path.stat().st_mode | 0o005)
         return subprocess.run(
-            ["runuser", "-u", user, "--", COMMAND, *args, "-c", str(self.config)],
+            ["runuser", "-u", user, "--", shared_command(), *args, "-c", str(self.config)],
             capture_output=True,
             text=True,
             check=False,

@@ -13,15 +13,16 @@ import grp
 import os
 import pwd
 import subprocess
-import sys
 import tempfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 from stapinit.core.system import SYSTEM_PATH as SYSTEM_PATH  # re-exported for the tests
+from tests.support import shared_install
 
-VENV_BIN = Path(sys.executable).parent
+#: The commands, as a copy every user can run (tests/support/shared_install.py).
+VENV_BIN = shared_install.bin_dir()
 LOCK = Path("/run/lock/stapinit-test-users.lock")
 WANTED: Mapping[str, tuple[str, ...]] = {
     "sttest_dev": ("stapdev",),
@@ -53,8 +54,8 @@ def _group_names(user: User) -> set[str]:
 
 def ensure_users() -> dict[str, User]:
     """Create (or repair) the test users; returns them by name."""
-    if not reachable_by_all(Path(sys.executable)):
-        raise RuntimeError(f"{sys.executable} must be executable by every user for these tests")
+    if not reachable_by_all(VENV_BIN / "python"):
+        raise RuntimeError(f"{VENV_BIN} must be reachable by every user for these tests")
     LOCK.parent.mkdir(parents=True, exist_ok=True)
     with open(LOCK, "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)

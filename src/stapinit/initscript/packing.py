@@ -61,7 +61,7 @@ from stapinit.core.lsb import EXIT_OK
 from stapinit.core.names import is_valid_name
 from stapinit.core.runtime import KIND_OF_SUFFIX, MODULE_SUFFIX
 from stapinit.core.values import is_release
-from stapinit.initscript import cache
+from stapinit.initscript import cache, deps
 from stapinit.initscript.cache import (
     CacheRecord,
     KernelIdentity,
@@ -332,18 +332,21 @@ def option_refusal(option: Option) -> str | None:
     return None
 
 
-def check_conf_file(path: str, data: str, scripts: Collection[str]) -> None:
+def check_conf_file(path: str, data: str, scripts: Collection[str]) -> tuple[str, ...]:
     """``conf.d/NAME.conf`` may set only ``NAME_OPT`` and ``NAME_REQ`` of NAME, a carried script.
 
     It is parsed as the service will parse it (a command, ``$(...)`` or
     anything but an assignment is refused with ``PATH:LINE``). Its values
     must be literal (no ``$`` or backquote: the target would expand them with
     its own variables), ``NAME_OPT`` may hold only :data:`ARCHIVE_OPTIONS`,
-    and ``NAME_REQ`` only script names.
+    and ``NAME_REQ`` only scripts the archive carries (a requirement it does
+    not carry would keep every boot script from starting). Returns NAME's
+    requirements.
     """
     script = path.removeprefix("conf.d/").removesuffix(".conf")
     if script not in scripts:
         raise PackError(f"{path} configures {script}, which the archive does not carry")
+    requires: tuple[str, ...] = ()
     for number, line in enumerate(data.splitlines(), start=1):
         if "$" in line or "`" in line:
             raise PackError(f"{path}:{number}: an archive's settings must be literal (no $ or `)")
@@ -360,6 +363,9 @@ def check_conf_file(path: str, data: str, scripts: Collection[str]) -> None:
             for word in assignment.value.split():
                 if not _script_name(word):
                     raise PackError(f"{where}: {word!r} is not a script name")
+                if word not in scripts:
+                    raise PackError(f"{where}: {word} is not a script the archive carries")
+            requires = tuple(assignment.value.split())
             continue
         try:
             options = parse_options(split_options(assignment.value))
@@ -369,6 +375,7 @@ def check_conf_file(path: str, data: str, scripts: Collection[str]) -> None:
             why = option_refusal(option)
             if why is not None:
                 raise PackError(f"{where}: {why}")
+    return requires
 
 
 def check_members(members: Mapping[str, Blob]) -> tuple[Manifest, dict[str, Blob]]:
@@ -396,9 +403,15 @@ def check_members(members: Mapping[str, Blob]) -> tuple[Manifest, dict[str, Blob
         prefix = f"cache/{release}/"
         in_release = {p: blob for p, blob in files.items() if p.startswith(prefix)}
         scripts |= check_cache_files(release, in_release)
+    requires: dict[str, tuple[str, ...]] = {name: () for name in scripts}
     for path in sorted(files):
         if path.startswith("conf.d/"):
-            check_conf_file(path, files[path].text(), scripts)
+            script = path.removeprefix("conf.d/").removesuffix(".conf")
+            requires[script] = check_conf_file(path, files[path].text(), scripts)
+    try:
+        deps.start_order(requires, requires)
+    except deps.DependencyError as error:
+        raise PackError(f"the archive's conf.d files: {error}") from None
     return manifest, files
 
 
