@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from stapinit.initscript.log import MAX_LOGGED_OUTPUT
+from stapinit.initscript.log import MAX_LOGGED_OUTPUT, clip_output
 from tests.support.hostile_server import HostileServer, hostile_server, send_json, trickle
 from tests.support.prefix import COMMAND, Prefix, wait_for
 
@@ -135,3 +135,11 @@ def test_only_the_scripts_own_module_name_is_accepted(
     assert f"server {server.address}: the server sent {name}, not tick.bo" in done.stderr
     cache = kmod_prefix.cache_dir()
     assert not cache.exists() or list(cache.iterdir()) == []
+
+
+def test_clip_output_keeps_both_ends_and_says_what_it_left_out() -> None:
+    text = "head\n" + "x" * 100 + "\ntail"
+    assert clip_output(text, 200) == text
+    clipped = clip_output(text, 20)
+    note = "[... 90 characters of output left out ...]"
+    assert clipped == f"head\nxxxxx\n{note}\nxxxxx\ntail"
