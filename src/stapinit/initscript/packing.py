@@ -26,7 +26,8 @@ ALLOW_CACHEONLY=yes). An archive is untrusted input:
   file (issue 10 #3). ``pack`` writes these files itself from the build
   host's settings, leaving the run-time options out;
 * with ``REQUIRE_SIGNED=yes`` every module to be installed must carry a
-  signature that verifies against the target's trusted signers;
+  signature that verifies against the target's trusted signers, made for the
+  text of the target's own ``SCRIPT_PATH/NAME.stp``;
 * only the releases installed on the target (``/lib/modules/<release>``, or
   the running one) built for its architecture are installed.
 
@@ -717,6 +718,7 @@ def verify_signatures(
     spool: IO[bytes],
     machine: str,
     warn: Warn,
+    script_path: Path,
 ) -> int:
     """Check every module of ``releases`` as ``start`` will with REQUIRE_SIGNED=yes.
 
@@ -724,11 +726,14 @@ def verify_signatures(
     ``/etc/systemtap/staprun/`` (:mod:`stapinit.initscript.verify`), over this
     very module, for its name, release, ``machine``, runtime, privilege and the
     compile options its ``conf.d`` file gives it (phase COMPILE, those its
-    record holds: report options such as -w are not signed). Raises :class:`PackError`
+    record holds: report options such as -w are not signed), compiled from the
+    text of the target's own ``script_path/NAME.stp`` (a module whose script
+    is not there is refused: nothing else says it is the admin's). Raises :class:`PackError`
     naming the first module that fails; returns how many verified. The crypto
     library is imported only here.
     """
     from stapinit.initscript import verify
+    from stapinit.initscript.compiler import read_script
     from stapinit.initscript.remote import RemoteError
     from stapinit.trust.stores import StorePaths
 
@@ -745,8 +750,14 @@ def verify_signatures(
         if not certificates:
             raise PackError(f"{path}: no trusted signer in {store.signers} (REQUIRE_SIGNED=yes)")
         kernel = KernelIdentity(entry.release, "", machine)
+        script_file = script_path / f"{entry.script}.stp"
+        if not os.path.lexists(script_file):
+            raise PackError(f"{path}: {verify.no_script(entry.script)} ({script_file})")
         try:
-            expected = verify.expected_manifest(archived_script(files, path), kernel)
+            source = read_script(script_file).digest
+            expected = verify.expected_manifest(archived_script(files, path), kernel, source)
+        except OSError as error:
+            raise PackError(f"{path}: cannot read {script_file}: {error.strerror}") from None
         except RemoteError as error:
             raise PackError(f"{path}: {error}") from None
         module = blob_bytes(files[path], spool)
@@ -1040,7 +1051,9 @@ def _unpack(initscript: Initscript, request: Request, spool: IO[bytes]) -> int:
             manifest, files, installed_releases(uname.release), uname.machine
         )
         if settings.require_signed:
-            count = verify_signatures(files, releases, spool, uname.machine, initscript.log.warning)
+            count = verify_signatures(
+                files, releases, spool, uname.machine, initscript.log.warning, settings.script_path
+            )
             initscript.log.info(f"Verified the signatures of {count} modules")
         placements = plan(files, releases, settings.cache_path, settings.config_path)
         check_destinations(placements)
