@@ -39,6 +39,11 @@ PRIVILEGES: Final[tuple[Privilege, ...]] = ("stapdev", "stapusr")
 MODULE_NAME_RE: Final = re.compile(r"[a-z0-9_]{1,55}")
 #: Largest module the server returns and the loader accepts.
 MAX_MODULE_BYTES: Final = 64 * 1024 * 1024
+#: Most of stap's standard output (and of its standard error) a client accepts in a
+#: compile response: the 1 MiB of each that a server keeps
+#: (:data:`stapinit.server.compiler.MAX_OUTPUT`, bytes, so at most as many characters)
+#: and room for a line the server adds.
+MAX_STREAM_CHARS: Final = 1024 * 1024 + 64 * 1024
 MAX_NAME_BYTES: Final = 255
 MAX_TAPSET_DEPTH: Final = 16
 MAX_TAPSETS: Final = 256
@@ -445,10 +450,14 @@ def decode_compile_response(data: bytes) -> CompileResponse:
     status = _get(obj, "status", int, what)
     if not 0 <= status <= 255:
         raise ProtocolError(f"{what}: status {status} is not an exit status (0 to 255)")
+    stdout = _get(obj, "stdout", str, what)
+    stderr = _get(obj, "stderr", str, what)
+    if max(len(stdout), len(stderr)) > MAX_STREAM_CHARS:
+        raise ProtocolError(f"{what}: stap's output over {MAX_STREAM_CHARS} characters")
     return CompileResponse(
         status=status,
-        stdout=_get(obj, "stdout", str, what),
-        stderr=_get(obj, "stderr", str, what),
+        stdout=stdout,
+        stderr=stderr,
         module=module,
         signature=None if sig_text is None else _b64decode(sig_text, "signature"),
         cached=_get(obj, "cached", bool, what),

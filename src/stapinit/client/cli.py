@@ -9,6 +9,7 @@ directly, by anyone else through ``stap-loader``, which decides who may load wha
 from __future__ import annotations
 
 import os
+import stat
 import sys
 from collections.abc import Collection, Sequence
 from pathlib import Path
@@ -31,7 +32,7 @@ from stapinit.protocol import (
     read_tapsets,
 )
 from stapinit.trust.address import ServerAddress
-from stapinit.trust.connection import ServerError, compile_remote, connect_pinned
+from stapinit.trust.connection import ServerError, compile_on
 from stapinit.trust.signing import SIGNATURE_SUFFIX
 from stapinit.trust.stores import StorePaths, trusted_server_fingerprints
 
@@ -127,7 +128,7 @@ def compile_on_servers(
 def _compile_on(
     address: ServerAddress, trusted: Collection[str], req: CompileRequest
 ) -> CompileResponse:
-    return compile_remote(connect_pinned(address, trusted), address, req)
+    return compile_on(address, trusted, req)
 
 
 def shown_stdout(stdout: str) -> str:
@@ -151,6 +152,45 @@ def _is_module_file_name(text: str) -> bool:
     except ProtocolError:
         return False
     return True
+
+
+def check_module_file(name: str, req: CompileRequest) -> str:
+    """``name`` if it is the module file ``req`` asked for, else raise ClientError (pure).
+
+    stap's rule: ``NAME.ko`` for the kmod runtime, ``NAME.bo`` for bpf, NAME
+    a module name (:func:`~stapinit.protocol.check_module_name`) and the
+    ``-m`` name when one was given.  Anything else (``Makefile``, ``.bashrc``)
+    is what a hostile server would like written into the current directory.
+    """
+    stem = name.rpartition(".")[0]
+    if (
+        kind_of_module(name) != req.runtime
+        or not _is_module_file_name(name)
+        or (req.module_name is not None and stem != req.module_name)
+    ):
+        wanted = f"{req.module_name or 'NAME'}{'.bo' if req.runtime == 'bpf' else '.ko'}"
+        raise ClientError(f"the server sent a module named {name!r}, not {wanted}")
+    return name
+
+
+def save_file(path: Path, data: bytes) -> None:
+    """Write ``path`` through a temp file; refuse to replace what is not a regular file.
+
+    A symlink at ``path`` is refused, not followed (nor replaced): the current
+    directory may be another user's.  Raises ClientError.
+    """
+    try:
+        mode: int | None = path.lstat().st_mode
+    except FileNotFoundError:
+        mode = None
+    except OSError as exc:
+        raise ClientError(f"cannot save {path}: {exc.strerror}") from None
+    if mode is not None and not stat.S_ISREG(mode):
+        raise ClientError(f"refusing to replace {path}: it is not a regular file")
+    try:
+        atomic_write(path, data)
+    except OSError as exc:
+        raise ClientError(f"cannot save {path}: {exc.strerror}") from None
 
 
 def _print_messages(resp: CompileResponse) -> None:
@@ -199,13 +239,12 @@ def _run(argv: Sequence[str]) -> int:
     if module is None:
         raise ClientError("the server reported success but sent no module")
 
+    check_module_file(module.name, req)
+
     if compile_only:
-        try:
-            atomic_write(Path(module.name), module.data)
-            if resp.signature is not None:
-                atomic_write(Path(module.name + SIGNATURE_SUFFIX), resp.signature)
-        except OSError as exc:
-            raise ClientError(f"cannot save {module.name}: {exc.strerror}") from None
+        save_file(Path(module.name), module.data)
+        if resp.signature is not None:
+            save_file(Path(module.name + SIGNATURE_SUFFIX), resp.signature)
         print(module.name)
         return 0
     if tool is not None:

@@ -17,14 +17,16 @@ _counter = itertools.count()
 
 def _write_temp(path: Path, fill: Callable[[BinaryIO], object], mode: int, durable: bool) -> Path:
     temp = path.with_name(f".{path.name}.{os.getpid()}.{next(_counter)}.tmp")
-    fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, mode)
+    fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, mode)
     try:
         with os.fdopen(fd, "wb") as handle:
             fill(handle)
             handle.flush()
+            # The umask may have narrowed the mode. By descriptor, never by path: whoever
+            # can write the directory could have swapped a symlink in at ``temp`` by now.
+            os.fchmod(handle.fileno(), mode)
             if durable:
                 os.fsync(handle.fileno())
-        os.chmod(temp, mode)  # the umask may have narrowed it
     except BaseException:
         temp.unlink(missing_ok=True)
         raise
@@ -70,3 +72,19 @@ def atomic_copy(source: Path, path: Path, mode: int = 0o644) -> None:
                 handle.write(chunk)
 
     _replace_through_temp(path, copy, mode, durable=True)
+
+
+def set_mode(path: Path, mode: int, owner: tuple[int, int] | None = None) -> None:
+    """Set ``path``'s mode (and ``(uid, gid)`` owner) through a descriptor.
+
+    A symlink at ``path`` is an error (OSError ELOOP), never followed: whoever
+    can write the directory could have put one there since ``path`` was made.
+    For directories and regular files; a FIFO is opened without blocking.
+    """
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    try:
+        os.fchmod(fd, mode)
+        if owner is not None:
+            os.fchown(fd, *owner)
+    finally:
+        os.close(fd)

@@ -206,6 +206,7 @@ class Initscript:
                 self.settings.temp_path,
                 self.settings.compile_timeout,
                 self.log.warning,
+                self.is_interrupted,
             )
         else:
             results = compile_many(

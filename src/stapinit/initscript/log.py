@@ -1,10 +1,12 @@
 """The message log and the console: every outcome reported once (spec §3.5).
 
 Everything goes to ``LOG_FILE`` with a timestamp: messages, every command run
-(``Exec: ...``) and stap's full output. Outcomes (``Started X``) also go to
-stdout; errors and warnings to stderr and, when a syslog socket exists, to
-syslog (which may not run yet at boot). A log that cannot be written (a full
-file system) costs one warning, never the command: stopping must always work.
+(``Exec: ...``) and stap's output (up to :data:`MAX_LOGGED_OUTPUT` characters
+of each run: a compile server's answer is not to fill root's disk). Outcomes
+(``Started X``) also go to stdout; errors and warnings to stderr and, when a
+syslog socket exists, to syslog (which may not run yet at boot). A log that
+cannot be written (a full file system) costs one warning, never the command:
+stopping must always work.
 """
 
 from __future__ import annotations
@@ -17,12 +19,24 @@ import threading
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TextIO
+from typing import Final, TextIO
 
 from stapinit.core.errors import StapinitError
 from stapinit.initscript.ownership import open_regular, writable_by
 
 _SYSLOG_SOCKET = "/dev/log"
+#: Most of one tool's output written to the log (characters): its start and its end.
+MAX_LOGGED_OUTPUT: Final = 64 * 1024
+
+
+def clip_output(text: str, limit: int = MAX_LOGGED_OUTPUT) -> str:
+    """``text`` if at most ``limit`` characters, else its first and last ``limit // 2``
+    around a line saying how much was left out (pure)."""
+    if len(text) <= limit:
+        return text
+    half = limit // 2
+    left_out = len(text) - 2 * half
+    return f"{text[:half]}\n[... {left_out} characters of output left out ...]\n{text[-half:]}"
 
 
 class LogError(StapinitError):
@@ -118,9 +132,9 @@ class Log:
         self._write("Exec: " + shlex.join(argv))
 
     def output(self, label: str, text: str) -> None:
-        """Record a tool's output in full."""
+        """Record a tool's output, clipped to :data:`MAX_LOGGED_OUTPUT` characters."""
         if text.strip():
-            self._write(f"{label}:\n{text.rstrip()}")
+            self._write(f"{label}:\n{clip_output(text.rstrip())}")
 
     def warning(self, message: str) -> None:
         """A warning: log file, stderr and syslog."""

@@ -938,8 +938,9 @@ def _write_output(path: Path, fill: Callable[[IO[bytes]], None]) -> None:
         with os.fdopen(fd, "wb") as handle:
             fill(handle)
             handle.flush()
+            # By descriptor: the directory may be another user's, who can swap in a symlink.
+            os.fchmod(handle.fileno(), 0o644)
             os.fsync(handle.fileno())
-        os.chmod(temp, 0o644)
         os.replace(temp, path)
     except BaseException as error:
         Path(temp).unlink(missing_ok=True)

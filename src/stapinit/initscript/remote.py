@@ -133,22 +133,28 @@ def check_response(script: Script, response: CompileResponse) -> tuple[bytes, by
 
 
 def ask_servers(
-    servers: Sequence[ServerAddress], trusted: set[str], req: CompileRequest, timeout: float
+    servers: Sequence[ServerAddress],
+    trusted: set[str],
+    req: CompileRequest,
+    timeout: float,
+    interrupted: Callable[[], bool],
 ) -> tuple[ServerAddress, CompileResponse]:
     """The first answer of a trusted server, in order; raises RemoteError naming why none did.
 
     ``trusted`` are the fingerprints of the trusted servers' certificates;
-    ``timeout`` bounds each wait for a server's answer (seconds).
+    ``timeout`` bounds all of each server's exchange, connect to last byte of
+    its answer (seconds); ``interrupted`` (polled) ends the wait and the search.
     """
-    from stapinit.trust.connection import ServerError, compile_remote, connect_pinned
+    from stapinit.trust.connection import ServerError, compile_on
 
     errors: list[str] = []
     for address in servers:
         try:
-            conn = connect_pinned(address, trusted, timeout)
-            return address, compile_remote(conn, address, req)
+            return address, compile_on(address, trusted, req, timeout, interrupted)
         except ServerError as error:
             errors.append(" ".join(str(error).split()))
+        if interrupted():
+            break
     raise RemoteError("; ".join(errors))
 
 
@@ -160,6 +166,7 @@ def compile_one(
     cache_dir: Path,
     temp_path: Path,
     timeout: float,
+    interrupted: Callable[[], bool],
 ) -> CompileResult:
     """Compile one script through ``servers`` and install it into ``cache_dir``."""
     if script.source is None:
@@ -175,7 +182,7 @@ def compile_one(
     except (RemoteError, ProtocolError) as error:
         return CompileResult(script.name, False, str(error))
     try:
-        address, response = ask_servers(servers, trusted, req, timeout)
+        address, response = ask_servers(servers, trusted, req, timeout, interrupted)
     except RemoteError as error:
         return CompileResult(script.name, False, str(error))
     output = f"compiled by stap-server {address}\n{response.stdout}{response.stderr}"
@@ -223,10 +230,13 @@ def compile_many(
     temp_path: Path,
     timeout: float,
     warn: Warn,
+    interrupted: Callable[[], bool],
 ) -> list[CompileResult]:
     """Compile ``scripts`` through ``servers``, a few at once; results in input order.
 
-    ``timeout`` (``COMPILE_TIMEOUT``) bounds each wait for a server's answer.
+    ``timeout`` (``COMPILE_TIMEOUT``) bounds each server's whole exchange, from
+    connect to the last byte of its answer; ``interrupted`` (the service's
+    signal flag, polled) ends every wait at once.
 
     The trusted servers are those of the system-wide client store and of the
     calling user's own (spec §6.2.1); ``warn`` hears about stores that are
@@ -242,7 +252,9 @@ def compile_many(
     with ThreadPoolExecutor(max_workers=min(len(scripts), MAX_PARALLEL)) as pool:
         return list(
             pool.map(
-                lambda s: compile_one(servers, trusted, s, kernel, cache_dir, temp_path, timeout),
+                lambda s: compile_one(
+                    servers, trusted, s, kernel, cache_dir, temp_path, timeout, interrupted
+                ),
                 scripts,
             )
         )

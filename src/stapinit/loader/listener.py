@@ -44,11 +44,16 @@ def bind_listener(path: Path) -> socket.socket:
                 raise ListenerError(f"another stap-loader is listening on {path}")
         path.unlink()
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    # bind(2) creates the socket 0666 under this umask: no chmod by path afterwards,
+    # which would follow a symlink swapped in at ``path`` in a directory others can
+    # write. The loader binds before it starts any thread, so the umask is ours alone.
+    umask = os.umask(0o111)
     try:
         sock.bind(str(path))
-        os.chmod(path, 0o666)
         sock.listen(64)
     except OSError as exc:
         sock.close()
         raise ListenerError(f"cannot listen on {path}: {exc.strerror}") from None
+    finally:
+        os.umask(umask)
     return sock

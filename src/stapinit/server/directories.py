@@ -13,6 +13,7 @@ import shutil
 import stat
 from pathlib import Path
 
+from stapinit.core.fsutil import set_mode
 from stapinit.core.lsb import EXIT_NOT_CONFIGURED
 from stapinit.server.account import ServiceUser
 from stapinit.server.config import ServerConfig
@@ -61,7 +62,7 @@ def prepare_paths(config: ServerConfig, user: ServiceUser, keep_root: bool) -> N
                 raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR))
             if not directory.is_dir():
                 directory.mkdir(mode=mode, parents=True)
-                os.chown(directory, user.uid, user.gid)
+                set_mode(directory, mode, (user.uid, user.gid))
         except OSError as exc:
             raise path_error(f"prepare the directory of {setting}", directory, exc) from None
     try:
@@ -125,5 +126,5 @@ def _owned_directory(path: Path, owner: tuple[int, int], mode: int) -> None:
         info = None
     if info is None:
         path.mkdir(mode=mode)
-        os.chmod(path, mode)
-        os.chown(path, *owner)
+        # By descriptor: a symlink swapped in since the mkdir is refused, never followed.
+        set_mode(path, mode, owner)

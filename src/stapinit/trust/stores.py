@@ -27,7 +27,7 @@ from pathlib import Path
 from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding
 
-from stapinit.core.fsutil import atomic_write
+from stapinit.core.fsutil import atomic_write, set_mode
 from stapinit.trust.certs import (
     FINGERPRINT_PREFIX,
     CertificateError,
@@ -310,4 +310,4 @@ def _make_dirs(path: Path) -> None:
     for directory in reversed(missing):
         with contextlib.suppress(FileExistsError):
             directory.mkdir()
-            directory.chmod(0o755)
+            set_mode(directory, 0o755)  # by descriptor: never through a swapped-in symlink
