@@ -25,6 +25,8 @@ while [ $# -gt 0 ]; do [ "$1" = -m ] && name=$2; shift; done
 """
 FAKE_STAPRUN = """#!/bin/sh
 # staprun -L MODULE.ko | staprun -d NAME, against the list in $MODULES
+# (under a lock: scripts of one level start and stop in parallel)
+exec 9>"$MODULES.lock"; flock 9
 case "$1" in
 -L) name=$(basename "$2" .ko); echo "$name 1 0 - Live 0x0" >> "$MODULES" ;;
 -d) grep -v "^$2 " "$MODULES" > "$MODULES.new"; mv "$MODULES.new" "$MODULES" ;;

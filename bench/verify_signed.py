@@ -15,6 +15,7 @@ steadier figure. Run as root (trust stores must belong to root). Usage:
 from __future__ import annotations
 
 import argparse
+import hashlib
 import os
 import resource
 import statistics
@@ -29,6 +30,8 @@ from stapinit.trust.signing import sign_module
 from stapinit.trust.stores import StorePaths, signer_store
 
 COMMAND = str(Path(sys.executable).parent / "systemtap-service")
+SCRIPT = b"probe begin {}\n"
+SOURCE = hashlib.sha256(SCRIPT).hexdigest()  # what the server signs as the script's text
 
 FAKE_STAP = """#!/bin/sh
 # stap -p4 -m NAME ... FILE: write NAME.ko in the working directory
@@ -56,7 +59,7 @@ def make_host(root: Path, count: int, module_kb: int) -> Path:
         (root / name).chmod(0o755)
     (root / "modules").write_text("")
     for i in range(count):
-        (root / "script.d" / f"s{i}.stp").write_text("probe begin {}\n")
+        (root / "script.d" / f"s{i}.stp").write_bytes(SCRIPT)
     lines = [
         f"SCRIPT_PATH={root}/script.d",
         f"CONFIG_PATH={root}/conf.d",
@@ -78,7 +81,9 @@ def make_host(root: Path, count: int, module_kb: int) -> Path:
     for i in range(count):
         module = os.urandom(module_kb * 1024)
         (cache / f"s{i}.ko").write_bytes(module)
-        sgn = sign_module(key, cert, module, f"s{i}.ko", uname.release, uname.machine, "stapdev")
+        sgn = sign_module(
+            key, cert, module, f"s{i}.ko", uname.release, uname.machine, "stapdev", source=SOURCE
+        )
         (cache / f"s{i}.ko.sgn").write_bytes(sgn)
     return config
 

@@ -171,7 +171,7 @@ def test_pack_writes_compile_options_only_and_unpack_accepts_them(
 ) -> None:
     text, dropped = archive_conf(script(options, ("base",)))
     assert len(dropped) == left_out
-    check_conf_file("conf.d/tick.conf", text, {"tick"})
+    assert check_conf_file("conf.d/tick.conf", text, {"tick", "base"}) == ("base",)
     lines = text.splitlines()
     written = split_options(split_options(lines[1].partition("=")[2])[0])
     assert parse_options(written) == parse_options(split_options(expected))

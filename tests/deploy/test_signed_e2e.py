@@ -38,6 +38,7 @@ TICK = (
     'probe end { printf("end\\n") }\n'
 )
 ARCH = os.uname().machine
+TICK_SOURCE = hashlib.sha256(TICK.encode()).hexdigest()
 
 
 @pytest.fixture(scope="module")
@@ -130,6 +131,8 @@ def test_start_compiles_through_the_server_and_runs_the_scripts(production: Prod
         "stapdev",
         ["-u"],
     )
+    # And the script text the server compiled: this host's own other.stp.
+    assert manifest["source"] == TICK_SOURCE
     stopped = prefix.run("stop")
     assert stopped.returncode == 0, stopped.stderr
     assert out.read_text().splitlines()[-1] == "end"
@@ -197,7 +200,15 @@ def test_a_cache_signed_by_an_untrusted_signer_is_refused(
     key, cert = generate_identity(tmp_path / "rogue.key", tmp_path / "rogue.pem", "rogue")
     module = production.cache_file("tick.bo")
     forged = sign_module(
-        key, cert, module.read_bytes(), "tick.bo", RELEASE, ARCH, "stapdev", runtime="bpf"
+        key,
+        cert,
+        module.read_bytes(),
+        "tick.bo",
+        RELEASE,
+        ARCH,
+        "stapdev",
+        runtime="bpf",
+        source=TICK_SOURCE,
     )
     production.cache_file("tick.bo.sgn").write_bytes(forged)
     prefix.write_config(AUTOCOMPILE="no")
@@ -233,6 +244,64 @@ def test_a_cache_without_a_signature_or_for_other_options_is_refused(
     assert other_options.returncode == 1
     assert "signed for options no options, not [-u]" in other_options.stderr
     assert production.running() == {"tick": "stopped"}
+
+
+def test_a_signed_cache_of_other_text_than_the_hosts_script_is_refused(
+    production: Production,
+) -> None:
+    # The server signed tick.bo for the text it compiled; the admin's tick.stp
+    # is then edited, and the record made to claim the new text: only the
+    # signature can tell the module is not of this script.
+    prefix = production.prefix
+    production.add_ticker("tick")
+    assert prefix.run("compile", "-y").returncode == 0
+    prefix.write_config(AUTOCOMPILE="no")
+    edited = TICK.replace("tick", "tock")
+    (prefix.scripts / "tick.stp").write_text(edited)
+    mine = hashlib.sha256(edited.encode()).hexdigest()
+    record = production.cache_file("tick.opts")
+    record.write_text(record.read_text().replace(f"source={TICK_SOURCE}\n", f"source={mine}\n"))
+    refused = prefix.run("start")
+    assert refused.returncode == 1
+    reason = (
+        f"signed for another script text (sha256 {TICK_SOURCE[:16]}...) than this host's "
+        f"tick.stp (sha256 {mine[:16]}...)"
+    )
+    assert f"no valid cache for tick: {reason}" in refused.stderr
+    assert reason in prefix.log()
+    assert production.running() == {"tick": "stopped"}
+
+
+def test_a_script_with_crlf_line_ends_is_signed_for_its_bytes_as_they_are(
+    production: Production,
+) -> None:
+    # Read as text with newline translation, the request would carry other
+    # bytes than the file holds, and the signed source would never match it.
+    prefix = production.prefix
+    out = production.add_ticker("tick")
+    (prefix.scripts / "tick.stp").write_bytes(TICK.replace("\n", "\r\n").encode())
+    done = prefix.run("start")
+    assert done.returncode == 0, done.stderr
+    assert production.running() == {"tick": "running"}
+    assert wait_for(lambda: out.exists() and len(out.read_text().splitlines()) > 2)
+    assert prefix.run("stop").returncode == 0
+
+
+def test_a_signed_cache_only_script_is_refused(production: Production) -> None:
+    # Signed by the trusted server, but with no tick.stp here nothing says it is
+    # the admin's script rather than one anyone had the server compile as tick.
+    prefix = production.prefix
+    out = production.add_ticker("tick")
+    assert prefix.run("compile", "-y").returncode == 0
+    (prefix.scripts / "tick.stp").unlink()
+    prefix.write_config(AUTOCOMPILE="no", ALLOW_CACHEONLY="yes")
+    refused = prefix.run("start", "tick")
+    assert refused.returncode == 1
+    reason = "REQUIRE_SIGNED=yes: tick has no script in SCRIPT_PATH to check its signature against"
+    assert reason in refused.stderr
+    assert reason in prefix.log()
+    assert production.running() == {"tick": "stopped"}
+    assert not out.exists()
 
 
 def test_server_down_at_boot_with_valid_signed_caches(production: Production) -> None:
@@ -306,7 +375,7 @@ def test_an_expired_signer_no_longer_vouches(production: Production, tmp_path: P
     module = production.cache_file("tick.bo").read_bytes()
     old = sign_module(
         key, cert, module, "tick.bo", RELEASE, ARCH, "stapdev",
-        signed_at=now - dt.timedelta(days=2), runtime="bpf",
+        signed_at=now - dt.timedelta(days=2), runtime="bpf", source=TICK_SOURCE,
     )  # fmt: skip
     production.cache_file("tick.bo.sgn").write_bytes(old)
     prefix.write_config(AUTOCOMPILE="no")

@@ -141,6 +141,15 @@ HOSTILE_CONF = {
         "tick_REQ='../x'\n",
         "conf.d/tick.conf:1: tick_REQ: '../x' is not a script name",
     ),
+    # Either would keep every boot script of the target from starting.
+    "requirement the archive does not carry": (
+        "tick_REQ=ghost\n",
+        "conf.d/tick.conf:1: tick_REQ: ghost is not a script the archive carries",
+    ),
+    "requirement on itself (a cycle)": (
+        "tick_REQ=tick\n",
+        "the archive's conf.d files: dependency cycle: tick -> tick",
+    ),
 }
 
 HOSTILE = {

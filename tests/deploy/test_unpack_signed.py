@@ -8,6 +8,7 @@ and sets ``REQUIRE_SIGNED=yes``.
 from __future__ import annotations
 
 import datetime as dt
+import hashlib
 import os
 import shutil
 import subprocess
@@ -28,6 +29,8 @@ from tests.trust.signers import make_signer
 
 BO = f"cache/{RELEASE}/tick.bo"
 SGN = f"{BO}.sgn"
+#: What the server signs as the source of tick: the digest of its text.
+TICK_SOURCE = hashlib.sha256(TICK.encode()).hexdigest()
 
 
 @dataclass
@@ -41,11 +44,20 @@ class Signer:
         name: str = "tick.bo",
         release: str = RELEASE,
         options: tuple[str, ...] = (),
+        source: str = TICK_SOURCE,
     ) -> bytes:
         """A signature as stap-server makes it, for tick as configured (no compile options)."""
         machine = os.uname().machine
         return sign_module(
-            self.key, self.cert, module, name, release, machine, "stapdev", options=options
+            self.key,
+            self.cert,
+            module,
+            name,
+            release,
+            machine,
+            "stapdev",
+            options=options,
+            source=source,
         )
 
 
@@ -64,7 +76,8 @@ def sign_on_build_host(
     hosts: Hosts, server: Signer, options: str = "", signed: tuple[str, ...] = ()
 ) -> Hosts:
     """tick compiled with ``options`` and signed for ``signed`` on the build host;
-    the target trusts ``server`` and requires it."""
+    the target trusts ``server``, requires it and has the same tick.stp (its
+    admin's script, placed there as the admin places it, without conf.d)."""
     hosts.build.add_script("tick", TICK, options=f"--runtime=bpf {options}".strip())
     assert hosts.build.run("compile", "-y").returncode == 0
     module = hosts.build.cache_dir() / "tick.bo"
@@ -74,6 +87,7 @@ def sign_on_build_host(
     trust_root = hosts.root / "trust"
     signer_store_at(trust_root / "etc" / "systemtap" / "staprun").add(server.cert)
     hosts.target.env["STAP_TRUST_ROOT"] = str(trust_root)
+    (hosts.target.scripts / "tick.stp").write_text(TICK)
     hosts.target.write_config(REQUIRE_SIGNED="yes")
     return hosts
 
@@ -209,6 +223,37 @@ def test_report_options_in_the_archive_are_not_what_the_signature_covers(
     started = hosts.target.run("start")
     assert started.returncode == 0, started.stderr
     assert hosts.target.run("stop").returncode == 0
+
+
+def test_a_module_of_a_script_the_target_does_not_have_installs_nothing(
+    signed_hosts: Hosts,
+) -> None:
+    # A signature says which server compiled it, not that it is this admin's script.
+    files = pack(signed_hosts)
+    script = signed_hosts.target.scripts / "tick.stp"
+    script.unlink()
+    refused(
+        signed_hosts,
+        files,
+        f"{BO}: REQUIRE_SIGNED=yes: tick has no script in SCRIPT_PATH to check its "
+        f"signature against ({script})",
+    )
+
+
+def test_a_module_compiled_from_other_text_than_the_targets_script_installs_nothing(
+    signed_hosts: Hosts,
+) -> None:
+    files = pack(signed_hosts)
+    edited = TICK.replace("tick", "tock")
+    assert edited != TICK
+    (signed_hosts.target.scripts / "tick.stp").write_text(edited)
+    mine = hashlib.sha256(edited.encode()).hexdigest()
+    refused(
+        signed_hosts,
+        files,
+        f"{BO}: signed for another script text (sha256 {TICK_SOURCE[:16]}...) than "
+        f"this host's tick.stp (sha256 {mine[:16]}...)",
+    )
 
 
 def test_a_signature_for_another_release_installs_nothing(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -145,3 +146,49 @@ def test_condrestart_of_an_unknown_script_is_exit_5_like_restart(bpf_prefix: Pre
         done = bpf_prefix.run(command, "nosuch")
         assert done.returncode == 5, command
         assert "no such script: nosuch" in done.stderr
+
+
+def test_stop_wins_over_a_start_stuck_on_a_loader(
+    kmod_prefix: Prefix, fake_tools: FakeTools, tmp_path: Path
+) -> None:
+    kmod_prefix.add_script("stuck", SCRIPT)
+    assert kmod_prefix.run("compile").returncode == 0
+    kmod_prefix.write_config(STAPRUN=str(wrapped_staprun(tmp_path, "sleep 1000")))
+    env = {**os.environ, **fake_tools.env}
+    with subprocess.Popen(
+        [COMMAND, "start", "-c", str(kmod_prefix.config)],
+        env=env,
+        stderr=subprocess.PIPE,
+        text=True,
+    ) as start:
+        time.sleep(1.0)  # start holds the lock, waiting for staprun
+        began = time.monotonic()
+        stopped = kmod_prefix.run("stop", timeout=60)
+        assert time.monotonic() - began < 20  # not LOCK_TIMEOUT, not START_TIMEOUT
+        _, stderr = start.communicate(timeout=30)
+    assert stopped.returncode == 0, stopped.stderr
+    assert "to give up" in stopped.stderr
+    assert start.returncode == 130 and "interrupted" in stderr
+    assert fake_tools.loaded() == []
+    assert not (kmod_prefix.stat / "stuck").exists()
+
+
+def test_stop_works_when_stat_path_is_full(bpf_prefix: Prefix, tmp_path: Path) -> None:
+    pids = start_two(bpf_prefix)
+    # A STAT_PATH whose file system is full: the lock's holder note cannot be written.
+    full = tmp_path / "full"
+    full.mkdir()
+    subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=64k,mode=0755", "tmpfs", str(full)], check=True
+    )
+    try:
+        for record in bpf_prefix.stat.iterdir():
+            (full / record.name).write_bytes(record.read_bytes())
+        with contextlib.suppress(OSError), (full / "filler").open("wb") as filler:
+            filler.write(b"\0" * (1 << 20))
+        bpf_prefix.write_config(STAT_PATH=str(full))
+        stopped = bpf_prefix.run("stop")
+        assert stopped.returncode == 0, stopped.stderr
+        assert not any(process_alive(pid) for pid in pids)
+    finally:
+        subprocess.run(["umount", "-l", str(full)], check=False)

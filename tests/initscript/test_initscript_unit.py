@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from stapinit.core.bashvars import Assignment
+from stapinit.core.bashvars import Assignment, ConfigError
 from stapinit.core.process import Ending
 from stapinit.core.runtime import Instance, LoadOptions, LogSink, RuntimeFailure, RuntimeKind, State
 from stapinit.initscript import cache, status
@@ -18,7 +18,7 @@ from stapinit.initscript.commands import Initscript, Request
 from stapinit.initscript.compiler import wanted_record
 from stapinit.initscript.log import Log
 from stapinit.initscript.scripts import cache_dir, find_scripts
-from stapinit.initscript.settings import Settings, settings_from_assignments
+from stapinit.initscript.settings import Settings, load_settings, settings_from_assignments
 
 
 class FakeRuntime:
@@ -190,3 +190,22 @@ def test_stop_works_whatever_else_is_broken(tmp_path: Path, broken: dict[str, st
     rig.per_script += [Assignment(k, v, "conf", 9) for k, v in broken.items()]
     assert rig.initscript(compiled=True).stop(Request()) == 0
     assert rig.runtime.running == set()
+
+
+@pytest.mark.parametrize(
+    "bad_line",
+    ["s2_OPT='--runtime=bpf", "X=$(id)", "if true; then A=1; fi", 'B="unterminated'],
+)
+def test_shutdown_settings_keep_what_comes_before_a_syntax_error(
+    tmp_path: Path, bad_line: str
+) -> None:
+    config = tmp_path / "config"
+    config.write_text(
+        f"STAT_PATH={tmp_path}/run\nCONFIG_PATH={tmp_path}/none\n{bad_line}\nLATER=1\n"
+    )
+    with pytest.raises(ConfigError):
+        load_settings(config, environment={})
+    warnings: list[str] = []
+    settings = load_settings(config, environment={}, on_error=lambda e: warnings.append(str(e)))
+    assert settings.stat_path == tmp_path / "run"
+    assert warnings and warnings[0].startswith(f"{config}:3:")

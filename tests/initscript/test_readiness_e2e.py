@@ -143,3 +143,32 @@ def test_stop_finds_a_process_whose_start_was_killed_before_any_record(
     stopped = bpf_prefix.run("stop")
     assert stopped.returncode == 0 and "Stopped lost" in stopped.stdout, stopped.stderr
     assert orphan.wait(timeout=10) is not None
+
+
+def test_a_start_after_a_killed_one_waits_for_what_is_still_loading(
+    bpf_prefix: Prefix, tmp_path: Path, stapbpf_wrapper: Path
+) -> None:
+    out = bpf_prefix.root / "late.out"
+    bpf_prefix.add_script("base", UP, options=f"--runtime=bpf -o {out}")
+    bpf_prefix.add_script("user", UP, options="--runtime=bpf", requires="base")
+    assert bpf_prefix.run("compile").returncode == 0
+    bpf_prefix.write_config(STAPBPF=str(slow_stapbpf(tmp_path, stapbpf_wrapper, 2.0)))
+    with subprocess.Popen(
+        [COMMAND, "start", "-c", str(bpf_prefix.config)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    ) as start:
+        assert wait_for(lambda: (bpf_prefix.stat / "base").exists())
+        start.send_signal(signal.SIGKILL)
+    assert bpf_prefix.status_json()["base"]["state"] == "starting"
+    again = bpf_prefix.run("start")
+    assert again.returncode == 0, again.stderr
+    assert "base is already running" not in again.stdout
+    assert (
+        again.stdout.splitlines()[:2]
+        == [line for line in again.stdout.splitlines() if line.startswith("Started")][:2]
+    )
+    assert "up" in out.read_text().split()  # base's begin had run before start returned
+    assert sorted(our_stapbpfs(bpf_prefix)) == ["base", "user"]
+    assert all(len(p) == 1 for p in our_stapbpfs(bpf_prefix).values())
+    assert bpf_prefix.run("stop").returncode == 0

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import hashlib
 import os
 import shlex
 import socket
@@ -163,6 +164,7 @@ def signed(options: tuple[str, ...] = ("-u",), **changes: str) -> bytes:
     key, cert = SIGNER
     fields = {
         "module_name": "tick.bo",
+        "source": SOURCE,
         "release": KERNEL.release,
         "arch": KERNEL.machine,
         "privilege": "stapdev",
@@ -179,21 +181,24 @@ def signed(options: tuple[str, ...] = ("-u",), **changes: str) -> bytes:
         fields["privilege"],
         options=options,
         runtime=fields["runtime"],
+        source=fields["source"],
     )
 
 
 SIGNER = make_signer(NOW - DAY, NOW + 365 * DAY)
-WANTED = expected_manifest(script("--runtime=bpf -u -w -o /var/log/tick.out"), KERNEL)
+SOURCE = hashlib.sha256(b"probe timer.s(1) { }\n").hexdigest()
+WANTED = expected_manifest(script("--runtime=bpf -u -w -o /var/log/tick.out"), KERNEL, SOURCE)
 
 
 def test_what_a_script_expects_of_its_signature() -> None:
     # The options its record holds: neither -w (report) nor -o (run time).
-    assert Expected("tick.bo", "6.1.0-test", "x86_64", "bpf", "stapdev", ("-u",)) == WANTED
+    wanted = Expected("tick.bo", SOURCE, "6.1.0-test", "x86_64", "bpf", "stapdev", ("-u",))
+    assert wanted == WANTED
 
 
 def test_a_report_option_changes_neither_the_record_nor_the_signature_wanted() -> None:
     for options in ("--runtime=bpf -u", "--runtime=bpf -v -u --vp 01 -w"):
-        assert expected_manifest(script(options), KERNEL) == WANTED
+        assert expected_manifest(script(options), KERNEL, SOURCE) == WANTED
         assert script(options).recorded_options == ["-u"]
 
 
@@ -244,6 +249,11 @@ def test_a_signature_that_fits_in_every_way_passes() -> None:
         ({"privilege": "stapusr"}, "signed for privilege 'stapusr', not 'stapdev'"),
         ({"options": ()}, "signed for options no options, not [-u]"),
         ({"options": ("-u", "-w")}, "signed for options [-u -w], not [-u]"),
+        (
+            {"source": "ab" * 32},
+            f"signed for another script text (sha256 abababababababab...) "
+            f"than this host's tick.stp (sha256 {SOURCE[:16]}...)",
+        ),
     ],
 )
 def test_a_signature_for_anything_else_is_refused(changes: dict[str, Any], why: str) -> None:

@@ -25,6 +25,7 @@ MODULE = "hello.bo"
 SIGNED = Manifest(
     module_sha256="00" * 32,
     module_name="hello.bo",
+    source="22" * 32,
     release=HOST.release,
     arch=HOST.arch,
     runtime="bpf",

@@ -48,7 +48,9 @@ def signed(
     if trust:
         signer_store_at(loader.signer_store).add(cert)
     uname = os.uname()
-    return sign_module(key, cert, module, name, uname.release, uname.machine, privilege)
+    return sign_module(
+        key, cert, module, name, uname.release, uname.machine, privilege, source="ab" * 32
+    )
 
 
 def outputs(frames: list[wire.Frame], stream: str = "stdout") -> str:
@@ -450,7 +452,7 @@ def test_a_signer_whose_certificate_expired_is_not_believed(
     uname = os.uname()
     sig = sign_module(
         key, cert, b"kmod", "old.ko", uname.release, uname.machine, "stapusr",
-        signed_at=now - dt.timedelta(days=500),
+        signed_at=now - dt.timedelta(days=500), source="ab" * 32,
     )  # fmt: skip
     reason = only_refusal(loader.request(users["sttest_usr"], load("old.ko", b"kmod", sig)))
     assert reason.startswith(

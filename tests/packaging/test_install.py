@@ -264,8 +264,8 @@ def test_init_script_status_reports_the_scripts_not_the_unit(
     relocated: Installed, tmp_path: Path
 ) -> None:
     """Under systemd, Debian's init-functions send "service systemtap start" to
-    systemctl; "status" must still ask systemtap-service, since the oneshot unit
-    stays "active (exited)" after every script died.
+    systemctl; "status" must still ask systemtap-service, which reports each
+    script (the unit's watcher says only whether all of them still run).
 
     Run in a private mount namespace that looks like a systemd host to
     /lib/lsb/init-functions: /run/systemd/system exists, the script is

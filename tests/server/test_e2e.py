@@ -189,8 +189,10 @@ def test_bpf_module_is_byte_identical_to_local_stap(shared_server: Server, tmp_p
         resp.signature, resp.module.data, [load_certificate(shared_server.cert_path)]
     )
     assert (manifest.privilege, manifest.runtime, manifest.options) == ("stapdev", "bpf", ())
-
+    # And the text compiled: what a host reading hello.stp computes as its digest.
     (tmp_path / "hello.stp").write_text(script)
+    assert manifest.source == hashlib.sha256((tmp_path / "hello.stp").read_bytes()).hexdigest()
+
     subprocess.run(
         ["stap", "--runtime=bpf", "-p4", "-m", "hello", "hello.stp"],
         cwd=tmp_path,

@@ -95,6 +95,7 @@ def _sign(identity: Ident) -> bytes:
         "x86_64",
         "stapusr",
         signed_at=_signed_at(cert),
+        source="ab" * 32,
     )
 
 

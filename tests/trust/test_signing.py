@@ -33,7 +33,15 @@ def sign(
     module: bytes = MODULE,
 ) -> bytes:
     return sign_module(
-        key, cert, module, "hello.bo", "6.1.0", "x86_64", "stapusr", signed_at=signed_at
+        key,
+        cert,
+        module,
+        "hello.bo",
+        "6.1.0",
+        "x86_64",
+        "stapusr",
+        signed_at=signed_at,
+        source="ab" * 32,
     )
 
 

@@ -13,10 +13,12 @@ from tests.trust.signers import make_signer
 
 NOW = dt.datetime.now(dt.UTC).replace(microsecond=0)
 MODULE = b"\x7fELF module bytes"
+SOURCE = "ab" * 32
 KEY, CERT = make_signer(NOW - dt.timedelta(days=1), NOW + dt.timedelta(days=30))
 
 
 def sgn(name: str = "hello.ko", **kw: Any) -> bytes:
+    kw.setdefault("source", SOURCE)
     return sign_module(KEY, CERT, MODULE, name, "6.1.0", "x86_64", "stapdev", **kw)
 
 
@@ -35,7 +37,7 @@ def test_the_runtime_defaults_to_what_the_suffix_names() -> None:
 
 @pytest.mark.parametrize(
     ("field", "value"),
-    [("options", ["-w", "-g"]), ("options", []), ("runtime", "bpf")],
+    [("options", ["-w", "-g"]), ("options", []), ("runtime", "bpf"), ("source", "cd" * 32)],
 )
 def test_changing_what_was_signed_breaks_the_signature(field: str, value: Any) -> None:
     doc = json.loads(sgn(options=["-w"]))
@@ -60,6 +62,40 @@ def test_fields_of_the_wrong_type_are_malformed(field: str, value: Any) -> None:
 def test_a_signature_of_the_first_format_is_malformed() -> None:
     doc = json.loads(sgn())
     doc["format"] = "stap-module-signature/1"
-    del doc["manifest"]["options"], doc["manifest"]["runtime"]
-    with pytest.raises(SignatureError, match="not stap-module-signature/2"):
+    del doc["manifest"]["options"], doc["manifest"]["runtime"], doc["manifest"]["source"]
+    with pytest.raises(SignatureError, match="not stap-module-signature/3"):
         verify_module(json.dumps(doc).encode(), MODULE, [CERT])
+
+
+def test_the_source_is_signed_as_given() -> None:
+    assert verify_module(sgn(), MODULE, [CERT]).source == SOURCE
+
+
+def test_a_signature_of_the_second_format_without_a_source_is_malformed() -> None:
+    # Format /2 bound no script text: any client could have had it made.
+    doc = json.loads(sgn())
+    doc["format"] = "stap-module-signature/2"
+    del doc["manifest"]["source"]
+    with pytest.raises(SignatureError, match="not stap-module-signature/3"):
+        verify_module(json.dumps(doc).encode(), MODULE, [CERT])
+
+
+def test_a_third_format_signature_without_a_source_is_malformed() -> None:
+    doc = json.loads(sgn())
+    del doc["manifest"]["source"]
+    with pytest.raises(SignatureError, match="manifest fields missing"):
+        verify_module(json.dumps(doc).encode(), MODULE, [CERT])
+
+
+@pytest.mark.parametrize(
+    "hostile",
+    [
+        b'{"format": ' + b"9" * 5000 + b"}",
+        b"[" * 100_000 + b"]" * 100_000,
+        b"\xff\xfe not utf-8",
+        b"{}" + b" " * (128 * 1024),
+    ],
+)
+def test_a_hostile_signature_file_is_a_clean_refusal(hostile: bytes) -> None:
+    with pytest.raises(SignatureError, match="malformed signature file"):
+        verify_module(hostile, MODULE, [CERT])

@@ -109,12 +109,20 @@ class Process(NamedTuple):
         """True while this very process runs (not a zombie, not a successor)."""
         return self.pid > 0 and start_time(self.pid) == self.start_time
 
-    def signal(self, signum: int) -> bool:
-        """Send ``signum`` if this very process still runs; False when it is gone."""
+    def signal(self, signum: int, group: bool = False) -> bool:
+        """Send ``signum`` if this very process still runs; False when it is gone.
+
+        ``group``: to its whole process group too when it leads one (a loader
+        started in its own session, with what it started: a wrapper's child,
+        the ``-c`` command of stapbpf).
+        """
         if not self.alive():
             return False
         try:
-            os.kill(self.pid, signum)
+            if group and os.getpgid(self.pid) == self.pid:
+                os.killpg(self.pid, signum)
+            else:
+                os.kill(self.pid, signum)
         except ProcessLookupError:
             return False
         return True
@@ -130,18 +138,24 @@ class Process(NamedTuple):
             delay = min(delay * 2, 0.1)
         return True
 
-    def terminate(self, grace: float) -> Ending:
+    def terminate(self, grace: float, group: bool = False) -> Ending:
         """SIGTERM, then SIGKILL after ``grace`` seconds (bounded in all).
 
         Returns how it ended: already gone, exited on SIGTERM, killed, or
-        still there (stuck in the kernel) after SIGKILL.
+        still there (stuck in the kernel) after SIGKILL. ``group`` as for
+        :meth:`signal`; what is left of the group after it goes is killed too.
         """
-        if not self.signal(signal.SIGTERM):
+        if not self.signal(signal.SIGTERM, group):
             return Ending.GONE
         if self.wait_gone(grace):
-            return Ending.TERMINATED
-        self.signal(signal.SIGKILL)
-        return Ending.KILLED if self.wait_gone(KILL_WAIT_SECONDS) else Ending.STUCK
+            ending = Ending.TERMINATED
+        else:
+            self.signal(signal.SIGKILL, group)
+            ending = Ending.KILLED if self.wait_gone(KILL_WAIT_SECONDS) else Ending.STUCK
+        if group:
+            with contextlib.suppress(OSError):
+                os.killpg(self.pid, signal.SIGKILL)  # stragglers of a group it led
+        return ending
 
 
 def stop_child(child: subprocess.Popen[bytes] | subprocess.Popen[str], grace: float) -> Ending:

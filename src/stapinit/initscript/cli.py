@@ -19,11 +19,12 @@ from types import FrameType
 from typing import Literal, NamedTuple, NoReturn
 
 from stapinit import __version__
-from stapinit.core import values
+from stapinit.core import process, values
 from stapinit.core.bashvars import ConfigError
 from stapinit.core.errors import StapinitError, UsageError
 from stapinit.core.lsb import EXIT_PRIVILEGE, EXIT_USAGE, STATUS_UNKNOWN
 from stapinit.core.names import is_valid_name
+from stapinit.core.process import Process
 from stapinit.initscript.commands import CommandError, Initscript, Request
 from stapinit.initscript.lock import CommandLock
 from stapinit.initscript.log import Log, LogError
@@ -270,7 +271,28 @@ def _lock(
         raise CommandError(f"cannot create STAT_PATH {stat_path}: {error.strerror}") from None
     if not os.access(stat_path, os.W_OK):
         raise CommandError(f"STAT_PATH {stat_path} is not writable", EXIT_PRIVILEGE)
-    return CommandLock(stat_path, settings.lock_timeout, command, initscript.is_interrupted)
+    return CommandLock(
+        stat_path,
+        settings.lock_timeout,
+        command,
+        initscript.is_interrupted,
+        (lambda pid: _preempt(pid, initscript)) if command == "stop" else None,
+    )
+
+
+def _preempt(pid: int, initscript: Initscript) -> None:
+    """Shutdown must work: ask the command holding the lock (a start stuck on a loader) to end.
+
+    SIGTERM makes a systemtap-service end its waits at once and release the
+    lock, stopping what it had half-started; anything else is left alone.
+    """
+    argv = process.command_line(pid)
+    if not any(os.path.basename(word) == "systemtap-service" for word in argv[:3]):
+        return
+    initscript.log.warning(f"asking the running '{' '.join(argv[1:3])}' (pid {pid}) to give up")
+    holder = Process.of(pid)
+    if holder is not None:
+        holder.signal(signal.SIGTERM)
 
 
 def _load(command: str, config: Path | None, request: Request, log: Log) -> Settings:

@@ -48,6 +48,7 @@ from stapinit.initscript.settings import Settings
 from stapinit.initscript.status_report import ScriptStatus
 
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")
+_OUR_LINE = re.compile(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d \[\d+\] ")
 
 
 class CommandError(StapinitError):
@@ -322,13 +323,17 @@ class Initscript:
         directory = cache_dir(self.settings, kernel.release)
         self._adopt_unrecorded((scripts[name] for name in order), directory)
         to_start: list[str] = []
+        resume: set[str] = set()  # started by a start that was killed before they were ready
         for name in order:
             state = self._state(scripts[name])
-            if state in (State.RUNNING, State.STARTING, State.FOREIGN):
+            if state in (State.RUNNING, State.FOREIGN):
                 self.log.report(f"{name} is already running")
-            else:
-                to_start.append(name)
-        stale = self.stale_scripts([scripts[n] for n in to_start], kernel, directory)
+                continue
+            if state is State.STARTING:
+                resume.add(name)
+            to_start.append(name)
+        fresh = [scripts[n] for n in to_start if n not in resume]
+        stale = self.stale_scripts(fresh, kernel, directory)
         for name, why in stale.items():
             self.log.info(f"The cache of {name} cannot be used: {why}")
         if stale and self.settings.autocompile:
@@ -345,10 +350,11 @@ class Initscript:
                 failed[name] = f"no valid cache for {name}: {why}"
                 self.log.error(failed[name])
         requires = requirements_map(scripts)
-        for level in deps.levels(to_start, requires):
+        levels = deps.levels(to_start, requires)
+        for index, level in enumerate(levels):
             self.check_interrupted()
             if self.settings.passall and failed:
-                left = [n for n in to_start[to_start.index(level[0]) :] if n not in failed]
+                left = [n for later in levels[index:] for n in later if n not in failed]
                 if left:
                     self.log.error(
                         f"not started, as PASSALL=yes and a script failed: {' '.join(left)}"
@@ -365,7 +371,7 @@ class Initscript:
                 else:
                     startable.append(name)
             outcomes = parallel_map(
-                _guarded(lambda name: self._start_one(scripts[name], directory)),
+                _guarded(lambda name: self._start_one(scripts[name], directory, name in resume)),
                 startable,
                 self.settings.start_jobs,
             )
@@ -383,24 +389,34 @@ class Initscript:
         # A DEFAULT_START name that is no script fails only itself.
         return self._verdict("start", [*missing, *failed])
 
-    def _start_one(self, script: Script, directory: Path) -> Instance:
-        """Start one script and wait until it is ready; its record exists throughout."""
+    def _start_one(self, script: Script, directory: Path, resume: bool = False) -> Instance:
+        """Start one script and wait until it is ready; its record exists throughout.
+
+        ``resume``: a process an earlier, killed start left loading is waited
+        for, not started again.
+        """
         self.check_interrupted()
-        module = cache.module_path(directory, script.name, script.module_suffix)
-        options = script.start_options()
-        runtime = self._runtime(script)
-        self.log.info(f"Starting {script.name}")
         output = self.log.output_fd()
-        devnull = os.open(os.devnull, os.O_WRONLY | os.O_CLOEXEC) if output is None else None
-        fd = output if output is not None else devnull
-        assert fd is not None
-        offset = _offset(fd)
-        try:
-            instance = runtime.launch(script.name, str(module), options, fd)
-        finally:
-            if devnull is not None:
-                os.close(devnull)
-        self._record(runtime, instance)
+        offset = _offset(output) if output is not None else 0
+        earlier = status.read(self.settings.stat_path, script.name) if resume else None
+        if earlier is not None:
+            runtime = self._runtime(script, earlier)
+            self.log.info(f"Waiting for {script.name} (pid {earlier.pid}) to be ready")
+            instance = earlier
+        else:
+            runtime = self._runtime(script)
+            module = cache.module_path(directory, script.name, script.module_suffix)
+            options = script.start_options()
+            self.log.info(f"Starting {script.name}")
+            devnull = os.open(os.devnull, os.O_WRONLY | os.O_CLOEXEC) if output is None else None
+            fd = output if output is not None else devnull
+            assert fd is not None
+            try:
+                instance = runtime.launch(script.name, str(module), options, fd)
+            finally:
+                if devnull is not None:
+                    os.close(devnull)
+            self._record(runtime, instance)
         try:
             ready = runtime.wait_ready(instance, self.is_interrupted)
         except RuntimeFailure as error:
@@ -412,7 +428,7 @@ class Initscript:
                 self.log.error(f"{script.name}: {again}")
             else:
                 status.remove(self.settings.stat_path, script.name)
-            message = _last_error(fd, offset) if output is not None else ""
+            message = _last_error(output, offset) if output is not None else ""
             raise RuntimeFailure(f"{error}: {message}" if message else str(error)) from None
         self._record(runtime, ready)
         return ready
@@ -645,8 +661,11 @@ def _last_error(fd: int, offset: int) -> str:
     except OSError:
         return ""
     lines = [_ANSI.sub("", line).strip() for line in text.splitlines()]
-    lines = [line for line in lines if line]
-    errors = [line for line in lines if "ERROR" in line or "error" in line]
+    # The loader's own lines, not the service's (time-stamped) ones.
+    lines = [line for line in lines if line and not _OUR_LINE.match(line)]
+    # stapbpf says "ERROR: why", then a summary ("WARNING: Number of errors: 1").
+    errors = [line for line in lines if line.startswith("ERROR") or "error" in line.lower()]
+    errors = [line for line in errors if "Number of errors" not in line]
     return (errors or lines or [""])[-1]
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import fcntl
 import os
@@ -33,11 +34,15 @@ class CommandLock:
         timeout: float,
         command: str,
         interrupted: Callable[[], bool] = lambda: False,
+        preempt: Callable[[int], None] | None = None,
     ) -> None:
         self.path = stat_path / LOCK_NAME
         self.timeout = timeout
         self.command = command
         self.interrupted = interrupted
+        # stop must win over a start stuck waiting for a loader: it asks the
+        # holder to give up (SIGTERM ends its waits promptly) and takes over.
+        self.preempt = preempt
         self._fd: int | None = None
 
     def _open(self) -> int:
@@ -61,11 +66,17 @@ class CommandLock:
     def __enter__(self) -> CommandLock:
         fd = self._open()
         deadline = time.monotonic() + self.timeout
+        preempted = False
         while True:
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
                 break
             except BlockingIOError:
+                if self.preempt is not None and not preempted:
+                    preempted = True
+                    pid = lock_holder(fd)
+                    if pid is not None and pid != os.getpid():
+                        self.preempt(pid)
                 if self.interrupted():
                     os.close(fd)
                     raise LockError(f"interrupted while waiting for {self.path}", 130) from None
@@ -77,8 +88,11 @@ class CommandLock:
                         f"gave up after {self.timeout:g}s"
                     ) from None
                 time.sleep(0.05)
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"pid {os.getpid()}: {self.command}\n".encode(), 0)
+        # Who holds it, for the message of a command that gives up waiting; a
+        # full file system (a small /run at shutdown) must not stop the command.
+        with contextlib.suppress(OSError):
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"pid {os.getpid()}: {self.command}\n".encode(), 0)
         self._fd = fd
         return self
 
@@ -89,6 +103,24 @@ class CommandLock:
         traceback: TracebackType | None,
     ) -> None:
         if self._fd is not None:
-            os.ftruncate(self._fd, 0)
+            with contextlib.suppress(OSError):
+                os.ftruncate(self._fd, 0)
             os.close(self._fd)
             self._fd = None
+
+
+def lock_holder(fd: int) -> int | None:
+    """The pid holding a ``flock`` on the file open as ``fd``, from ``/proc/locks`` (proc(5))."""
+    facts = os.fstat(fd)
+    device = f"{os.major(facts.st_dev):02x}:{os.minor(facts.st_dev):02x}:{facts.st_ino}"
+    try:
+        with open("/proc/locks", encoding="ascii", errors="replace") as handle:
+            lines = handle.read(1 << 20).splitlines()
+    except OSError:
+        return None
+    for line in lines:
+        fields = line.split()
+        # "1: FLOCK  ADVISORY  WRITE 1234 08:01:5678 0 EOF"; "->" marks a waiter.
+        if len(fields) >= 6 and fields[1] == "FLOCK" and fields[5] == device:
+            return int(fields[4]) if fields[4].isdigit() else None
+    return None

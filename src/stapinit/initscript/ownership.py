@@ -88,6 +88,7 @@ class Trusted(NamedTuple):
     role: Role
     label: str  # "SCRIPT_PATH", "STAP", "alpha_OPT -I", ...
     sticky_leaf_ok: bool = False  # TEMP_PATH may itself be /tmp
+    device_leaf_ok: bool = False  # LOG_FILE may be root's /dev/null or /dev/full
 
 
 class Step(NamedTuple):
@@ -121,13 +122,17 @@ def _open_to_others(mode: int) -> bool:
     return stat.S_ISDIR(mode) and bool(mode & (stat.S_IWOTH | stat.S_IWGRP))
 
 
-def judge(steps: Sequence[Step], sticky_leaf_ok: bool = False) -> tuple[str, str] | None:
+def judge(
+    steps: Sequence[Step], sticky_leaf_ok: bool = False, device_leaf_ok: bool = False
+) -> tuple[str, str] | None:
     """The first step of a resolved path someone else can change: ``(path, why)``, or None.
 
     ``steps`` is what :func:`walk` gives: ``/``, each directory and symbolic
     link met in order, and the path itself (or its first missing component).
     Sticky root-owned directories pass on the way (the next step is judged
-    on its own); at the end only when ``sticky_leaf_ok``.
+    on its own); at the end only when ``sticky_leaf_ok``. ``device_leaf_ok``
+    accepts a root-owned character device at the end (``/dev/null``: what is
+    written there goes nowhere, whoever else may write it too).
     """
     last_directory: Step | None = None
     for index, step in enumerate(steps):
@@ -142,6 +147,8 @@ def judge(steps: Sequence[Step], sticky_leaf_ok: bool = False) -> tuple[str, str
                 return step.path, f"is a symbolic link owned by uid {step.uid}"
             continue
         at_end = index == len(steps) - 1
+        if at_end and device_leaf_ok and step.uid == 0 and stat.S_ISCHR(step.mode):
+            return None
         who = writable_by(step.uid, step.mode, sticky_ok=sticky_leaf_ok or not at_end)
         if who is not None:
             return step.path, f"is writable by {who}"
@@ -283,7 +290,7 @@ def trusted_paths(settings: Settings, releases: Iterable[str]) -> list[Trusted]:
     paths.append(Trusted(str(settings.stat_path), Role.STATE, "STAT_PATH"))
     paths.append(Trusted(str(settings.modules_list), Role.STATE, "MODULES_LIST"))
     paths.append(Trusted(str(settings.temp_path), Role.TEMP, "TEMP_PATH", sticky_leaf_ok=True))
-    paths.append(Trusted(str(settings.log_file), Role.LOG, "LOG_FILE"))
+    paths.append(Trusted(str(settings.log_file), Role.LOG, "LOG_FILE", device_leaf_ok=True))
     for label, tool in (
         ("STAP", settings.stap),
         ("STAPRUN", settings.staprun),
@@ -302,7 +309,8 @@ def check_paths(paths: Iterable[Trusted]) -> None:
     listed = list(paths)
     named = {trusted.path for trusted in listed if trusted.role is not Role.OPTION}
     for trusted in listed:
-        verdict = judge(walk(trusted.path, lstat_cache), trusted.sticky_leaf_ok)
+        steps = walk(trusted.path, lstat_cache)
+        verdict = judge(steps, trusted.sticky_leaf_ok, trusted.device_leaf_ok)
         if verdict is None:
             continue
         where, why = verdict

@@ -26,7 +26,8 @@ ALLOW_CACHEONLY=yes). An archive is untrusted input:
   file (issue 10 #3). ``pack`` writes these files itself from the build
   host's settings, leaving the run-time options out;
 * with ``REQUIRE_SIGNED=yes`` every module to be installed must carry a
-  signature that verifies against the target's trusted signers;
+  signature that verifies against the target's trusted signers, made for the
+  text of the target's own ``SCRIPT_PATH/NAME.stp``;
 * only the releases installed on the target (``/lib/modules/<release>``, or
   the running one) built for its architecture are installed.
 
@@ -58,10 +59,10 @@ from typing import IO, NamedTuple, Protocol
 from stapinit.core.bashvars import ConfigError, parse_assignments
 from stapinit.core.fsutil import stage_write
 from stapinit.core.lsb import EXIT_OK
-from stapinit.core.names import NAME_PATTERN
+from stapinit.core.names import is_valid_name
 from stapinit.core.runtime import KIND_OF_SUFFIX, MODULE_SUFFIX
 from stapinit.core.values import is_release
-from stapinit.initscript import cache
+from stapinit.initscript import cache, deps
 from stapinit.initscript.cache import (
     CacheRecord,
     KernelIdentity,
@@ -86,9 +87,6 @@ RECORD_SUFFIX = ".opts"
 # would load the crypto library for every pack and unpack.
 SIGNATURE_SUFFIX = ".sgn"
 _SHA256_PATTERN = re.compile(r"[0-9a-f]{64}")
-# A script name in an archive: stap's module names are at most 55 characters,
-# and every archive path must fit a ustar header (155 + 100 characters).
-_MAX_NAME = 64
 
 # Bounds on what unpack reads from an untrusted archive, each checked against
 # a member's header before its body is read. Modules wait in an anonymous
@@ -209,7 +207,7 @@ def check_release(release: str) -> None:
 
 
 def _script_name(stem: str) -> bool:
-    return len(stem) <= _MAX_NAME and NAME_PATTERN.fullmatch(stem) is not None
+    return is_valid_name(stem)
 
 
 def classify(path: str, releases: Collection[str]) -> Entry:
@@ -335,18 +333,21 @@ def option_refusal(option: Option) -> str | None:
     return None
 
 
-def check_conf_file(path: str, data: str, scripts: Collection[str]) -> None:
+def check_conf_file(path: str, data: str, scripts: Collection[str]) -> tuple[str, ...]:
     """``conf.d/NAME.conf`` may set only ``NAME_OPT`` and ``NAME_REQ`` of NAME, a carried script.
 
     It is parsed as the service will parse it (a command, ``$(...)`` or
     anything but an assignment is refused with ``PATH:LINE``). Its values
     must be literal (no ``$`` or backquote: the target would expand them with
     its own variables), ``NAME_OPT`` may hold only :data:`ARCHIVE_OPTIONS`,
-    and ``NAME_REQ`` only script names.
+    and ``NAME_REQ`` only scripts the archive carries (a requirement it does
+    not carry would keep every boot script from starting). Returns NAME's
+    requirements.
     """
     script = path.removeprefix("conf.d/").removesuffix(".conf")
     if script not in scripts:
         raise PackError(f"{path} configures {script}, which the archive does not carry")
+    requires: tuple[str, ...] = ()
     for number, line in enumerate(data.splitlines(), start=1):
         if "$" in line or "`" in line:
             raise PackError(f"{path}:{number}: an archive's settings must be literal (no $ or `)")
@@ -363,6 +364,9 @@ def check_conf_file(path: str, data: str, scripts: Collection[str]) -> None:
             for word in assignment.value.split():
                 if not _script_name(word):
                     raise PackError(f"{where}: {word!r} is not a script name")
+                if word not in scripts:
+                    raise PackError(f"{where}: {word} is not a script the archive carries")
+            requires = tuple(assignment.value.split())
             continue
         try:
             options = parse_options(split_options(assignment.value))
@@ -372,6 +376,7 @@ def check_conf_file(path: str, data: str, scripts: Collection[str]) -> None:
             why = option_refusal(option)
             if why is not None:
                 raise PackError(f"{where}: {why}")
+    return requires
 
 
 def check_members(members: Mapping[str, Blob]) -> tuple[Manifest, dict[str, Blob]]:
@@ -399,9 +404,15 @@ def check_members(members: Mapping[str, Blob]) -> tuple[Manifest, dict[str, Blob
         prefix = f"cache/{release}/"
         in_release = {p: blob for p, blob in files.items() if p.startswith(prefix)}
         scripts |= check_cache_files(release, in_release)
+    requires: dict[str, tuple[str, ...]] = {name: () for name in scripts}
     for path in sorted(files):
         if path.startswith("conf.d/"):
-            check_conf_file(path, files[path].text(), scripts)
+            script = path.removeprefix("conf.d/").removesuffix(".conf")
+            requires[script] = check_conf_file(path, files[path].text(), scripts)
+    try:
+        deps.start_order(requires, requires)
+    except deps.DependencyError as error:
+        raise PackError(f"the archive's conf.d files: {error}") from None
     return manifest, files
 
 
@@ -707,6 +718,7 @@ def verify_signatures(
     spool: IO[bytes],
     machine: str,
     warn: Warn,
+    script_path: Path,
 ) -> int:
     """Check every module of ``releases`` as ``start`` will with REQUIRE_SIGNED=yes.
 
@@ -714,11 +726,14 @@ def verify_signatures(
     ``/etc/systemtap/staprun/`` (:mod:`stapinit.initscript.verify`), over this
     very module, for its name, release, ``machine``, runtime, privilege and the
     compile options its ``conf.d`` file gives it (phase COMPILE, those its
-    record holds: report options such as -w are not signed). Raises :class:`PackError`
+    record holds: report options such as -w are not signed), compiled from the
+    text of the target's own ``script_path/NAME.stp`` (a module whose script
+    is not there is refused: nothing else says it is the admin's). Raises :class:`PackError`
     naming the first module that fails; returns how many verified. The crypto
     library is imported only here.
     """
     from stapinit.initscript import verify
+    from stapinit.initscript.compiler import read_script
     from stapinit.initscript.remote import RemoteError
     from stapinit.trust.stores import StorePaths
 
@@ -735,8 +750,14 @@ def verify_signatures(
         if not certificates:
             raise PackError(f"{path}: no trusted signer in {store.signers} (REQUIRE_SIGNED=yes)")
         kernel = KernelIdentity(entry.release, "", machine)
+        script_file = script_path / f"{entry.script}.stp"
+        if not os.path.lexists(script_file):
+            raise PackError(f"{path}: {verify.no_script(entry.script)} ({script_file})")
         try:
-            expected = verify.expected_manifest(archived_script(files, path), kernel)
+            source = read_script(script_file).digest
+            expected = verify.expected_manifest(archived_script(files, path), kernel, source)
+        except OSError as error:
+            raise PackError(f"{path}: cannot read {script_file}: {error.strerror}") from None
         except RemoteError as error:
             raise PackError(f"{path}: {error}") from None
         module = blob_bytes(files[path], spool)
@@ -1029,7 +1050,9 @@ def _unpack(initscript: Initscript, request: Request, spool: IO[bytes]) -> int:
             manifest, files, installed_releases(uname.release), uname.machine
         )
         if settings.require_signed:
-            count = verify_signatures(files, releases, spool, uname.machine, initscript.log.warning)
+            count = verify_signatures(
+                files, releases, spool, uname.machine, initscript.log.warning, settings.script_path
+            )
             initscript.log.info(f"Verified the signatures of {count} modules")
         placements = plan(files, releases, settings.cache_path, settings.config_path)
         check_destinations(placements)

@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Final, NamedTuple
 
 from stapinit.initscript import cache
 from stapinit.initscript.cache import KernelIdentity
-from stapinit.initscript.compiler import CompileResult, failure_line, wanted_record
+from stapinit.initscript.compiler import CompileResult, failure_line, read_script, wanted_record
 from stapinit.initscript.options import OptionError, Phase, parse_options
 from stapinit.initscript.scripts import Script
 
@@ -199,7 +199,9 @@ def compile_one(
     if script.source is None:
         return CompileResult(script.name, False, "cache-only script: there is no .stp to compile")
     try:
-        text = script.source.read_text(encoding="utf-8")
+        # The bytes a local compile reads (no newline translation): the signed
+        # source digest must equal the one the host computes from its file.
+        text = read_script(script.source).data.decode("utf-8")
         req = build_request(script, text, read_tapsets(server_options(script).include_dirs), kernel)
     except (OSError, UnicodeDecodeError) as error:
         return CompileResult(script.name, False, f"cannot read {script.source}: {error}")

@@ -218,6 +218,32 @@ def _is_dev_null(path: Path) -> bool:
         return False
 
 
+def _parse(
+    text: str,
+    filename: str,
+    env: Mapping[str, str],
+    on_error: Callable[[ConfigError], None] | None,
+) -> list[Assignment]:
+    """The file's assignments; with ``on_error``, those before a syntax error.
+
+    ``stop`` and ``status`` must work whatever else is broken: like bash,
+    which stops sourcing a file at its first error, they keep what came
+    before it (``STAT_PATH`` is usually set early) and go on with a warning.
+    """
+    lines = text.splitlines(keepends=True)
+    while True:
+        try:
+            return parse_assignments("".join(lines), filename, env)
+        except ConfigError as error:
+            if on_error is None:
+                raise
+            on_error(error)
+            if error.line <= 0 or not lines:
+                return []
+            # Shorter every time, so this ends.
+            lines = lines[: min(error.line, len(lines)) - 1]
+
+
 def load_settings(
     config_file: Path | None,
     environment: Mapping[str, str] | None = None,
@@ -242,7 +268,7 @@ def load_settings(
             why = "not a regular file" if global_file.exists() else "no such configuration file"
             raise ConfigError(str(global_file), 0, why)
         else:
-            assignments += parse_assignments(_read_file(global_file), str(global_file), env)
+            assignments += _parse(_read_file(global_file), str(global_file), env, on_error)
             files_read.append(global_file)
     known = {a.name: a.value for a in assignments}
     config_dir = Path(known.get("CONFIG_PATH", DEFAULTS["CONFIG_PATH"]))
@@ -251,7 +277,7 @@ def load_settings(
     except OSError:
         conf_files = []
     for conf in conf_files:
-        more = parse_assignments(_read_file(conf), str(conf), {**env, **known})
+        more = _parse(_read_file(conf), str(conf), {**env, **known}, on_error)
         assignments += more
         known.update((a.name, a.value) for a in more)
         files_read.append(conf)

@@ -5,11 +5,16 @@ With ``REQUIRE_SIGNED=yes`` a cache is valid only if its ``NAME.ko.sgn`` /
 under ``$STAP_TRUST_ROOT`` if set, spec §6.1.2) and its signed manifest
 matches this host and the script as configured now: the module's digest and
 file name, the kernel release and architecture, the runtime, the privilege
-level and the compile options the cache record holds (phase COMPILE; less
+level, the compile options the cache record holds (phase COMPILE; less
 the privilege and ``-I``, which a request carries in fields of their own:
 ``signed`` of :func:`stapinit.initscript.remote.server_options`). Options
 that change only what stap prints (``-v``, ``-w``) are in neither, so
-changing them leaves a signed cache valid. The ``.opts`` record
+changing them leaves a signed cache valid. And the script text: the
+manifest's ``source`` must be the SHA-256 of this host's own
+``SCRIPT_PATH/NAME.stp``. A signature proves only which server compiled a
+module, and a server compiles whatever any client sends, under any module
+name; the script the admin placed on this host is what says the module is
+theirs. So a cache-only script (no ``.stp``) is refused. The ``.opts`` record
 alone cannot vouch for a cache: anyone able to write it could also swap the
 module; a signature cannot be made without the server's key.
 
@@ -31,6 +36,7 @@ from cryptography import x509
 
 from stapinit.initscript import cache
 from stapinit.initscript.cache import KernelIdentity
+from stapinit.initscript.compiler import read_script
 from stapinit.initscript.remote import RemoteError, server_options
 from stapinit.initscript.scripts import Script
 from stapinit.protocol import MAX_MODULE_BYTES
@@ -47,6 +53,7 @@ class Expected(NamedTuple):
     """What a cache's signed manifest must say to be loaded on this host."""
 
     module_name: str  # NAME.ko or NAME.bo
+    source: str  # SHA-256 (hex) of the host's NAME.stp
     release: str
     arch: str
     runtime: str
@@ -54,15 +61,18 @@ class Expected(NamedTuple):
     options: tuple[str, ...]
 
 
-def expected_manifest(script: Script, kernel: KernelIdentity) -> Expected:
+def expected_manifest(script: Script, kernel: KernelIdentity, source: str) -> Expected:
     """What ``script``'s cache for ``kernel`` must have been signed for (pure).
 
-    Raises RemoteError when the script's options cannot go to a compile server,
-    so no server can have signed them.
+    ``source`` is the SHA-256 (hex) of the host's own text of the script
+    (:func:`stapinit.initscript.compiler.read_script`). Raises RemoteError
+    when the script's options cannot go to a compile server, so no server
+    can have signed them.
     """
     split = server_options(script)
     return Expected(
         module_name=f"{script.name}{script.module_suffix}",
+        source=source,
         release=kernel.release,
         arch=kernel.machine,
         runtime=script.runtime,
@@ -90,6 +100,7 @@ def check(
         return f"signature refused: {error}"
     signed = Expected(
         manifest.module_name,
+        manifest.source,
         manifest.release,
         manifest.arch,
         manifest.runtime,
@@ -97,9 +108,19 @@ def check(
         manifest.options,
     )
     for field, have, want in zip(Expected._fields, signed, expected, strict=True):
+        if have != want and field == "source":
+            script = expected.module_name.rpartition(".")[0] + ".stp"
+            return (
+                f"signed for another script text (sha256 {_short(have)}) "
+                f"than this host's {script} (sha256 {_short(want)})"
+            )
         if have != want:
             return f"signed for {field.replace('_', ' ')} {_show(have)}, not {_show(want)}"
     return None
+
+
+def _short(digest: object) -> str:
+    return f"{str(digest)[:16]}..."
 
 
 def _show(value: object) -> str:
@@ -132,6 +153,11 @@ def read_bounded(path: Path, limit: int) -> bytes:
         os.close(fd)
 
 
+def no_script(name: str) -> str:
+    """Why a module of a script without a ``.stp`` on this host is refused (one line)."""
+    return f"REQUIRE_SIGNED=yes: {name} has no script in SCRIPT_PATH to check its signature against"
+
+
 @functools.cache
 def trusted_signers(paths: StorePaths, warn: Warn) -> tuple[x509.Certificate, ...]:
     """The certificates of the signer store, read once per process."""
@@ -147,14 +173,18 @@ def signature_problem(
 ) -> str | None:
     """Why ``script``'s cache in ``directory`` may not be loaded, or None when it may.
 
-    Reads the module and its ``.sgn`` (regular files, no symlinks, bounded) and
-    the signer store of ``paths`` (default: :meth:`StorePaths.default`).
+    Reads the script's ``.stp`` (:func:`read_script`), the module and its
+    ``.sgn`` (regular files, no symlinks, bounded) and the signer store of
+    ``paths`` (default: :meth:`StorePaths.default`). A cache-only script has
+    no text to check the signature against and is refused.
     """
+    if script.source is None:
+        return no_script(script.name)
     suffix = script.module_suffix
     sgn_path = cache.signature_path(directory, script.name, suffix)
     module_path = cache.module_path(directory, script.name, suffix)
     try:
-        expected = expected_manifest(script, kernel)
+        expected = expected_manifest(script, kernel, read_script(script.source).digest)
         if not os.path.lexists(sgn_path):
             return f"not signed (no {sgn_path.name})"
         sgn = read_bounded(sgn_path, MAX_SIGNATURE_BYTES)

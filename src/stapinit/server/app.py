@@ -301,7 +301,10 @@ class CompileApp:
             # Every module is signed, for the privilege it was compiled for: the
             # loader lets a caller run only what was signed for their level or
             # below, and hosts with REQUIRE_SIGNED=yes load nothing unsigned.
-            # The options signed are those that shape the module (parsed.signed).
+            # The options signed are those that shape the module (parsed.signed);
+            # the source, the digest of the very text compiled (written as UTF-8,
+            # see compiler.py), so a host can tell its own script's module from
+            # one any client had compiled under the same name.
             signature = sign_module(
                 self.identity.key,
                 self.identity.cert,
@@ -310,6 +313,7 @@ class CompileApp:
                 req.release,
                 req.arch,
                 req.privilege,
+                source=hashlib.sha256(req.script_text.encode("utf-8")).hexdigest(),
                 options=parsed.signed,
                 runtime=parsed.runtime,
             )

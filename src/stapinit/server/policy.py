@@ -301,7 +301,9 @@ def stap_command(
     argv = [stap, *parsed.options]
     if parsed.runtime == "bpf":
         argv.append("--runtime=bpf")
-    argv += ["-p4", "-r", req.release]
+    # --disable-cache: stap 5 would otherwise leave a kernel module in its own
+    # cache and print that path; each compile has a fresh directory anyway.
+    argv += ["-p4", "--disable-cache", "-r", req.release]
     if req.privilege == "stapusr":
         argv.append("--privilege=stapusr")
     if req.module_name is not None:

@@ -2,9 +2,10 @@
 
 A signature file is JSON::
 
-    {"format": "stap-module-signature/2",
-     "manifest": {"module_sha256", "module_name", "release", "arch", "runtime",
-                  "privilege", "options", "signer_fingerprint", "signed_at"},
+    {"format": "stap-module-signature/3",
+     "manifest": {"module_sha256", "module_name", "source", "release", "arch",
+                  "runtime", "privilege", "options", "signer_fingerprint",
+                  "signed_at"},
      "signature": base64 ECDSA-SHA256 over the canonical JSON of the manifest}
 
 The manifest carries the module's SHA-256, so the signature covers the module's
@@ -13,7 +14,11 @@ kernel release and architecture, the runtime (``kmod``/``bpf``), the privilege
 level it was compiled for (``stapdev``/``stapusr``; what the loader lets a
 caller run, spec §6.1.2) and the stap options that shaped it (a list of
 strings, in the order given: those a cache record holds, not options that
-change only what stap prints, such as ``-v`` or ``-w``).  A signature counts only while the signer's
+change only what stap prints, such as ``-v`` or ``-w``).  ``source`` is the
+SHA-256 of the script text the server compiled, as it computed it from the
+request: a signature proves only which server compiled a module, so a host
+that loads it for one of its own scripts (``REQUIRE_SIGNED=yes``) checks that
+it was compiled from that script's text.  A signature counts only while the signer's
 certificate is valid, and only if it was made while it was.  Pure: no file I/O
 here.
 """
@@ -37,7 +42,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from stapinit.core.runtime import kind_of_module
 from stapinit.trust.certs import fingerprint, not_valid_after, not_valid_before
 
-FORMAT: Final = "stap-module-signature/2"
+FORMAT: Final = "stap-module-signature/3"
 SIGNATURE_SUFFIX: Final = ".sgn"
 #: How ``signed_at`` is written: UTC, to the second.
 TIME_FORMAT: Final = "%Y-%m-%dT%H:%M:%SZ"
@@ -66,6 +71,7 @@ class Manifest:
 
     module_sha256: str
     module_name: str
+    source: str  # SHA-256 (hex) of the script text compiled
     release: str
     arch: str
     runtime: str
@@ -89,6 +95,7 @@ def sign_module(
     privilege: str,
     signed_at: dt.datetime | None = None,
     *,
+    source: str,
     options: Sequence[str] = (),
     runtime: str | None = None,
 ) -> bytes:
@@ -96,9 +103,10 @@ def sign_module(
 
     ``module_name`` is the module's file name (``NAME.ko`` or ``NAME.bo``);
     ``certificate`` is the signer's (its fingerprint goes into the manifest);
-    ``signed_at`` defaults to now; ``options`` are the stap options that shaped
-    the module (report-only ones left out); ``runtime`` defaults to the one
-    the module's suffix names.
+    ``source`` is the hex SHA-256 of the script text compiled (computed by the
+    signer, never taken from whoever asked); ``signed_at`` defaults to now;
+    ``options`` are the stap options that shaped the module (report-only ones
+    left out); ``runtime`` defaults to the one the module's suffix names.
     Raises ValueError when ``runtime`` is not given and the suffix names none.
     """
     when = (signed_at or dt.datetime.now(dt.UTC)).astimezone(dt.UTC)
@@ -108,6 +116,7 @@ def sign_module(
     manifest = Manifest(
         module_sha256=hashlib.sha256(module_bytes).hexdigest(),
         module_name=module_name,
+        source=source,
         release=release,
         arch=arch,
         runtime=kind,
@@ -125,13 +134,20 @@ def sign_module(
     return (json.dumps(doc, sort_keys=True, indent=2) + "\n").encode("utf-8")
 
 
+#: A signature file is a short manifest and a signature; anything larger is hostile.
+MAX_SIGNATURE_FILE_BYTES = 64 * 1024
+
+
 def _parse(sgn_bytes: bytes) -> tuple[Manifest, bytes]:
     def bad(why: str) -> SignatureError:
         return SignatureError("malformed", f"malformed signature file: {why}")
 
+    if len(sgn_bytes) > MAX_SIGNATURE_FILE_BYTES:
+        raise bad(f"larger than {MAX_SIGNATURE_FILE_BYTES} bytes")
     try:
+        # ValueError: integers past Python's digit limit; RecursionError: deep nesting.
         doc: Any = json.loads(sgn_bytes.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError):
+    except (ValueError, RecursionError):
         raise bad("not JSON") from None
     if not isinstance(doc, dict) or doc.get("format") != FORMAT:
         raise bad(f"not {FORMAT}")

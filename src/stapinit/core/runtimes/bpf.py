@@ -100,7 +100,7 @@ class BpfRuntime:
                 return instance._replace(phase="ready")
             if interrupted() or time.monotonic() >= deadline:
                 why = "interrupted" if interrupted() else f"not ready after {self.start_timeout:g}s"
-                Process(instance.pid, instance.start_time).terminate(self.stop_timeout)
+                Process(instance.pid, instance.start_time).terminate(self.stop_timeout, group=True)
                 if child is not None:
                     child.poll()
                 raise RuntimeFailure(f"stapbpf {why}; stopped it")
@@ -128,7 +128,7 @@ class BpfRuntime:
         if instance is None or self.state(name, instance) not in (State.RUNNING, State.STARTING):
             return Ending.GONE
         log.info(f"Sending SIGTERM to {name} (pid {instance.pid})")
-        ending = Process(instance.pid, instance.start_time).terminate(self.stop_timeout)
+        ending = Process(instance.pid, instance.start_time).terminate(self.stop_timeout, group=True)
         if ending is Ending.STUCK:
             raise RuntimeFailure(f"stapbpf (pid {instance.pid}) did not exit, even after SIGKILL")
         if ending is Ending.KILLED:

@@ -23,13 +23,14 @@ from stapinit.core.runtime import (
     State,
     load_command,
 )
+from stapinit.core.safeio import read_regular
 
 
 def loaded_modules(modules_list: Path) -> set[str]:
     """Names of the loaded modules (first column of ``modules_list``, e.g. /proc/modules)."""
     try:
-        with open(modules_list, encoding="utf-8", errors="replace") as handle:
-            text = handle.read(1 << 22)
+        # Never blocks on a FIFO or follows a link planted in its place.
+        text = read_regular(modules_list, 1 << 22).decode("utf-8", errors="replace")
     except OSError:
         return set()
     return {line.split(maxsplit=1)[0] for line in text.splitlines() if line.strip()}
