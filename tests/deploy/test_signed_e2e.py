@@ -264,8 +264,8 @@ def test_a_signed_cache_of_other_text_than_the_hosts_script_is_refused(
     refused = prefix.run("start")
     assert refused.returncode == 1
     reason = (
-        f"signed for another script text (sha256 {TICK_SOURCE[:16]}...) than this host's "
-        f"tick.stp (sha256 {mine[:16]}...)"
+        f"signed for another script text or tapsets (sha256 {TICK_SOURCE[:16]}...) than "
+        f"this host's tick.stp and its -I directories (sha256 {mine[:16]}...)"
     )
     assert f"no valid cache for tick: {reason}" in refused.stderr
     assert reason in prefix.log()
