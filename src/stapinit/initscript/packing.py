@@ -728,8 +728,9 @@ def verify_signatures(
     compile options its ``conf.d`` file gives it (phase COMPILE, those its
     record holds: report options such as -w are not signed), compiled from the
     text of the target's own ``script_path/NAME.stp`` and the tapsets of the
-    ``-I`` directories its ``conf.d`` file names, as they are on the target
-    (:func:`stapinit.initscript.verify.host_source`; a module whose script
+    ``-I`` directories its ``conf.d`` file names, on the target
+    (:func:`stapinit.initscript.verify.host_source`: an archive may set no
+    ``-I``, so a module compiled with tapsets is refused; a module whose script
     is not there is refused: nothing else says it is the admin's). Raises :class:`PackError`
     naming the first module that fails; returns how many verified. The crypto
     library is imported only here.
