@@ -11,9 +11,9 @@ from hypothesis import strategies as st
 from stapinit.initscript.cache import CacheRecord, KernelIdentity
 from stapinit.initscript.kernels import releases_with_build_tree
 from stapinit.initscript.packing import (
+    ArchiveManifest,
     Blob,
     Entry,
-    Manifest,
     PackError,
     check_members,
     classify,
@@ -115,9 +115,9 @@ def test_manifest_round_trips_and_lists_sha256() -> None:
         "release 5.10.0-9",
     ]
     line = f"sha256 {'0' * 64} conf.d/group1.conf"
-    assert parse_manifest(f"systemtap-service pack 1\nrelease {RELEASE}\n{line}\n") == Manifest(
-        (RELEASE,), {"conf.d/group1.conf": "0" * 64}
-    )
+    assert parse_manifest(
+        f"systemtap-service pack 1\nrelease {RELEASE}\n{line}\n"
+    ) == ArchiveManifest((RELEASE,), {"conf.d/group1.conf": "0" * 64})
 
 
 @pytest.mark.parametrize(

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import stat
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -57,3 +59,23 @@ def test_a_lock_that_is_no_regular_file_is_refused(tmp_path: Path) -> None:
     directory = r"cannot open lock file .*\.lock: Is a directory$"
     with pytest.raises(LockError, match=directory), CommandLock(tmp_path, 1, "x"):
         pass
+
+
+def test_other_users_cannot_open_the_lock_to_hold_it(kmod_prefix: Prefix) -> None:
+    """flock needs only read access: a lock file others can open is a lock they can hold."""
+    assert kmod_prefix.run("start").returncode == 0
+    lock = kmod_prefix.stat / ".lock"
+    assert stat.S_IMODE(lock.stat().st_mode) == 0o600
+    lock.chmod(0o644)  # as an earlier version left it
+    assert kmod_prefix.run("stop").returncode == 0
+    assert stat.S_IMODE(lock.stat().st_mode) == 0o600
+    for directory in lock.parents:  # nobody may reach it: only the file's mode decides
+        if directory != Path("/"):
+            directory.chmod(directory.stat().st_mode | 0o005)
+    held = subprocess.run(
+        ["runuser", "-u", "nobody", "--", "flock", "-n", str(lock), "true"],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert held.returncode != 0 and "Permission denied" in held.stderr

@@ -414,3 +414,27 @@ def test_a_missing_temp_path_in_tmp_is_refused(kmod_prefix: Prefix, tmp_path: Pa
         6,
         refusal(missing, "does not exist, and others may create it in /tmp"),
     )
+
+
+def test_every_file_a_tapset_directory_holds_is_judged(
+    kmod_prefix: Prefix, fake_tools: FakeTools, tmp_path: Path
+) -> None:
+    tapsets = tmp_path / "tapsets"
+    (tapsets / "sub").mkdir(parents=True)
+    mine = tapsets / "sub" / "users.stp"  # root's directory, another user's file
+    mine.write_text("function pid() { return 0 }\n")
+    os.chown(mine, NOBODY.pw_uid, NOBODY.pw_gid)
+    kmod_prefix.add_script("hello", ROOT_TEXT, options=f"-I {tapsets}")
+    done = kmod_prefix.run("compile")
+    assert done.returncode == 6
+    assert f"{mine} is writable by uid {NOBODY.pw_uid}" in done.stderr, done.stderr
+    assert fake_tools.calls_of("stap") == []
+    # A root-owned link there into a user's directory is judged where it leads.
+    os.chown(mine, 0, 0)
+    home = tmp_path / "home"
+    home.mkdir()
+    os.chown(home, NOBODY.pw_uid, NOBODY.pw_gid)
+    (home / "evil.stp").write_text("probe begin { }\n")
+    (tapsets / "link.stp").symlink_to(home / "evil.stp")
+    done = kmod_prefix.run("compile")
+    assert done.returncode == 6 and f"{home} is writable by uid {NOBODY.pw_uid}" in done.stderr

@@ -24,6 +24,7 @@ from typing import NamedTuple
 from stapinit.core import process
 from stapinit.core.names import is_valid_name
 from stapinit.core.parallel import parallel_map
+from stapinit.core.system import tool_environment
 from stapinit.initscript import cache
 from stapinit.initscript.cache import CacheRecord, KernelIdentity
 from stapinit.initscript.ownership import open_regular, writable_by
@@ -178,7 +179,7 @@ def compile_one(
         argv = compile_command(stap, script, kernel.release, copy)
         shown = tuple(compile_command(stap, script, kernel.release))
         # stap's own temporary files go to the private directory too.
-        env = {**os.environ, "TMPDIR": str(workdir)}
+        env = {**tool_environment(os.environ, os.geteuid()), "TMPDIR": str(workdir)}
         try:
             done = process.run(argv, timeout, env=env, cwd=str(workdir), interrupted=interrupted)
         except OSError as error:

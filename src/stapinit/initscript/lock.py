@@ -53,14 +53,19 @@ class CommandLock:
         """
         flags = os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NONBLOCK
         try:
-            fd = os.open(self.path, flags, 0o644)
+            # 0600: flock needs only read access, so a lock file others can
+            # open is a lock anyone can hold, keeping root's commands out.
+            fd = os.open(self.path, flags, 0o600)
         except OSError as error:
             if error.errno == errno.ELOOP:
                 raise LockError(f"refusing lock file {self.path}: it is a symbolic link") from None
             raise LockError(f"cannot open lock file {self.path}: {error.strerror}") from None
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
+        facts = os.fstat(fd)
+        if not stat.S_ISREG(facts.st_mode):
             os.close(fd)
             raise LockError(f"refusing lock file {self.path}: it is not a regular file")
+        if facts.st_uid == os.geteuid() and facts.st_mode & 0o077:
+            os.fchmod(fd, 0o600)  # made by an earlier version, readable by all
         return fd
 
     def __enter__(self) -> CommandLock:
@@ -81,7 +86,9 @@ class CommandLock:
                     os.close(fd)
                     raise LockError(f"interrupted while waiting for {self.path}", 130) from None
                 if time.monotonic() >= deadline:
-                    holder = os.pread(fd, 200, 0).decode(errors="replace").strip() or "unknown"
+                    note = os.pread(fd, 200, 0).decode(errors="replace").strip()
+                    # What the holder wrote, shown as one line whatever it holds.
+                    holder = "".join(c if c.isprintable() else "?" for c in note) or "unknown"
                     os.close(fd)
                     raise LockError(
                         f"another systemtap-service holds {self.path} ({holder}); "

@@ -39,6 +39,23 @@ def clip_output(text: str, limit: int = MAX_LOGGED_OUTPUT) -> str:
     return f"{text[:half]}\n[... {left_out} characters of output left out ...]\n{text[-half:]}"
 
 
+#: A message is one line of at most this many characters.
+MAX_MESSAGE_CHARS = 2000
+
+
+def one_line(message: str) -> str:
+    """``message`` as one printable line, at most :data:`MAX_MESSAGE_CHARS`.
+
+    Messages quote what others wrote (a server's error, a signature file, an
+    option from an archive): a newline or an escape sequence there must not
+    forge log lines or drive the terminal.
+    """
+    text = "".join(c if c.isprintable() else "?" for c in message)
+    if len(text) > MAX_MESSAGE_CHARS:
+        text = f"{text[:MAX_MESSAGE_CHARS]}... ({len(text) - MAX_MESSAGE_CHARS} more characters)"
+    return text
+
+
 class LogError(StapinitError):
     """The log file cannot be opened; str() names it."""
 
@@ -120,12 +137,13 @@ class Log:
 
     def report(self, message: str) -> None:
         """An outcome: log file and stdout."""
+        message = one_line(message)
         self._write(message)
         print(message, file=self.out, flush=True)
 
     def info(self, message: str) -> None:
         """A message for the log file only."""
-        self._write(message)
+        self._write(one_line(message))
 
     def exec(self, argv: Sequence[str]) -> None:
         """Record a command about to run."""
@@ -138,12 +156,14 @@ class Log:
 
     def warning(self, message: str) -> None:
         """A warning: log file, stderr and syslog."""
+        message = one_line(message)
         self._write(f"WARNING: {message}")
         print(f"systemtap-service: warning: {message}", file=self.console)
         self._to_syslog(4, message)
 
     def error(self, message: str) -> None:
         """An error: log file, stderr and syslog."""
+        message = one_line(message)
         self._write(f"ERROR: {message}")
         print(f"systemtap-service: {message}", file=self.console)
         self._to_syslog(3, message)

@@ -263,6 +263,28 @@ def _option_paths(settings: Settings) -> Iterator[Trusted]:
                 yield Trusted(os.path.dirname(value), Role.OPTION, f"{variable} {flag} {value}")
             else:
                 yield Trusted(value, Role.OPTION, f"{variable} {flag}")
+                if flag in _READ_TREES:
+                    yield from _tree(value, f"{variable} {flag} {value}")
+
+
+#: Options naming a directory stap reads every file of (tapsets, runtime sources).
+_READ_TREES = frozenset({"-I", "-R"})
+#: Files judged under one such directory; a larger tree is refused, not half-judged.
+MAX_TREE_ENTRIES = 10000
+
+
+def _tree(directory: str, label: str) -> Iterator[Trusted]:
+    """Every entry below ``directory`` (links not followed: each is judged where it leads)."""
+    count = 0
+    for parent, directories, files in os.walk(directory, followlinks=False):
+        for name in sorted(directories) + sorted(files):
+            count += 1
+            if count > MAX_TREE_ENTRIES:
+                raise UntrustedPathError(
+                    f"refusing to run as root: {directory} ({label}) holds more than"
+                    f" {MAX_TREE_ENTRIES} entries to check"
+                )
+            yield Trusted(os.path.join(parent, name), Role.OPTION, label)
 
 
 def trusted_paths(settings: Settings, releases: Iterable[str]) -> list[Trusted]:

@@ -166,7 +166,7 @@ class Blob(NamedTuple):
 
 
 @dataclass(frozen=True)
-class Manifest:
+class ArchiveManifest:
     """The ``MANIFEST`` member: which releases, and every other file's sha256."""
 
     releases: tuple[str, ...]
@@ -236,12 +236,12 @@ def classify(path: str, releases: Collection[str]) -> Entry:
     )
 
 
-def make_manifest(releases: Sequence[str], files: Mapping[str, Blob]) -> Manifest:
+def make_manifest(releases: Sequence[str], files: Mapping[str, Blob]) -> ArchiveManifest:
     """The manifest for ``files`` (archive path -> contents)."""
-    return Manifest(tuple(releases), {path: blob.sha256 for path, blob in files.items()})
+    return ArchiveManifest(tuple(releases), {path: blob.sha256 for path, blob in files.items()})
 
 
-def parse_manifest(text: str) -> Manifest:
+def parse_manifest(text: str) -> ArchiveManifest:
     """Parse and check a ``MANIFEST``; every path it lists must have a valid shape."""
     lines = text.splitlines()
     if not lines or lines[0] != FORMAT_LINE:
@@ -269,7 +269,7 @@ def parse_manifest(text: str) -> Manifest:
         if path in checksums:
             raise PackError(f"MANIFEST lists {path!r} twice")
         checksums[path] = digest
-    return Manifest(tuple(releases), checksums)
+    return ArchiveManifest(tuple(releases), checksums)
 
 
 def read_record(path: str, blob: Blob) -> CacheRecord:
@@ -379,7 +379,7 @@ def check_conf_file(path: str, data: str, scripts: Collection[str]) -> tuple[str
     return requires
 
 
-def check_members(members: Mapping[str, Blob]) -> tuple[Manifest, dict[str, Blob]]:
+def check_members(members: Mapping[str, Blob]) -> tuple[ArchiveManifest, dict[str, Blob]]:
     """Check an archive's files against its manifest; the manifest and the other files.
 
     Every file must be listed, every listed file present, every checksum
@@ -449,7 +449,7 @@ def archive_conf(script: Script) -> tuple[str, list[str]]:
 
 
 def match_host(
-    manifest: Manifest, files: Mapping[str, Blob], installed: Collection[str], machine: str
+    manifest: ArchiveManifest, files: Mapping[str, Blob], installed: Collection[str], machine: str
 ) -> tuple[list[str], dict[str, str]]:
     """The releases to install on this host, and why each other one is skipped.
 
@@ -898,7 +898,7 @@ def spool_file(path: Path, spool: IO[bytes], keep: bool) -> Blob:
 
 
 def write_archive(
-    target: IO[bytes], manifest: Manifest, files: Mapping[str, Blob], spool: IO[bytes]
+    target: IO[bytes], manifest: ArchiveManifest, files: Mapping[str, Blob], spool: IO[bytes]
 ) -> None:
     """A gzip'd ustar archive: the manifest first, then ``files``, owned by root, mode 0644.
 

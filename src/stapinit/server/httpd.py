@@ -62,7 +62,7 @@ def format_fields(fields: dict[str, str]) -> str:
     return " ".join(parts)
 
 
-class Deadline:
+class ConnectionClock:
     """Shuts a connection down unless cancelled within ``seconds``."""
 
     def __init__(self, sock: socket.socket, seconds: float) -> None:
@@ -92,7 +92,7 @@ class Handler(BaseHTTPRequestHandler):
 
     def __init__(self, request: Any, client_address: Any, server: StapHTTPServer) -> None:
         # The first clock covers the TLS handshake and the request's head.
-        self.deadline = Deadline(request, server.limits.handshake_timeout)
+        self.deadline = ConnectionClock(request, server.limits.handshake_timeout)
         self.started = time.monotonic()
         self.http_status: int | None = None
         self.log_fields: dict[str, str] = {}
@@ -154,7 +154,7 @@ class Handler(BaseHTTPRequestHandler):
         """The request's path without its query; the head is complete: the body's clock starts."""
         self.deadline.cancel()
         if not self.deadline.expired:
-            self.deadline = Deadline(self.connection, self.server.limits.io_timeout)
+            self.deadline = ConnectionClock(self.connection, self.server.limits.io_timeout)
         return self.path.partition("?")[0]
 
     def do_GET(self) -> None:
@@ -230,7 +230,7 @@ class Handler(BaseHTTPRequestHandler):
         for name, value in outcome.headers.items():
             self.send_header(name, value)
         # A client that reads the answer too slowly is cut off like a slow sender.
-        deadline = Deadline(self.connection, self.server.limits.io_timeout)
+        deadline = ConnectionClock(self.connection, self.server.limits.io_timeout)
         try:
             self.end_headers()
             if self.command != "HEAD":

@@ -30,6 +30,7 @@ from stapinit.core.runtime import (
     State,
     load_command,
 )
+from stapinit.core.system import tool_environment
 
 #: ``pause(2)``'s number in /proc/PID/syscall, where the architecture has one.
 _PAUSE_SYSCALL = {"x86_64": "34"}
@@ -71,6 +72,7 @@ class BpfRuntime:
         try:
             child = subprocess.Popen(
                 argv,
+                env=tool_environment(os.environ, os.geteuid()),
                 stdin=subprocess.DEVNULL,
                 stdout=output,
                 stderr=output,

@@ -8,6 +8,7 @@ listed in ``/proc/modules`` (proc(5)).
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -24,6 +25,7 @@ from stapinit.core.runtime import (
     load_command,
 )
 from stapinit.core.safeio import read_regular
+from stapinit.core.system import tool_environment
 
 
 def loaded_modules(modules_list: Path) -> set[str]:
@@ -59,7 +61,12 @@ class KernelModuleRuntime:
     def _run(self, argv: list[str], interrupted: Callable[[], bool] | None = None) -> str:
         self.log.exec(argv)
         try:
-            done = process.run(argv, self.load_timeout, interrupted=interrupted)
+            done = process.run(
+                argv,
+                self.load_timeout,
+                env=tool_environment(os.environ, os.geteuid()),
+                interrupted=interrupted,
+            )
         except OSError as error:
             raise RuntimeFailure(f"cannot run {argv[0]}: {error.strerror}") from None
         except TimedOut as error:
