@@ -112,6 +112,38 @@ def read_tapsets(directories: Sequence[str | Path]) -> tuple[Tapset, ...]:
     return tuple(found.values())
 
 
+def source_digest(script: bytes, tapsets: Sequence[Tapset]) -> str:
+    """The hex SHA-256 that a module signature's ``source`` holds (pure).
+
+    What a module was compiled from: ``script`` (the script's bytes, as
+    compiled) and the ``-I`` ``tapsets`` sent with it. Without tapsets it is
+    ``sha256(script)``, the ``source`` of a cache record (``NAME.opts``).
+    With tapsets it is the SHA-256 of a canonical encoding: a tag whose
+    first byte (``0xff``) UTF-8 never holds, so it is no script text a
+    request can carry; the script's hex digest; then for each tapset,
+    sorted by path, the 8-byte big-endian length of its UTF-8 path, that
+    path and the 32-byte SHA-256 of its UTF-8 text. Every field is of fixed
+    size or length-prefixed, so no two different (script, tapsets) give the
+    same input to the hash, and the order the tapsets are listed in does
+    not matter. The server signs it (:mod:`stapinit.server.app`); a host with
+    ``REQUIRE_SIGNED=yes`` recomputes it from its own script and ``-I``
+    directories (:mod:`stapinit.initscript.verify`).
+    """
+    # Imported here: OpenSSL's hashes cost milliseconds that many users of
+    # this module (stop) never need.
+    import hashlib
+
+    plain = hashlib.sha256(script).hexdigest()
+    if not tapsets:
+        return plain
+    digest = hashlib.sha256(b"\xffstap-source-with-tapsets/1\0" + plain.encode("ascii"))
+    for tapset in sorted(tapsets, key=lambda t: t.path):
+        path = tapset.path.encode("utf-8")
+        digest.update(len(path).to_bytes(8, "big") + path)
+        digest.update(hashlib.sha256(tapset.text.encode("utf-8")).digest())
+    return digest.hexdigest()
+
+
 @dataclass(frozen=True)
 class CompileRequest:
     """A compile request.

@@ -5,10 +5,11 @@ network client has the real stap-server compile and sign its own script, under
 a module name of its choosing, for stapdev; it packs the result with the
 project's own ``pack``; root on a host that trusts that server as a signer
 (``REQUIRE_SIGNED=yes``, ``AUTOCOMPILE=no``, ``ALLOW_CACHEONLY=yes``) runs
-``unpack`` and ``start``. The signature binds the script text (manifest
-``source``), and such a host loads a module only for a script of its own whose
-text is that: the attack installs nothing and runs nothing, while the admin's
-own script, compiled by the same server, is installed and runs.
+``unpack`` and ``start``. The signature binds the script text and the ``-I``
+tapsets compiled with it (manifest ``source``), and such a host loads a module
+only for a script of its own whose text, and the tapsets of whose ``-I``
+directories, are those: the attack installs nothing and runs nothing, while the
+admin's own script, compiled by the same server, is installed and runs.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ import pytest
 
 from stapinit.initscript import cache
 from stapinit.initscript.cache import CacheRecord, KernelIdentity
-from stapinit.protocol import decode_compile_response
+from stapinit.protocol import Tapset, decode_compile_response, source_digest
 from stapinit.trust.certs import load_certificate
 from stapinit.trust.stores import signer_store_at
 from tests.server.helpers import Server, bpf_request, ensure_service_user, make_server
@@ -56,10 +57,11 @@ class Hosts:
     stapbpf: Path
     server: Server
 
-    def pack_from_server(self, name: str, text: str) -> Path:
-        """What anyone who can reach the server can make: ``text`` compiled and
-        signed as module ``name``, packed with the project's own ``pack``."""
-        reply = self.server.compile(bpf_request(text, script_name=f"{name}.stp", module_name=name))
+    def pack_from_server(self, name: str, text: str, tapsets: tuple[Tapset, ...] = ()) -> Path:
+        """What anyone who can reach the server can make: ``text`` compiled with
+        ``tapsets`` and signed as module ``name``, packed with the project's own ``pack``."""
+        request = bpf_request(text, script_name=f"{name}.stp", module_name=name, tapsets=tapsets)
+        reply = self.server.compile(request)
         assert reply.status == 200, reply.body
         answer = decode_compile_response(reply.body)
         assert answer.module is not None and answer.signature is not None
@@ -138,11 +140,57 @@ def test_an_attackers_module_named_after_the_admins_script_installs_nothing(
     assert unpacked.returncode == 1
     evil, mine = (hashlib.sha256(t.encode()).hexdigest()[:16] for t in (EVIL, TICK))
     why = (
-        f"cache/{RELEASE}/tick.bo: signed for another script text (sha256 {evil}...) "
-        f"than this host's tick.stp (sha256 {mine}...)"
+        f"cache/{RELEASE}/tick.bo: signed for another script text or tapsets "
+        f"(sha256 {evil}...) than this host's tick.stp and its -I directories "
+        f"(sha256 {mine}...)"
     )
     assert unpacked.stderr == f"systemtap-service: {archive}: {why}; nothing installed\n"
     assert_nothing_installed(target)
+
+
+# The host's own harmless script, and a tapset of the attacker's: it provides
+# pid(), which the script calls, and, riding along, a probe of their own
+# (recheck/test_signed_tapset_injection.py).
+AUDIT = 'probe timer.ms(100) { printf("audit pid %d\\n", pid()) }\n'
+EVIL_TAPSET = Tapset(
+    "evil.stp",
+    "function pid:long() { return 4242 }\n"
+    'probe begin { printf("ATTACKER TAPSET CODE RUNNING\\n") }\n',
+)
+
+
+def test_the_admins_script_text_with_an_attackers_tapset_installs_nothing(
+    hosts: Hosts,
+) -> None:
+    archive = hosts.pack_from_server("audit", AUDIT, (EVIL_TAPSET,))
+    target = hosts.target()
+    target.add_script("audit", AUDIT, options="--runtime=bpf")
+    unpacked = target.run("unpack", "-y", str(archive))
+    assert unpacked.returncode == 1
+    signed = source_digest(AUDIT.encode(), (EVIL_TAPSET,))[:16]
+    mine = hashlib.sha256(AUDIT.encode()).hexdigest()[:16]
+    why = (
+        f"cache/{RELEASE}/audit.bo: signed for another script text or tapsets "
+        f"(sha256 {signed}...) than this host's audit.stp and its -I directories "
+        f"(sha256 {mine}...)"
+    )
+    assert unpacked.stderr == f"systemtap-service: {archive}: {why}; nothing installed\n"
+    assert not target.cache_dir().exists()
+    assert target.run("start").returncode == 1  # the script has no cache, and no compiler
+    assert target.status_json()["audit"]["state"] == "stopped"
+
+    # Put in the cache past unpack: start refuses it too.
+    target.write_config(REQUIRE_SIGNED="no")
+    assert target.run("unpack", "-y", str(archive)).returncode == 0
+    target.write_config(REQUIRE_SIGNED="yes")
+    try:
+        started = target.run("start", "audit")
+        assert started.returncode == 1
+        assert f"no valid cache for audit: {why.partition(': ')[2]}" in started.stderr
+        assert target.status_json()["audit"]["state"] == "stopped"
+    finally:
+        target.run("stop")
+    assert "ATTACKER TAPSET CODE" not in target.log()
 
 
 def test_the_attackers_module_put_in_the_cache_does_not_start(hosts: Hosts) -> None:

@@ -25,6 +25,7 @@ from stapinit.initscript.cache import CacheRecord, KernelIdentity
 from stapinit.initscript.commands import CommandError, Initscript, Request
 from stapinit.initscript.log import Log
 from stapinit.initscript.settings import load_settings
+from stapinit.protocol import Tapset, source_digest
 from stapinit.trust.certs import generate_identity, load_certificate
 from stapinit.trust.signing import sign_module
 from stapinit.trust.stores import StorePaths, signer_store, system_server_store
@@ -264,12 +265,61 @@ def test_a_signed_cache_of_other_text_than_the_hosts_script_is_refused(
     refused = prefix.run("start")
     assert refused.returncode == 1
     reason = (
-        f"signed for another script text (sha256 {TICK_SOURCE[:16]}...) than this host's "
-        f"tick.stp (sha256 {mine[:16]}...)"
+        f"signed for another script text or tapsets (sha256 {TICK_SOURCE[:16]}...) than "
+        f"this host's tick.stp and its -I directories (sha256 {mine[:16]}...)"
     )
     assert f"no valid cache for tick: {reason}" in refused.stderr
     assert reason in prefix.log()
     assert production.running() == {"tick": "stopped"}
+
+
+GREETER = 'probe timer.ms(50) { printf("greeting %d\\n", greeting()) }\n'
+
+
+def test_the_admins_script_with_its_own_tapsets_verifies_until_one_is_edited(
+    production: Production,
+) -> None:
+    # The server signs the script and the -I tapsets sent with it; start checks
+    # both against this host's script and its -I directories.
+    prefix = production.prefix
+    library = prefix.root / "tapsets"
+    library.mkdir()
+    (library / "greeting.stp").write_text("function greeting:long() { return 7 }\n")
+    out = prefix.root / "greet.out"
+    prefix.add_script("greet", GREETER, options=f"--runtime=bpf -I {library} -o {out}")
+    done = prefix.run("start")
+    assert done.returncode == 0, done.stderr
+    assert production.running() == {"greet": "running"}
+    assert wait_for(lambda: out.exists() and "greeting 7" in out.read_text())
+    assert prefix.run("stop").returncode == 0
+
+    # The tapset is edited on the host: the cache record (the script's text
+    # alone) still fits, the signature does not.
+    (library / "greeting.stp").write_text("function greeting:long() { return 8 }\n")
+    prefix.write_config(AUTOCOMPILE="no")
+    refused = prefix.run("start")
+    assert refused.returncode == 1
+    signed = source_digest(
+        GREETER.encode(), (Tapset("greeting.stp", "function greeting:long() { return 7 }\n"),)
+    )
+    mine = source_digest(
+        GREETER.encode(), (Tapset("greeting.stp", "function greeting:long() { return 8 }\n"),)
+    )
+    reason = (
+        f"signed for another script text or tapsets (sha256 {signed[:16]}...) than "
+        f"this host's greet.stp and its -I directories (sha256 {mine[:16]}...)"
+    )
+    assert f"no valid cache for greet: {reason}" in refused.stderr
+    assert production.running() == {"greet": "stopped"}
+
+    # Allowed to compile, the host has the server compile it with the new tapset.
+    prefix.write_config(AUTOCOMPILE="yes")
+    out.unlink()
+    recompiled = prefix.run("start")
+    assert recompiled.returncode == 0, recompiled.stderr
+    assert f"The cache of greet cannot be used: {reason}" in prefix.log()
+    assert wait_for(lambda: out.exists() and "greeting 8" in out.read_text())
+    assert prefix.run("stop").returncode == 0
 
 
 def test_a_script_with_crlf_line_ends_is_signed_for_its_bytes_as_they_are(

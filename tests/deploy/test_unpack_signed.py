@@ -251,8 +251,8 @@ def test_a_module_compiled_from_other_text_than_the_targets_script_installs_noth
     refused(
         signed_hosts,
         files,
-        f"{BO}: signed for another script text (sha256 {TICK_SOURCE[:16]}...) than "
-        f"this host's tick.stp (sha256 {mine[:16]}...)",
+        f"{BO}: signed for another script text or tapsets (sha256 {TICK_SOURCE[:16]}...) "
+        f"than this host's tick.stp and its -I directories (sha256 {mine[:16]}...)",
     )
 
 

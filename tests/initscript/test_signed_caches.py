@@ -250,8 +250,8 @@ def test_a_signature_that_fits_in_every_way_passes() -> None:
         ({"options": ("-u", "-w")}, "signed for options [-u -w], not [-u]"),
         (
             {"source": "ab" * 32},
-            f"signed for another script text (sha256 abababababababab...) "
-            f"than this host's tick.stp (sha256 {SOURCE[:16]}...)",
+            f"signed for another script text or tapsets (sha256 abababababababab...) "
+            f"than this host's tick.stp and its -I directories (sha256 {SOURCE[:16]}...)",
         ),
     ],
 )

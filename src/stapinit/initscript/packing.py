@@ -727,14 +727,17 @@ def verify_signatures(
     very module, for its name, release, ``machine``, runtime, privilege and the
     compile options its ``conf.d`` file gives it (phase COMPILE, those its
     record holds: report options such as -w are not signed), compiled from the
-    text of the target's own ``script_path/NAME.stp`` (a module whose script
+    text of the target's own ``script_path/NAME.stp`` and the tapsets of the
+    ``-I`` directories its ``conf.d`` file names, on the target
+    (:func:`stapinit.initscript.verify.host_source`: an archive may set no
+    ``-I``, so a module compiled with tapsets is refused; a module whose script
     is not there is refused: nothing else says it is the admin's). Raises :class:`PackError`
     naming the first module that fails; returns how many verified. The crypto
     library is imported only here.
     """
     from stapinit.initscript import verify
-    from stapinit.initscript.compiler import read_script
     from stapinit.initscript.remote import RemoteError
+    from stapinit.protocol import ProtocolError
     from stapinit.trust.stores import StorePaths
 
     store = StorePaths.default()
@@ -754,11 +757,12 @@ def verify_signatures(
         if not os.path.lexists(script_file):
             raise PackError(f"{path}: {verify.no_script(entry.script)} ({script_file})")
         try:
-            source = read_script(script_file).digest
-            expected = verify.expected_manifest(archived_script(files, path), kernel, source)
+            archived = archived_script(files, path)
+            source = verify.host_source(archived, script_file)
+            expected = verify.expected_manifest(archived, kernel, source)
         except OSError as error:
             raise PackError(f"{path}: cannot read {script_file}: {error.strerror}") from None
-        except RemoteError as error:
+        except (RemoteError, ProtocolError) as error:
             raise PackError(f"{path}: {error}") from None
         module = blob_bytes(files[path], spool)
         problem = verify.check(signature.data, module, certificates, expected)

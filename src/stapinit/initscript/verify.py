@@ -9,9 +9,13 @@ level, the compile options the cache record holds (phase COMPILE; less
 the privilege and ``-I``, which a request carries in fields of their own:
 ``signed`` of :func:`stapinit.initscript.remote.server_options`). Options
 that change only what stap prints (``-v``, ``-w``) are in neither, so
-changing them leaves a signed cache valid. And the script text: the
-manifest's ``source`` must be the SHA-256 of this host's own
-``SCRIPT_PATH/NAME.stp``. A signature proves only which server compiled a
+changing them leaves a signed cache valid. And what was compiled: the
+manifest's ``source`` must be :func:`stapinit.protocol.source_digest` of
+this host's own ``SCRIPT_PATH/NAME.stp`` and of the tapsets in the script's
+own ``-I`` directories on this host (the SHA-256 of the script alone when it
+has none), so a module compiled with tapsets this host does not have, or
+other ones, is refused: a tapset can redefine what the script calls and add
+probes of its own. A signature proves only which server compiled a
 module, and a server compiles whatever any client sends, under any module
 name; the script the admin placed on this host is what says the module is
 theirs. So a cache-only script (no ``.stp``) is refused. The ``.opts`` record
@@ -39,7 +43,7 @@ from stapinit.initscript.cache import KernelIdentity
 from stapinit.initscript.compiler import read_script
 from stapinit.initscript.remote import RemoteError, server_options
 from stapinit.initscript.scripts import Script
-from stapinit.protocol import MAX_MODULE_BYTES
+from stapinit.protocol import MAX_MODULE_BYTES, read_tapsets, source_digest
 from stapinit.trust.signing import SignatureError, verify_module
 from stapinit.trust.stores import StorePaths, signer_store
 
@@ -53,7 +57,7 @@ class Expected(NamedTuple):
     """What a cache's signed manifest must say to be loaded on this host."""
 
     module_name: str  # NAME.ko or NAME.bo
-    source: str  # SHA-256 (hex) of the host's NAME.stp
+    source: str  # source_digest of the host's NAME.stp and its -I tapsets
     release: str
     arch: str
     runtime: str
@@ -64,8 +68,8 @@ class Expected(NamedTuple):
 def expected_manifest(script: Script, kernel: KernelIdentity, source: str) -> Expected:
     """What ``script``'s cache for ``kernel`` must have been signed for (pure).
 
-    ``source`` is the SHA-256 (hex) of the host's own text of the script
-    (:func:`stapinit.initscript.compiler.read_script`). Raises RemoteError
+    ``source`` is what the host's own script and tapsets give
+    (:func:`host_source`). Raises RemoteError
     when the script's options cannot go to a compile server, so no server
     can have signed them.
     """
@@ -111,8 +115,8 @@ def check(
         if have != want and field == "source":
             script = expected.module_name.rpartition(".")[0] + ".stp"
             return (
-                f"signed for another script text (sha256 {_short(have)}) "
-                f"than this host's {script} (sha256 {_short(want)})"
+                f"signed for another script text or tapsets (sha256 {_short(have)}) "
+                f"than this host's {script} and its -I directories (sha256 {_short(want)})"
             )
         if have != want:
             return f"signed for {field.replace('_', ' ')} {_show(have)}, not {_show(want)}"
@@ -153,6 +157,20 @@ def read_bounded(path: Path, limit: int) -> bytes:
         os.close(fd)
 
 
+def host_source(script: Script, text: Path) -> str:
+    """The ``source`` a module of ``script`` must be signed for on this host.
+
+    :func:`stapinit.protocol.source_digest` of the file ``text`` (read by
+    :func:`read_script`) and of the ``*.stp`` files in the ``-I``
+    directories of ``script``'s options, read on this host as a compile
+    through a server sends them (:func:`stapinit.protocol.read_tapsets`).
+    Raises OSError (the script), ProtocolError (the tapsets) or RemoteError
+    (options no server compiles).
+    """
+    tapsets = read_tapsets(server_options(script).include_dirs)
+    return source_digest(read_script(text).data, tapsets)
+
+
 def no_script(name: str) -> str:
     """Why a module of a script without a ``.stp`` on this host is refused (one line)."""
     return f"REQUIRE_SIGNED=yes: {name} has no script in SCRIPT_PATH to check its signature against"
@@ -173,7 +191,7 @@ def signature_problem(
 ) -> str | None:
     """Why ``script``'s cache in ``directory`` may not be loaded, or None when it may.
 
-    Reads the script's ``.stp`` (:func:`read_script`), the module and its
+    Reads the script's ``.stp`` and ``-I`` tapsets (:func:`host_source`), the module and its
     ``.sgn`` (regular files, no symlinks, bounded) and the signer store of
     ``paths`` (default: :meth:`StorePaths.default`). A cache-only script has
     no text to check the signature against and is refused.
@@ -184,7 +202,7 @@ def signature_problem(
     sgn_path = cache.signature_path(directory, script.name, suffix)
     module_path = cache.module_path(directory, script.name, suffix)
     try:
-        expected = expected_manifest(script, kernel, read_script(script.source).digest)
+        expected = expected_manifest(script, kernel, host_source(script, script.source))
         if not os.path.lexists(sgn_path):
             return f"not signed (no {sgn_path.name})"
         sgn = read_bounded(sgn_path, MAX_SIGNATURE_BYTES)

@@ -27,6 +27,7 @@ from stapinit.protocol import (
     encode_compile_response,
     encode_error,
     encode_server_info,
+    source_digest,
 )
 from stapinit.server.cache import CachedResult, CompileCache, cache_key
 from stapinit.server.compiler import CompileOutcome, Compiler
@@ -303,8 +304,9 @@ class CompileApp:
             # below, and hosts with REQUIRE_SIGNED=yes load nothing unsigned.
             # The options signed are those that shape the module (parsed.signed);
             # the source, the digest of the very text compiled (written as UTF-8,
-            # see compiler.py), so a host can tell its own script's module from
-            # one any client had compiled under the same name.
+            # see compiler.py) and of the -I tapsets compiled with it, so a host
+            # can tell its own script's module from one any client had compiled
+            # under the same name, or with tapsets of their own.
             signature = sign_module(
                 self.identity.key,
                 self.identity.cert,
@@ -313,7 +315,7 @@ class CompileApp:
                 req.release,
                 req.arch,
                 req.privilege,
-                source=hashlib.sha256(req.script_text.encode("utf-8")).hexdigest(),
+                source=source_digest(req.script_text.encode("utf-8"), req.tapsets),
                 options=parsed.signed,
                 runtime=parsed.runtime,
             )

@@ -14,11 +14,13 @@ kernel release and architecture, the runtime (``kmod``/``bpf``), the privilege
 level it was compiled for (``stapdev``/``stapusr``; what the loader lets a
 caller run, spec §6.1.2) and the stap options that shaped it (a list of
 strings, in the order given: those a cache record holds, not options that
-change only what stap prints, such as ``-v`` or ``-w``).  ``source`` is the
-SHA-256 of the script text the server compiled, as it computed it from the
-request: a signature proves only which server compiled a module, so a host
-that loads it for one of its own scripts (``REQUIRE_SIGNED=yes``) checks that
-it was compiled from that script's text.  A signature counts only while the signer's
+change only what stap prints, such as ``-v`` or ``-w``).  ``source`` is what the
+server compiled, as it computed it from the request: the SHA-256 of the script
+text, or with ``-I`` tapsets one over the text and every tapset
+(:func:`stapinit.protocol.source_digest`). A signature proves only which server
+compiled a module, so a host that loads it for one of its own scripts
+(``REQUIRE_SIGNED=yes``) checks that it was compiled from that script's text
+and the tapsets of that script's ``-I`` directories.  A signature counts only while the signer's
 certificate is valid, and only if it was made while it was.  Pure: no file I/O
 here.
 """
@@ -71,7 +73,7 @@ class Manifest:
 
     module_sha256: str
     module_name: str
-    source: str  # SHA-256 (hex) of the script text compiled
+    source: str  # protocol.source_digest of the script text and tapsets compiled
     release: str
     arch: str
     runtime: str
@@ -103,8 +105,9 @@ def sign_module(
 
     ``module_name`` is the module's file name (``NAME.ko`` or ``NAME.bo``);
     ``certificate`` is the signer's (its fingerprint goes into the manifest);
-    ``source`` is the hex SHA-256 of the script text compiled (computed by the
-    signer, never taken from whoever asked); ``signed_at`` defaults to now;
+    ``source`` is :func:`stapinit.protocol.source_digest` of the script text
+    and ``-I`` tapsets compiled (computed by the signer, never taken from
+    whoever asked); ``signed_at`` defaults to now;
     ``options`` are the stap options that shaped the module (report-only ones
     left out); ``runtime`` defaults to the one the module's suffix names.
     Raises ValueError when ``runtime`` is not given and the suffix names none.
