@@ -204,6 +204,11 @@ def test_stapusr_header_arguments_are_refused(script: str) -> None:
         {"options": ("-E", 'probe end { println(@cast(0, "t", "</etc/x>")->pid) }')},
         {"script_text": 'probe begin { println(@cast(0, "t", @1)->pid) }', "options": ("</x>",)},
         {"script_text": 'probe begin { println(@cast(0, "t", @1 "x>")->pid) }', "options": ("k<",)},
+        # $1 spliced in as a token, quotes and all, next to the rest of the name.
+        {
+            "script_text": 'probe begin { println(@cast(0, "t", "kernel" $1 "linux/x.h>")->pid) }',
+            "options": ('"<"',),
+        },
     ],
 )
 def test_stapusr_headers_from_options_and_arguments_are_refused(changes: dict[str, object]) -> None:

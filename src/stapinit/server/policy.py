@@ -244,12 +244,14 @@ def header_refusal(req: CompileRequest, parsed: ParsedOptions) -> str | None:
     Looks at every string the script (``-e``/file and ``-E`` texts) and its
     arguments (``@1``...) can hand to ``@cast``: literals, macros and
     ``%( %? %)`` branches all appear as literals in the text.  Plain ``<``
-    (``"a < b"``, ``"<%d>"``) is fine.
+    in a literal (``"a < b"``, ``"<%d>"``) is fine; in an argument it is not.
     """
     extra = [opt[2:] for opt in parsed.options if opt.startswith("-E")]
     strings = [s for text in (req.script_text, *extra) for s in string_literals(text)]
     for text in [*strings, *parsed.script_args]:
-        if _HEADER_START.search(text):
+        # An argument is spliced in as tokens ($1 may be '"<"', quotes and all,
+        # next to other literals): any '<' in one is refused.
+        if _HEADER_START.search(text) or (text in parsed.script_args and "<" in text):
             return (
                 'header files (@cast(..., "<file>") or "kernel<file>") are not allowed '
                 f"under --privilege=stapusr; refused for the string {text[:80]!r} "
