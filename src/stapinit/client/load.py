@@ -25,8 +25,8 @@ from stapinit.core.tools import private_workdir, tool_for_root
 
 #: How long a stopped module may take to finish before it is killed / given up on.
 STOP_TIMEOUT: Final = 10.0
-#: Signals that stop a module root runs directly, besides SIGINT.
-_STOPPING: Final = (signal.SIGTERM, signal.SIGHUP)
+#: Signals that stop a module root runs directly.
+_STOPPING: Final = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
 
 class LoadError(StapinitError):
@@ -72,7 +72,8 @@ def run_directly(
         except OSError as exc:
             raise LoadError(f"cannot run {tool}: {exc.strerror}") from None
         # SIGTERM and SIGHUP (a closed terminal) stop it as Ctrl-C does: in its
-        # own session, it would not get them otherwise.
+        # own session, it would not get them otherwise. SIGINT too, explicitly:
+        # started with it ignored (a background job, nohup), Python keeps it so.
         previous = {sig: signal.signal(sig, signal.default_int_handler) for sig in _STOPPING}
         try:
             try:
