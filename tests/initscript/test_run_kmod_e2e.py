@@ -142,7 +142,7 @@ def test_cache_only_script(kmod_prefix: Prefix, fake_tools: FakeTools) -> None:
 def test_sigterm_during_start_leaves_no_unrecorded_module(
     kmod_prefix: Prefix, fake_tools: FakeTools, tmp_path: Path
 ) -> None:
-    slow = wrapped_staprun(tmp_path, "sleep 0.4")
+    slow = wrapped_staprun(tmp_path, "sleep 2")  # a window to interrupt the rest in
     kmod_prefix.write_config(STAPRUN=str(slow))
     for name in ("m1", "m2", "m3", "m4"):
         kmod_prefix.add_script(name, SCRIPT)
