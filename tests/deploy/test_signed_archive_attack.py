@@ -16,8 +16,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import shutil
-import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,7 +27,7 @@ from stapinit.initscript.cache import CacheRecord, KernelIdentity
 from stapinit.protocol import Tapset, decode_compile_response, source_digest
 from stapinit.trust.certs import load_certificate
 from stapinit.trust.stores import signer_store_at
-from tests.server.helpers import Server, bpf_request, ensure_service_user, make_server
+from tests.server.helpers import Server, bpf_request, running_server
 from tests.support.prefix import RELEASE, Prefix, wait_for
 
 EVIL = 'probe timer.ms(100) { printf("ATTACKER CODE RUNNING AS uid %d\\n", uid()) }\n'
@@ -39,16 +37,8 @@ TICK = 'probe timer.ms(50) { printf("admin tick\\n") }\n'
 @pytest.fixture(scope="module")
 def server() -> Iterator[Server]:
     """The real stap-server the target trusts as a signer."""
-    if os.geteuid() != 0:
-        pytest.skip("stap-server runs as its own user: these tests run as root")
-    ensure_service_user()
-    base = Path(tempfile.mkdtemp(prefix="stap-attack-test-", dir="/tmp"))
-    base.chmod(0o755)
-    started = make_server(base, "server")
-    started.start()
-    yield started
-    started.stop()
-    shutil.rmtree(base, ignore_errors=True)
+    with running_server("stap-attack-test-") as started:
+        yield started
 
 
 @dataclass

@@ -13,7 +13,6 @@ import io
 import json
 import os
 import shutil
-import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,7 +28,7 @@ from stapinit.protocol import Tapset, source_digest
 from stapinit.trust.certs import generate_identity, load_certificate
 from stapinit.trust.signing import sign_module
 from stapinit.trust.stores import StorePaths, signer_store, system_server_store
-from tests.server.helpers import Server, ensure_service_user, free_port, make_server
+from tests.server.helpers import Server, free_port, running_server
 from tests.support.prefix import RELEASE, Prefix, process_alive, wait_for
 from tests.trust.signers import make_signer
 
@@ -45,16 +44,8 @@ TICK_SOURCE = hashlib.sha256(TICK.encode()).hexdigest()
 @pytest.fixture(scope="module")
 def server() -> Iterator[Server]:
     """One real stap-server for the module, in a directory its user can traverse."""
-    if os.geteuid() != 0:
-        pytest.skip("stap-server runs as its own user: these tests run as root")
-    ensure_service_user()
-    base = Path(tempfile.mkdtemp(prefix="stap-signed-test-", dir="/tmp"))
-    base.chmod(0o755)
-    started = make_server(base, "server")
-    started.start()
-    yield started
-    started.stop()
-    shutil.rmtree(base, ignore_errors=True)
+    with running_server("stap-signed-test-") as started:
+        yield started
 
 
 @dataclass

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import http.client
 import os
@@ -11,11 +12,14 @@ import shutil
 import socket
 import ssl
 import subprocess
+import tempfile
 import time
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+import pytest
 
 from stapinit.protocol import CompileRequest, encode_compile_request
 from tests.support import shared_install
@@ -221,6 +225,26 @@ class Server:
             if len(lines) >= count or time.monotonic() > deadline:
                 return lines
             time.sleep(0.02)
+
+
+@contextlib.contextmanager
+def running_server(prefix: str, **settings: str) -> Iterator[Server]:
+    """A started server in a fresh directory under /tmp its user can traverse.
+
+    Skips the test when not root (stap-server switches to its own user).
+    """
+    if os.geteuid() != 0:
+        pytest.skip("stap-server runs as its own user: these tests run as root")
+    ensure_service_user()
+    base = Path(tempfile.mkdtemp(prefix=prefix, dir="/tmp"))
+    base.chmod(0o755)
+    server = make_server(base, "server", **settings)
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
+        shutil.rmtree(base, ignore_errors=True)
 
 
 def make_server(base: Path, name: str, **settings: str) -> Server:
