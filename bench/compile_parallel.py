@@ -16,6 +16,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from layout import lay_out
+
 COMMAND = str(Path(sys.executable).parent / "systemtap-service")
 SCRIPT = 'global n{i}\nprobe timer.ms({ms}) {{ n{i}++; printf("%d\\n", n{i}) }}\n'
 
@@ -26,27 +28,13 @@ def main() -> None:
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
-        for sub in ("script.d", "conf.d", "cache", "tmp", "run", "serial"):
-            (root / sub).mkdir()
+        config = lay_out(root)
+        (root / "serial").mkdir()
         conf = []
         for i in range(args.count):
             (root / "script.d" / f"s{i}.stp").write_text(SCRIPT.format(i=i, ms=100 + i))
             conf.append(f"s{i}_OPT=--runtime=bpf")
         (root / "conf.d" / "all.conf").write_text("\n".join(conf) + "\n")
-        config = root / "config"
-        config.write_text(
-            "".join(
-                f"{key}={root}/{sub}\n"
-                for key, sub in (
-                    ("SCRIPT_PATH", "script.d"),
-                    ("CONFIG_PATH", "conf.d"),
-                    ("CACHE_PATH", "cache"),
-                    ("TEMP_PATH", "tmp"),
-                    ("STAT_PATH", "run"),
-                    ("LOG_FILE", "log"),
-                )
-            )
-        )
         began = time.perf_counter()
         for i in range(args.count):
             subprocess.run(

@@ -16,54 +16,20 @@ import tempfile
 import time
 from pathlib import Path
 
-COMMAND = str(Path(sys.executable).parent / "systemtap-service")
+from layout import lay_out, stand_ins
 
-FAKE_STAP = """#!/bin/sh
-# stap -p4 -m NAME ... FILE: write NAME.ko in the working directory
-while [ $# -gt 0 ]; do [ "$1" = -m ] && name=$2; shift; done
-: > "$name.ko"; echo "$name.ko"
-"""
-FAKE_STAPRUN = """#!/bin/sh
-# staprun -L MODULE.ko | staprun -d NAME, against the list in $MODULES
-# (under a lock: scripts of one level start and stop in parallel)
-exec 9>"$MODULES.lock"; flock 9
-case "$1" in
--L) name=$(basename "$2" .ko); echo "$name 1 0 - Live 0x0" >> "$MODULES" ;;
--d) grep -v "^$2 " "$MODULES" > "$MODULES.new"; mv "$MODULES.new" "$MODULES" ;;
-esac
-"""
+COMMAND = str(Path(sys.executable).parent / "systemtap-service")
 
 
 def make_prefix(root: Path, count: int, chained: bool) -> Path:
-    for sub in ("script.d", "conf.d", "cache", "tmp", "run"):
-        (root / sub).mkdir(parents=True)
-    for name, text in (("stap", FAKE_STAP), ("staprun", FAKE_STAPRUN)):
-        (root / name).write_text(text)
-        (root / name).chmod(0o755)
-    (root / "modules").write_text("")
+    root.mkdir(parents=True, exist_ok=True)
+    config = lay_out(root, **stand_ins(root))
     conf = []
     for i in range(count):
         (root / "script.d" / f"s{i}.stp").write_text("probe begin {}\n")
         if chained and i:
             conf.append(f"s{i}_REQ=s{i - 1}")
     (root / "conf.d" / "all.conf").write_text("\n".join(conf) + "\n")
-    config = root / "config"
-    config.write_text(
-        "\n".join(
-            [
-                f"SCRIPT_PATH={root}/script.d",
-                f"CONFIG_PATH={root}/conf.d",
-                f"CACHE_PATH={root}/cache",
-                f"TEMP_PATH={root}/tmp",
-                f"STAT_PATH={root}/run",
-                f"LOG_FILE={root}/log",
-                f"STAP={root}/stap",
-                f"STAPRUN={root}/staprun",
-                f"MODULES_LIST={root}/modules",
-            ]
-        )
-        + "\n"
-    )
     return config
 
 

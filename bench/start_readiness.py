@@ -21,6 +21,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from layout import lay_out
+
 from stapinit.core.runtimes.bpf import is_ready
 from tests.support.tools import build_stapbpf_wrapper
 
@@ -29,8 +31,8 @@ SCRIPT = 'probe begin { println("up") }\nprobe timer.s(60) { }\n'
 
 
 def make_prefix(root: Path, count: int, chained: bool, stapbpf: Path) -> Path:
-    for sub in ("script.d", "conf.d", "cache", "tmp", "run", "log"):
-        (root / sub).mkdir(parents=True)
+    root.mkdir(parents=True)
+    config = lay_out(root, STAPBPF=str(stapbpf))
     conf = []
     for i in range(count):
         (root / "script.d" / f"s{i}.stp").write_text(SCRIPT)
@@ -38,21 +40,6 @@ def make_prefix(root: Path, count: int, chained: bool, stapbpf: Path) -> Path:
         if chained and i:
             conf.append(f"s{i}_REQ=s{i - 1}")
     (root / "conf.d" / "all.conf").write_text("\n".join(conf) + "\n")
-    config = root / "config"
-    config.write_text(
-        "\n".join(
-            f"{key}={root / sub}"
-            for key, sub in (
-                ("SCRIPT_PATH", "script.d"),
-                ("CONFIG_PATH", "conf.d"),
-                ("CACHE_PATH", "cache"),
-                ("TEMP_PATH", "tmp"),
-                ("STAT_PATH", "run"),
-                ("LOG_FILE", "log/systemtap.log"),
-            )
-        )
-        + f"\nSTAPBPF={stapbpf}\n"
-    )
     subprocess.run([COMMAND, "compile", "-y", "-c", str(config)], check=True, capture_output=True)
     return config
 

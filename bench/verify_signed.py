@@ -25,6 +25,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from layout import lay_out, stand_ins
+
 from stapinit.trust.certs import generate_identity
 from stapinit.trust.signing import sign_module
 from stapinit.trust.stores import StorePaths, signer_store
@@ -33,46 +35,13 @@ COMMAND = str(Path(sys.executable).parent / "systemtap-service")
 SCRIPT = b"probe begin {}\n"
 SOURCE = hashlib.sha256(SCRIPT).hexdigest()  # what the server signs as the script's text
 
-FAKE_STAP = """#!/bin/sh
-# stap -p4 -m NAME ... FILE: write NAME.ko in the working directory
-while [ $# -gt 0 ]; do [ "$1" = -m ] && name=$2; shift; done
-: > "$name.ko"; echo "$name.ko"
-"""
-FAKE_STAPRUN = """#!/bin/sh
-# staprun -L MODULE.ko | staprun -d NAME, against the list in $MODULES; several
-# run at once (START_JOBS), so each holds a lock while it changes the list.
-exec 9>>"$MODULES.lock"
-flock 9
-case "$1" in
--L) name=$(basename "$2" .ko); echo "$name 1 0 - Live 0x0" >> "$MODULES" ;;
--d) grep -v "^$2 " "$MODULES" > "$MODULES.new"; mv "$MODULES.new" "$MODULES" ;;
-esac
-"""
-
 
 def make_host(root: Path, count: int, module_kb: int) -> Path:
     """Scripts, signed caches and a trust store under ``root``; returns the config file."""
-    for sub in ("script.d", "conf.d", "cache", "tmp", "run", "trust"):
-        (root / sub).mkdir(parents=True)
-    for name, text in (("stap", FAKE_STAP), ("staprun", FAKE_STAPRUN)):
-        (root / name).write_text(text)
-        (root / name).chmod(0o755)
-    (root / "modules").write_text("")
+    (root / "trust").mkdir(parents=True)
+    config = lay_out(root, **stand_ins(root))
     for i in range(count):
         (root / "script.d" / f"s{i}.stp").write_bytes(SCRIPT)
-    lines = [
-        f"SCRIPT_PATH={root}/script.d",
-        f"CONFIG_PATH={root}/conf.d",
-        f"CACHE_PATH={root}/cache",
-        f"TEMP_PATH={root}/tmp",
-        f"STAT_PATH={root}/run",
-        f"LOG_FILE={root}/log",
-        f"STAP={root}/stap",
-        f"STAPRUN={root}/staprun",
-        f"MODULES_LIST={root}/modules",
-    ]
-    config = root / "config"
-    config.write_text("\n".join(lines) + "\n")
     run(config, root, "compile", "-y")  # the .opts records, as a compile makes them
     key, cert = generate_identity(root / "signer.key", root / "signer.pem", "bench-signer")
     signer_store(StorePaths(root / "trust" / "etc" / "systemtap", None)).add(cert)
