@@ -286,16 +286,13 @@ class Initscript:
         record = status.read(self.settings.stat_path, script.name)
         return self._runtime(script, record).state(script.name, record)
 
-    def _unrecorded(self, scripts: Iterable[Script], directory: Path) -> dict[str, Instance]:
-        """The stapbpf processes that run one of our modules without a status record.
+    def _unrecorded(self, names: Iterable[str], directory: Path) -> dict[str, Instance]:
+        """The stapbpf processes that run the module of one of ``names`` (scripts without
+        a status record).
 
         A start killed between spawning stapbpf and recording it leaves one.
         """
-        candidates = {
-            script.name: str(cache.module_path(directory, script.name, ".bo"))
-            for script in scripts
-            if status.read(self.settings.stat_path, script.name) is None
-        }
+        candidates = {name: str(cache.module_path(directory, name, ".bo")) for name in names}
         found: dict[str, Instance] = {}
         for name, running in bpf.find_running(candidates).items() if candidates else ():
             ready = bpf.is_ready(running.pid, os.uname().machine)
@@ -308,7 +305,8 @@ class Initscript:
     def _adopt_unrecorded(self, scripts: Iterable[Script], directory: Path) -> None:
         """Record every :meth:`_unrecorded` process: from now on ``status`` and ``stop``
         see it, and ``start`` never runs the script twice."""
-        for name, record in self._unrecorded(scripts, directory).items():
+        names = [s.name for s in scripts if status.read(self.settings.stat_path, s.name) is None]
+        for name, record in self._unrecorded(names, directory).items():
             status.write(self.settings.stat_path, record)
             self.log.warning(f"{name} (pid {record.pid}) ran without a status record; recorded it")
 
@@ -541,12 +539,17 @@ class Initscript:
             return STATUS_NOT_RUNNING
         names = list(request.scripts) or sorted(scripts)
         directory = cache_dir(self.settings, kernel.release)
-        states = {name: self._state(scripts[name]) for name in scripts}
-        unrecorded = self._unrecorded(scripts.values(), directory)
+        # Each record read once: states, the unrecorded processes and the reports use it.
+        records = {name: status.read(self.settings.stat_path, name) for name in scripts}
+        states = {
+            name: self._runtime(script, records[name]).state(name, records[name])
+            for name, script in scripts.items()
+        }
+        unrecorded = self._unrecorded([n for n, r in records.items() if r is None], directory)
         states.update((name, State.RUNNING) for name in unrecorded)
+        records.update(unrecorded)
         reports = [
-            self._report(scripts[name], unrecorded.get(name), states, directory, kernel)
-            for name in names
+            self._report(scripts[name], records[name], states, directory, kernel) for name in names
         ]
         self._print_status(request, reports)
         found = {report.state for report in reports}
@@ -581,12 +584,11 @@ class Initscript:
     def _report(
         self,
         script: Script,
-        unrecorded: Instance | None,
+        record: Instance | None,
         states: dict[str, State],
         directory: Path,
         kernel: KernelIdentity,
     ) -> ScriptStatus:
-        record = status.read(self.settings.stat_path, script.name) or unrecorded
         state = states[script.name]
         stale = self.stale_scripts([script], kernel, directory).get(script.name)
         live = record is not None and Process(record.pid, record.start_time).alive()
